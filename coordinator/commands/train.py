@@ -1,0 +1,97 @@
+"""``ringtune train``: fine-tune over a ring of agents (given by URL, or started locally)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_runtime.schedules import SCHEDULES
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune with LoRA over a ring of agents",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--agents", help="comma-separated control URLs of running agents (tcp://HOST:PORT)")
+    where.add_argument("--local", type=int, metavar="N", help="start N agents on this machine (the first owns --data)")
+    parser.add_argument("--model", required=True, help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--owner", help="name of the agent that holds the data (with --agents)")
+    parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
+    parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b", help="pipeline schedule")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
+    parser.add_argument("--lora-targets", default="all-linear",
+                        help="comma-separated module names to adapt, or all-linear")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the data order")
+    parser.add_argument("--plan", type=Path, help="a saved plan JSON to run instead of an even split")
+    parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="data-plane timeout in seconds")
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                        help="seconds without an answer before an agent is declared gone")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (the adapter, plan, metrics)")
+    parser.set_defaults(run=run)
+
+
+def settings_from_args(args, owner: str):
+    from coordinator.training import TrainSettings
+    from edge_runtime.models.lora import LoraSpec
+    from edge_runtime.runners.base import OptimizerSpec
+
+    for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "lora_r"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+    return TrainSettings(model=args.model, owner=owner, steps=args.steps, micro_batches=args.micro_batches,
+                         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
+                         schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
+                         optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
+                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout)
+
+
+def run(args) -> int:
+    from coordinator.client import AgentClient
+    from coordinator.local import local_names, start_local_agents, stop_local_agents
+    from coordinator.training import RunFailed, Trainer
+    from edge_runtime.models.registry import load_config
+    from ringtune.plan import Plan
+
+    load_config(args.model)  # an unknown model fails here, before any agent starts
+    plan = Plan.from_json(args.plan.read_text()) if args.plan else None
+    local = []
+    if args.local is not None:
+        if args.local < 1 or not args.data:
+            raise ValueError("--local N needs N >= 1 and --data FILE (the owner's training data)")
+        owner = local_names(args.local)[0]
+        print(f"starting {args.local} local agent(s) ...", flush=True)
+        local = start_local_agents(args.local, args.data, args.out / "logs", threads=args.threads)
+        urls = [agent.url for agent in local]
+    else:
+        if not args.owner:
+            raise ValueError("--agents needs --owner NAME (the agent started with --data)")
+        owner, urls = args.owner, [u.strip() for u in args.agents.split(",") if u.strip()]
+
+    def check_alive() -> None:
+        for agent in local:
+            status = agent.exit_status()
+            if status:
+                raise RunFailed(f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
+
+    clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
+    try:
+        trainer = Trainer(settings_from_args(args, owner), clients, report=lambda line: print(line, flush=True),
+                          check_alive=check_alive)
+        result = trainer.run(plan)
+    finally:
+        for client in clients:
+            client.close()
+        stop_local_agents(local)
+    print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {len(result.losses)} steps, "
+          f"{result.tokens_per_second:.0f} tokens/s")
+    print(f"adapter: {result.adapter_dir} (load with peft.PeftModel.from_pretrained(base_model, "
+          f"'{result.adapter_dir}'))")
+    return 0

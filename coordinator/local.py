@@ -1,0 +1,100 @@
+"""Start N agents on loopback as subprocesses (``ringtune train --local N``), and stop them."""
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
+START_TIMEOUT = 120.0
+
+
+class LocalAgentError(RuntimeError):
+    """A local agent failed to start; the message carries its own error output."""
+
+
+@dataclass
+class LocalAgent:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path.exists() else []
+        return "\n".join(text[-lines:])
+
+    def exit_status(self) -> str | None:
+        """None while running, else how it ended."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def local_names(count: int) -> list[str]:
+    """The owner first, then the other devices."""
+    return ["owner"] + [f"node{i}" for i in range(1, count)]
+
+
+def start_local_agents(count: int, data: str, log_dir: Path, threads: int | None = None,
+                       extra_args: tuple[str, ...] = ()) -> list[LocalAgent]:
+    """The first agent is the data owner; each agent's log goes to log_dir/NAME.log.
+    Threads default to an even share of this machine's cores."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, (os.cpu_count() or 1) // count)
+    agents: list[LocalAgent] = []
+    try:
+        for name in local_names(count):
+            command = [sys.executable, "-m", "ringtune.cli", "agent", "--name", name,
+                       "--listen", "tcp://127.0.0.1:0", "--threads", str(threads), *extra_args]
+            if name == "owner":
+                command += ["--data", data]
+            log_path = log_dir / f"{name}.log"
+            with log_path.open("w") as log:
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            agents.append(LocalAgent(name, "", process, log_path))
+        for agent in agents:  # started together: their imports overlap
+            agent.url = _wait_ready(agent)
+    except BaseException:
+        stop_local_agents(agents)
+        raise
+    return agents
+
+
+def _wait_ready(agent: LocalAgent) -> str:
+    process = agent.process
+    deadline = time.monotonic() + START_TIMEOUT
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.2):
+            line = process.stdout.readline()
+            match = READY.search(line)
+            if match:
+                return match.group(2)
+            if not line and process.poll() is not None:
+                break
+    process.kill()
+    process.wait()
+    reason = agent.log_tail(1) or f"no start-up line within {START_TIMEOUT:.0f} s"
+    raise LocalAgentError(f"local agent {agent.name} did not start: {reason}")
+
+
+def stop_local_agents(agents: list[LocalAgent], grace: float = 10.0) -> None:
+    for agent in agents:
+        if agent.process.poll() is None:
+            agent.process.terminate()
+    deadline = time.monotonic() + grace
+    for agent in agents:
+        try:
+            agent.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+            agent.process.wait()
+        agent.process.stdout.close()

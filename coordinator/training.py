@@ -1,0 +1,209 @@
+"""Drive a synchronous pipelined run: assign stages, wire the ring, step, collect the adapter.
+
+The coordinator sees names, plans, losses and timings; never data or activations.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import load as load_tensors
+
+from coordinator.client import AgentClient, AgentUnreachable
+from edge_runtime.models.lora import LoraSpec, write_adapter
+from edge_runtime.models.registry import load_config
+from edge_runtime.runners.base import OptimizerSpec
+from ringtune import control
+from ringtune.plan import Plan, even_plan, validate_plan
+
+POLL_SECONDS = 0.01
+
+
+class RunFailed(RuntimeError):
+    """The run stopped; the message names the agent and what happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSettings:
+    model: str
+    """Model name or local path."""
+    owner: str
+    """Name of the agent that holds the data."""
+    steps: int
+    """Optimizer steps."""
+    micro_batches: int
+    """Micro-batches per step."""
+    micro_batch_size: int
+    """Sequences per micro-batch."""
+    seq_len: int
+    """Tokens per sequence."""
+    out: Path
+    """Directory for the adapter, plan and metrics."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b, gpipe or sequential."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA shape and initialisation."""
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    """AdamW settings."""
+    seed: int = 0
+    """Data order seed."""
+    data_timeout: float = 120.0
+    """Seconds an agent waits for a neighbour's frame."""
+    heartbeat_timeout: float = 5.0
+    """Seconds without an answer before an agent is declared gone."""
+    load_timeout: float = 900.0
+    """Seconds agents may take to load their stages."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    plan: Plan
+    """The plan that ran."""
+    losses: list[float]
+    """Loss per step."""
+    adapter_dir: Path
+    """Where the adapter was written."""
+    tokens_per_second: float
+    """Mean training throughput over the run (non-pad tokens)."""
+    step_seconds: list[float]
+    """Wall time per step, as seen by the coordinator."""
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings, clients: list[AgentClient],
+                 report: Callable[[str], None] = print, check_alive: Callable[[], None] = lambda: None) -> None:
+        """check_alive raises RunFailed when it knows an agent is gone (e.g. a local process exited)."""
+        self.settings = settings
+        self.report = report
+        self.check_alive = check_alive
+        self.clients = self._by_name(clients)
+        self.run_id = secrets.token_hex(8)
+
+    def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
+        named: dict[str, AgentClient] = {}
+        for client in clients:
+            hello = client.call("hello")
+            if hello["protocol"] != control.PROTOCOL_VERSION:
+                raise RunFailed(f"agent {hello['name']} speaks protocol {hello['protocol']}; upgrade ringtune on it")
+            if hello["name"] in named:
+                raise RunFailed(f"two agents are named {hello['name']!r} ({named[hello['name']].url}, {client.url}); "
+                                f"give each a unique --name")
+            client.name = hello["name"]
+            named[client.name] = client
+        if self.settings.owner not in named:
+            raise RunFailed(f"the owner {self.settings.owner!r} is not among the agents {sorted(named)}")
+        return named
+
+    def make_plan(self) -> Plan:
+        s = self.settings
+        devices = [s.owner] + [n for n in self.clients if n != s.owner]
+        num_layers = load_config(s.model).num_hidden_layers
+        return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
+
+    def run(self, plan: Plan | None = None) -> TrainResult:
+        s = self.settings
+        plan = plan or self.make_plan()
+        validate_plan(plan, load_config(s.model).num_hidden_layers)
+        s.out.mkdir(parents=True, exist_ok=True)
+        (s.out / "plan.json").write_text(plan.to_json())
+        try:
+            self._assign(plan)
+            losses, step_seconds, tokens = self._train(plan)
+            adapter = self._write_adapter(plan, losses)
+        finally:
+            self._stop_all()
+        return TrainResult(plan, losses, adapter, tokens / max(sum(step_seconds), 1e-9), step_seconds)
+
+    def _assign(self, plan: Plan) -> None:
+        s = self.settings
+        common = {"run": self.run_id, "plan": json.loads(plan.to_json()), "lora": s.lora.to_dict(),
+                  "optimizer": asdict(s.optimizer), "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len,
+                  "seed": s.seed, "key": secrets.token_bytes(32), "timeout": s.data_timeout}
+        listen: dict[int, str] = {}
+        for name in plan.devices():
+            reply = self._call(name, "assign", **common)
+            listen.update({int(i): url for i, url in reply["listen"].items()})
+        for name in plan.devices():
+            dial = {i: listen[i + 1] for i in plan.stage_indices(name) if i + 1 < len(plan.stages)}
+            self._call(name, "connect", dial=dial)
+        self.report(f"loading stages on {', '.join(plan.devices())} ...")
+        self._wait_all(plan, lambda st: st["state"] == "ready", s.load_timeout, "load its stages")
+
+    def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:
+        s = self.settings
+        losses, step_seconds, total_tokens = [], [], 0
+        metrics = (s.out / "metrics.jsonl").open("w")
+        with metrics:
+            for step in range(s.steps):
+                started = time.perf_counter()
+                for name in plan.devices():
+                    self._call(name, "step", step=step)
+                results = self._wait_all(plan, lambda st: st["state"] == "idle" and st["step"] == step,
+                                         None, f"finish step {step}")
+                elapsed = time.perf_counter() - started
+                owner = results[plan.owner]["result"]
+                losses.append(owner["loss"])
+                step_seconds.append(elapsed)
+                total_tokens += owner["tokens"]
+                record = {"step": step + 1, "loss": owner["loss"], "tokens": owner["tokens"],
+                          "tokens_per_s": owner["tokens"] / elapsed, "step_seconds": elapsed,
+                          "devices": {name: {"compute_seconds": st["result"]["compute_seconds"],
+                                             "bytes_sent": st["result"]["bytes_sent"], "rss": st["rss"]}
+                                      for name, st in results.items()}}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                self.report(f"step {step + 1}/{s.steps}  loss {owner['loss']:.4f}  "
+                            f"{record['tokens_per_s']:.0f} tokens/s  {elapsed:.2f} s/step")
+        return losses, step_seconds, total_tokens
+
+    def _wait_all(self, plan: Plan, done: Callable[[dict], bool], timeout: float | None, what: str) -> dict[str, dict]:
+        """Poll every agent (the heartbeat) until all are done; raise RunFailed naming the first failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = set(plan.devices())
+        results: dict[str, dict] = {}
+        while pending:
+            self.check_alive()
+            for name in sorted(pending):
+                status = self._status(name)
+                if status["state"] == "error":
+                    raise RunFailed(f"agent {name} failed: {status['error']}")
+                if done(status):
+                    results[name] = status
+                    pending.discard(name)
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunFailed(f"agents {sorted(pending)} did not {what} within {timeout:.0f} s")
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return results
+
+    def _status(self, name: str) -> dict:
+        return self._call(name, "status", reply_timeout=self.settings.heartbeat_timeout)
+
+    def _call(self, name: str, cmd: str, **payload) -> dict:
+        """A control call; an agent that does not answer ends the run with its name."""
+        try:
+            return self.clients[name].call(cmd, **payload)
+        except AgentUnreachable as error:
+            self.check_alive()  # a more precise reason when we know it (process exited)
+            raise RunFailed(f"agent {name} stopped answering: {error}") from None
+
+    def _write_adapter(self, plan: Plan, losses: list[float]) -> Path:
+        s = self.settings
+        tensors = {}
+        for name in plan.devices():
+            for blob in self._call(name, "lora")["stages"].values():
+                tensors.update(load_tensors(blob))
+        metadata = {"plan": json.loads(plan.to_json()), "losses": losses, "steps": s.steps,
+                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}}
+        return write_adapter(s.out, s.lora, s.model, tensors, metadata)
+
+    def _stop_all(self) -> None:
+        for client in self.clients.values():
+            try:
+                client.call("stop", reply_timeout=min(self.settings.heartbeat_timeout, 5.0))
+            except (AgentUnreachable, control.ControlError):
+                pass  # an agent that is gone has nothing left to stop

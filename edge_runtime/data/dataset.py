@@ -1,0 +1,122 @@
+"""The owner's private data: JSONL read, tokenized and batched on the owner, never sent anywhere.
+
+Records are ``{"text": ...}`` (every token scored) or ``{"prompt": ..., "completion": ...}``
+(only completion tokens scored). Sequences are right-padded to ``seq_len``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_runtime.models.stage import IGNORE_INDEX, scored_tokens
+from edge_runtime.models.tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+    """The data file is missing or malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    prompt: str
+    """Context that is not scored (empty for plain text)."""
+    completion: str
+    """Text whose tokens are scored."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    input_ids: list[torch.Tensor]
+    """Per micro-batch token ids [B, T]."""
+    labels: list[torch.Tensor]
+    """Per micro-batch labels [B, T]; IGNORE_INDEX where not scored."""
+    scored_tokens: int
+    """Positions scored in the whole step (the loss is their mean)."""
+    tokens: int
+    """Non-pad tokens in the step (for throughput)."""
+
+
+def read_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                records.append(_parse_record(line, path, number))
+    if not records:
+        raise DataError(f"data file {path} has no records; expected JSON lines with 'text' or 'prompt'/'completion'")
+    return records
+
+
+def _parse_record(line: str, path: Path, number: int) -> Record:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    if isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"]:
+        return Record("", item["text"])
+    if (isinstance(item, dict) and isinstance(item.get("prompt"), str)
+            and isinstance(item.get("completion"), str) and item["completion"]):
+        return Record(item["prompt"], item["completion"])
+    raise DataError(f"{path}:{number}: expected an object with a non-empty 'text', or 'prompt' and a "
+                    f"non-empty 'completion' (strings)")
+
+
+def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, at most seq_len long; the prompt is cut from the left."""
+    completion = (tokenizer.encode(record.completion) + [tokenizer.eos_token_id])[:seq_len]
+    prompt = tokenizer.encode(record.prompt) if record.prompt else []
+    prompt = prompt[len(prompt) - (seq_len - len(completion)):] if seq_len > len(completion) else []
+    ids = prompt + completion
+    labels = [IGNORE_INDEX] * len(prompt) + completion
+    return ids, labels
+
+
+class OwnerData:
+    """Deterministic micro-batches: epoch e visits records in a permutation seeded by (seed, e)."""
+
+    def __init__(self, records: list[Record], tokenizer: Tokenizer, micro_batch_size: int, seq_len: int,
+                 micro_batches: int, seed: int) -> None:
+        if seq_len < 2:
+            raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+        self._ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
+        self._labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row, record in enumerate(records):
+            ids, labels = encode_record(record, tokenizer, seq_len)
+            self._ids[row, :len(ids)] = torch.tensor(ids)
+            self._labels[row, :len(labels)] = torch.tensor(labels)
+        self._lengths = (self._ids != tokenizer.pad_token_id).sum(dim=1)
+        self.micro_batch_size = micro_batch_size
+        self.micro_batches = micro_batches
+        self.seed = seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self._ids.shape[0]
+
+    def step_batch(self, step: int) -> StepBatch:
+        rows = self._rows(step * self.micro_batches * self.micro_batch_size,
+                          self.micro_batches * self.micro_batch_size)
+        ids = [self._ids[chunk] for chunk in rows.split(self.micro_batch_size)]
+        labels = [self._labels[chunk] for chunk in rows.split(self.micro_batch_size)]
+        scored = sum(scored_tokens(mb) for mb in labels)
+        if scored == 0:
+            raise DataError(f"step {step} has no scored tokens: completions are empty or cut off; "
+                            f"raise --seq-len")
+        return StepBatch(ids, labels, scored, int(self._lengths[rows].sum()))
+
+    def _rows(self, start: int, count: int) -> torch.Tensor:
+        positions = torch.arange(start, start + count)
+        epochs, offsets = positions // len(self), positions % len(self)
+        return torch.stack([self._permutation(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutations[epoch] = torch.randperm(len(self), generator=generator)
+        return self._permutations[epoch]

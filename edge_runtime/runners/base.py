@@ -1,0 +1,53 @@
+"""StageRunner: forward/backward of one stage per micro-batch, and its own optimizer."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ringtune.plan import Role
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSpec:
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+class StageRunner(ABC):
+    """Runs one stage. Micro-batches are independent until ``step()`` applies their summed gradient.
+
+    head/full stages take token ids [B, T]; middle/tail take hidden [B, T, d]. Tail/full stages
+    also take the labels [B, T] and the number of scored tokens in the whole optimizer step, so
+    the summed micro-batch losses equal the step's token-mean loss.
+    """
+
+    role: Role
+
+    @abstractmethod
+    def forward(self, microbatch: int, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                step_tokens: int | None = None) -> torch.Tensor:
+        """Output hidden [B, T, d] (head/middle), or this micro-batch's share of the loss (tail/full)."""
+
+    @abstractmethod
+    def backward(self, microbatch: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Accumulate LoRA grads; return the gradient w.r.t. the stage input (None on head/full)."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Apply the accumulated gradient with AdamW and clear it (the step boundary)."""
+
+    @abstractmethod
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """Current LoRA tensors by full peft parameter name."""
+
+    @abstractmethod
+    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace LoRA tensors (e.g. from a checkpoint)."""

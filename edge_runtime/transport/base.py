@@ -1,0 +1,132 @@
+"""Edge: one end of a ring connection, carrying activations one way and gradients the other.
+
+The base class owns what every transport must do the same way: encode and authenticate frames,
+refuse and count bad ones, keep accepted frames until the schedule asks for them, and time out.
+Subclasses only move bytes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from edge_runtime.transport.frames import DTYPE_NAMES, FrameError, FrameHeader, FrameKind, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+
+class EdgeTimeout(RuntimeError):
+    """A neighbour did not send or receive in time."""
+
+
+class EdgeClosed(RuntimeError):
+    """The run was aborted while waiting on this edge."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    run: str
+    """Run id every frame must carry."""
+    key: bytes
+    """Session key for frame MACs."""
+    shape: tuple[int, ...]
+    """Shape of every hidden state / gradient on this edge: [B, T, d]."""
+    dtype: torch.dtype = torch.float32
+    """Dtype of every tensor on this edge."""
+    timeout: float = 120.0
+    """Seconds to wait for a frame or for a send to complete."""
+    peer: str = "peer"
+    """Human name of the other end, for error messages."""
+
+    @property
+    def max_frame_bytes(self) -> int:
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        return numel * self.dtype.itemsize + 4096  # payload + header and MAC slack
+
+
+class Edge(ABC):
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.refused: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self._frames: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._seen: set[tuple[str, int, int]] = set()
+        self._min_step = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def send(self, kind: FrameKind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
+        header = FrameHeader(self.config.run, step, microbatch, kind, DTYPE_NAMES[tensor.dtype],
+                             tuple(tensor.shape))
+        data = encode_frame(header, tensor, self.config.key)
+        self._transmit(data)
+        self.bytes_sent += len(data)
+
+    def recv(self, kind: FrameKind, step: int, microbatch: int) -> torch.Tensor:
+        key = (kind, step, microbatch)
+        deadline = time.monotonic() + self.config.timeout
+        with self._cond:
+            while key not in self._frames:
+                remaining = deadline - time.monotonic()
+                if self._closed:
+                    raise EdgeClosed(f"run stopped while waiting for {kind} from {self.config.peer}")
+                if remaining <= 0:
+                    raise EdgeTimeout(f"no {kind} for step {step} micro-batch {microbatch} from "
+                                      f"{self.config.peer} within {self.config.timeout:g} s")
+                self._cond.wait(min(remaining, 0.5))
+            return self._frames.pop(key)
+
+    def begin_step(self, step: int) -> None:
+        """Frames of earlier steps are refused from now on (replays, stragglers)."""
+        with self._cond:
+            self._min_step = step
+            for key in [k for k in self._frames if k[1] < step]:
+                del self._frames[key]
+            self._seen = {k for k in self._seen if k[1] >= step}
+
+    def abort(self) -> None:
+        """Wake every waiter with EdgeClosed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.abort()
+
+    def _accept(self, data: bytes) -> None:
+        """Called by the subclass for every message received: validate, then store or refuse."""
+        try:
+            header, tensor = decode_frame(data, self.config.key, self.config.max_frame_bytes)
+            self._check(header)
+        except FrameError as error:
+            reason = str(error).split(" (")[0]
+            self.refused[reason] += 1
+            log.error("refused a frame from %s: %s", self.config.peer, error)
+            return
+        with self._cond:
+            key = (header.kind, header.step, header.microbatch)
+            if header.step < self._min_step or key in self._seen:
+                self.refused["replayed frame"] += 1
+                log.error("refused a replayed frame from %s: %s", self.config.peer, key)
+                return
+            self._seen.add(key)
+            self._frames[key] = tensor
+            self._cond.notify_all()
+
+    def _check(self, header: FrameHeader) -> None:
+        if header.run != self.config.run:
+            raise FrameError(f"frame of run {header.run!r}, expected {self.config.run!r}")
+        if header.shape != self.config.shape or header.dtype != DTYPE_NAMES[self.config.dtype]:
+            raise FrameError(f"frame {header.dtype}{list(header.shape)} does not match the "
+                             f"expected {DTYPE_NAMES[self.config.dtype]}{list(self.config.shape)}")
+
+    @abstractmethod
+    def _transmit(self, data: bytes) -> None:
+        """Deliver bytes to the peer or raise EdgeTimeout."""

@@ -1,0 +1,52 @@
+"""The ``ringtune`` command: each subcommand lives in its own module with ``register(subparsers)``.
+
+A command's ``run(args) -> int`` returns the exit code; errors meant for the user are raised as
+``ValueError`` (or a subclass) and printed as one line, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = (
+    "edge_runtime.commands.agent",
+    "coordinator.commands.train",
+    "edge_runtime.commands.data",
+    "coordinator.commands.plan",
+    "edge_runtime.commands.profile",
+)
+
+
+class UserError(ValueError):
+    """An error whose message tells the user what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringtune", description="Private split fine-tuning on the devices you own.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, OSError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        print(f"ringtune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ringtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from edge_runtime.data.dataset import DataError, OwnerData, Record, encode_record, read_records
+from edge_runtime.models.stage import IGNORE_INDEX
+from edge_runtime.models.tokenizer import ByteTokenizer
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_prompt_tokens_are_not_scored():
+    ids, labels = encode_record(Record("ab", "cd"), ByteTokenizer(), 16)
+    assert ids == [97, 98, 99, 100, ByteTokenizer.eos_token_id]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, 99, 100, ByteTokenizer.eos_token_id]
+
+
+def test_long_prompt_is_cut_from_the_left_so_the_completion_survives():
+    ids, labels = encode_record(Record("0123456789", "ab"), ByteTokenizer(), 6)
+    assert ByteTokenizer().decode(ids) == "789ab"
+    assert labels[-3:] == [97, 98, ByteTokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"data.jsonl:2: not valid JSON"),
+    (json.dumps({"txt": "x"}), r"data.jsonl:2: expected an object with a non-empty 'text'"),
+    (json.dumps({"prompt": "x"}), r"data.jsonl:2: expected"),
+    (json.dumps(["text"]), r"data.jsonl:2: expected"),
+])
+def test_malformed_lines_are_named(tmp_path, line, message):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps({"text": "fine"}), line])
+    with pytest.raises(DataError, match=message):
+        read_records(path)
+
+
+def test_missing_and_empty_files_are_refused(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="has no records"):
+        read_records(write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_batches_are_deterministic_padded_and_cover_each_epoch(text_data):
+    records = read_records(text_data)
+    data = OwnerData(records, ByteTokenizer(), micro_batch_size=4, seq_len=20, micro_batches=3, seed=7)
+    again = OwnerData(records, ByteTokenizer(), micro_batch_size=4, seq_len=20, micro_batches=3, seed=7)
+    first = data.step_batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(first.input_ids, again.step_batch(0).input_ids))
+    assert [tuple(t.shape) for t in first.input_ids] == [(4, 20)] * 3
+    pads = first.input_ids[0] == ByteTokenizer.pad_token_id
+    assert (first.labels[0][pads] == IGNORE_INDEX).all()
+    epoch = torch.cat([t for s in range(4) for t in data.step_batch(s).input_ids])  # 48 rows = one epoch
+    assert len({tuple(row.tolist()) for row in epoch}) == len({tuple(r.tolist()) for r in data._ids})

@@ -1,0 +1,143 @@
+"""`ringtune train` end to end: real agent subprocesses, real pynng sockets on loopback."""
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ARCHITECTURES, ringtune_command, write_text_data
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.registry import load_model, load_tokenizer
+from edge_runtime.runners.base import OptimizerSpec
+from reference import max_difference, reference_adapter
+
+pytestmark = pytest.mark.slow
+SHAPE = ["--steps", "3", "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", "24",
+         "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8", "--seed", "11"]
+
+
+def train(*args, timeout=300):
+    result = subprocess.run(ringtune_command("train", *args), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_text_data(tmp_path_factory.mktemp("data") / "train.jsonl", records=40)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, data):
+    """`--local 1` adapters per architecture (the whole model on the owner)."""
+    adapters = {}
+    for name in ARCHITECTURES:
+        out = tmp_path_factory.mktemp(f"local1-{name}")
+        result = train("--model", name, "--local", "1", "--data", str(data), "--out", str(out), *SHAPE)
+        assert result.returncode == 0, result.stderr
+        adapters[name] = load_file(out / "adapter_model.safetensors")
+    return adapters
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_three_agent_ring_equals_one_agent_and_plain_peft(name, schedule, data, single_process, tmp_path):
+    result = train("--model", name, "--local", "3", "--data", str(data), "--schedule", schedule,
+                   "--out", str(tmp_path), *SHAPE)
+    assert result.returncode == 0, result.stderr
+    assert "step 3/3" in result.stdout and "tokens/s" in result.stdout
+    ring = load_file(tmp_path / "adapter_model.safetensors")
+    assert max_difference(ring, single_process[name]) < 1e-5
+    owner_data = OwnerData(read_records(data), load_tokenizer(name), 2, 24, 4, seed=11)
+    reference = reference_adapter(name, LoraSpec(4, 8, seed=11), OptimizerSpec(lr=0.01), owner_data, 3)
+    assert max_difference(ring, reference) < 1e-5
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [s["device"] for s in plan["stages"]] == ["owner", "node1", "node2", "owner"]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["devices"]["node1"]["bytes_sent"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_adapter_loads_in_peft_and_reproduces_the_trained_model(name, data, tmp_path):
+    from peft import PeftModel
+
+    result = train("--model", name, "--local", "2", "--data", str(data), "--out", str(tmp_path), *SHAPE)
+    assert result.returncode == 0, result.stderr
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    trained = apply_lora(load_model(name), LoraSpec(4, 8, seed=11))
+    with torch.no_grad():
+        for param_name, param in trained.named_parameters():
+            if param.requires_grad:
+                param.copy_(tensors[param_name.replace(".default.", ".")])
+    loaded = PeftModel.from_pretrained(load_model(name), str(tmp_path))
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        expected, actual = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
+        base = load_model(name)(input_ids=ids).logits
+    assert torch.allclose(actual, expected, atol=1e-6)
+    assert not torch.allclose(actual, base, atol=1e-4), "the adapter changed nothing"
+
+
+def assert_clean_failure(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_unknown_model(tmp_path, data):
+    assert_clean_failure(train("--model", "gpt-17", "--local", "1", "--data", str(data), "--out", str(tmp_path)),
+                         "unknown model 'gpt-17'", "tiny-llama")
+
+
+def test_missing_data_file(tmp_path):
+    assert_clean_failure(train("--model", "tiny-llama", "--local", "2", "--data", str(tmp_path / "no.jsonl"),
+                               "--out", str(tmp_path)), "no.jsonl does not exist")
+
+
+def test_malformed_data_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "ok"}\n{"txet": 3}\n')
+    assert_clean_failure(train("--model", "tiny-llama", "--local", "2", "--data", str(bad), "--out", str(tmp_path)),
+                         "bad.jsonl:3:")
+
+
+def test_agent_url_nobody_listens_on(tmp_path):
+    started = time.monotonic()
+    result = train("--model", "tiny-llama", "--agents", "tcp://127.0.0.1:9", "--owner", "x",
+                   "--heartbeat-timeout", "2", "--out", str(tmp_path))
+    assert_clean_failure(result, "tcp://127.0.0.1:9", "did not answer")
+    assert time.monotonic() - started < 30
+
+
+def test_more_devices_than_blocks(tmp_path, data):
+    assert_clean_failure(train("--model", "tiny-llama", "--local", "5", "--data", str(data), "--out", str(tmp_path)),
+                         "5 devices but the model has only 4 blocks")
+
+
+def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
+    process = subprocess.Popen(ringtune_command("train", "--model", "tiny-llama", "--local", "3", "--data", str(data),
+                                                "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 2/"):
+                break
+        victim = next(p for p in psutil.Process(process.pid).children()
+                      if "node1" in p.cmdline())
+        victim.kill()
+        killed_at = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        detected_in = time.monotonic() - killed_at
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert "node1" in stderr and "killed by signal 9" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert detected_in < 15
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+                and "agent" in (p.info["cmdline"] or [])], "local agents were left running"
