@@ -14,13 +14,11 @@ COMMAND_MODULES = (
     "edge_runtime.commands.agent",
     "coordinator.commands.train",
     "edge_runtime.commands.data",
-    "coordinator.commands.plan",
+    "edge_runtime.commands.evaluate",
     "edge_runtime.commands.profile",
+    "coordinator.commands.plan",
+    "coordinator.commands.devices",
 )
-
-
-class UserError(ValueError):
-    """An error whose message tells the user what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:

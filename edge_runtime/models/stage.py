@@ -37,6 +37,22 @@ class StageModule(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs: token ids [B, T] (head/full) or hidden [B, T, d]; returns hidden [B, T, d] or
         logits [B, T, V] (tail/full)."""
+        hidden = self._blocks_forward(inputs)
+        if self.head is not None:
+            return self.head(self.final_norm(hidden))
+        return hidden
+
+    def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token loss (tail/full). The LM head runs only where a label is scored: on
+        prompt/completion data that is a few positions per sequence, and the head is the largest
+        matmul of a small model."""
+        hidden = self.final_norm(self._blocks_forward(inputs))  # [B, T, d]
+        targets = labels[:, 1:]  # [B, T-1]
+        scored = targets != IGNORE_INDEX
+        logits = self.head(hidden[:, :-1][scored])  # [N, V]
+        return nn.functional.cross_entropy(logits, targets[scored], reduction="sum")
+
+    def _blocks_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         seq_len = inputs.shape[1]
         position_ids = torch.arange(seq_len, device=inputs.device).unsqueeze(0)  # [1, T]
         hidden = inputs
@@ -53,8 +69,6 @@ class StageModule(nn.Module):
         for block in self.blocks:
             out = block(hidden, **block_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        if self.head is not None:
-            return self.head(self.final_norm(hidden))
         return hidden
 
 

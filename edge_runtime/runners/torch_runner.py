@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from edge_runtime.models.stage import StageModule, token_loss_sum
+from edge_runtime.models.stage import StageModule
 from edge_runtime.runners.base import OptimizerSpec, StageRunner
 
 
@@ -24,11 +24,12 @@ class TorchStageRunner(StageRunner):
         if self.role in ("middle", "tail"):
             stage_input = inputs.detach().requires_grad_(True)
             inputs = stage_input
-        output = self.module(inputs)
         if self.role in ("tail", "full"):
             if labels is None or not step_tokens:
                 raise ValueError("the tail stage needs labels and the step's scored-token count")
-            output = token_loss_sum(output, labels) / step_tokens
+            output = self.module.loss_sum(inputs, labels) / step_tokens
+        else:
+            output = self.module(inputs)
         self._saved[microbatch] = (stage_input, output)
         return output.detach()
 
