@@ -42,7 +42,7 @@ def local_names(count: int) -> list[str]:
     return ["owner"] + [f"node{i}" for i in range(1, count)]
 
 
-def start_local_agents(count: int, data: str, log_dir: Path, threads: int | None = None,
+def start_local_agents(count: int, data: str, log_dir: Path, token: str, threads: int | None = None,
                        extra_args: tuple[str, ...] = ()) -> list[LocalAgent]:
     """The first agent is the data owner; each agent's log goes to log_dir/NAME.log.
     Threads default to an even share of this machine's cores."""
@@ -51,13 +51,16 @@ def start_local_agents(count: int, data: str, log_dir: Path, threads: int | None
     agents: list[LocalAgent] = []
     try:
         for name in local_names(count):
-            command = [sys.executable, "-m", "ringtune.cli", "agent", "--name", name,
+            # Local agents never advertise on the network; the token goes through the environment
+            # (not the command line, which other users can read).
+            command = [sys.executable, "-m", "ringtune.cli", "agent", "--name", name, "--no-advertise",
                        "--listen", "tcp://127.0.0.1:0", "--threads", str(threads), *extra_args]
             if name == "owner":
                 command += ["--data", data]
             log_path = log_dir / f"{name}.log"
             with log_path.open("w") as log:
-                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                           env={**os.environ, "RINGTUNE_AGENT_TOKEN": token})
             agents.append(LocalAgent(name, "", process, log_path))
         for agent in agents:  # started together: their imports overlap
             agent.url = _wait_ready(agent)

@@ -14,11 +14,13 @@ from typing import Callable
 from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentClient, AgentUnreachable
+from coordinator.slices import ModelShipment, cut_model
 from edge_runtime.models.lora import LoraSpec, write_adapter
 from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
 from ringtune import control
 from ringtune.plan import Plan, even_plan, validate_plan
+from ringtune.security import new_key, wrap_key
 
 POLL_SECONDS = 0.01
 
@@ -57,6 +59,10 @@ class TrainSettings:
     """Seconds without an answer before an agent is declared gone."""
     load_timeout: float = 900.0
     """Seconds agents may take to load their stages."""
+    token: str = ""
+    """Pairing token the agents were started with."""
+    encrypt: bool = False
+    """Encrypt hidden states and gradients on the wire (not only authenticate them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +86,8 @@ class Trainer:
         self.settings = settings
         self.report = report
         self.check_alive = check_alive
-        self.clients = self._by_name(clients)
         self.run_id = secrets.token_hex(8)
+        self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
         named: dict[str, AgentClient] = {}
@@ -93,6 +99,7 @@ class Trainer:
                 raise RunFailed(f"two agents are named {hello['name']!r} ({named[hello['name']].url}, {client.url}); "
                                 f"give each a unique --name")
             client.name = hello["name"]
+            client.pair(self.settings.token, self.run_id)
             named[client.name] = client
         if self.settings.owner not in named:
             raise RunFailed(f"the owner {self.settings.owner!r} is not among the agents {sorted(named)}")
@@ -120,18 +127,33 @@ class Trainer:
 
     def _assign(self, plan: Plan) -> None:
         s = self.settings
-        common = {"run": self.run_id, "plan": json.loads(plan.to_json()), "lora": s.lora.to_dict(),
-                  "optimizer": asdict(s.optimizer), "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len,
-                  "seed": s.seed, "key": secrets.token_bytes(32), "timeout": s.data_timeout}
+        shipment = cut_model(s.model, s.lora, plan)
+        self._ship(plan, shipment)
+        run_key = new_key()
+        common = {"run": self.run_id, "plan": json.loads(plan.to_json()), "config": shipment.config,
+                  "lora": s.lora.to_dict(), "optimizer": asdict(s.optimizer), "micro_batch_size": s.micro_batch_size,
+                  "seq_len": s.seq_len, "seed": s.seed, "timeout": s.data_timeout, "encrypt": s.encrypt}
         listen: dict[int, str] = {}
         for name in plan.devices():
-            reply = self._call(name, "assign", **common)
+            client = self.clients[name]
+            reply = self._call(name, "assign", **common, slice=shipment.slices[name].sha256,
+                               tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None,
+                               run_key=wrap_key(client.session_key, run_key))
             listen.update({int(i): url for i, url in reply["listen"].items()})
         for name in plan.devices():
             dial = {i: listen[i + 1] for i in plan.stage_indices(name) if i + 1 < len(plan.stages)}
             self._call(name, "connect", dial=dial)
         self.report(f"loading stages on {', '.join(plan.devices())} ...")
         self._wait_all(plan, lambda st: st["state"] == "ready", s.load_timeout, "load its stages")
+
+    def _ship(self, plan: Plan, shipment: ModelShipment) -> None:
+        """Each agent gets only its own slice (and the owner the tokenizer), unless cached."""
+        for name in plan.devices():
+            blobs = [shipment.slices[name]] + ([shipment.tokenizer] if name == plan.owner else [])
+            for blob in blobs:
+                self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.data))
+        sizes = ", ".join(f"{name} {len(blob.data) / 1e6:.0f} MB" for name, blob in shipment.slices.items())
+        self.report(f"slices ready on every agent ({sizes})")
 
     def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:
         s = self.settings
@@ -184,9 +206,12 @@ class Trainer:
         return self._call(name, "status", reply_timeout=self.settings.heartbeat_timeout)
 
     def _call(self, name: str, cmd: str, **payload) -> dict:
-        """A control call; an agent that does not answer ends the run with its name."""
+        return self._guard(name, lambda: self.clients[name].call(cmd, **payload))
+
+    def _guard(self, name: str, action: Callable[[], dict]):
+        """Run a control action; an agent that does not answer ends the run with its name."""
         try:
-            return self.clients[name].call(cmd, **payload)
+            return action()
         except AgentUnreachable as error:
             self.check_alive()  # a more precise reason when we know it (process exited)
             raise RunFailed(f"agent {name} stopped answering: {error}") from None

@@ -1,16 +1,18 @@
-"""The agent: serves the control plane, loads its stages, runs their schedules step by step.
+"""The agent: serves the control plane, stores shipped slices, runs its stages step by step.
 
-Commands (see ``ringtune.control``): hello, assign, connect, step, status, lora, stop, shutdown.
-Long work (loading a model, running a step) happens on worker threads; the control loop keeps
-answering ``status``, which is the coordinator's heartbeat.
+Public commands: hello, pair_begin, pair_finish. After pairing (sealed): have, upload, assign,
+connect, step, status, lora, stop, shutdown. Long work (building stages, running a step) happens
+on worker threads; the control loop keeps answering ``status``, the coordinator's heartbeat.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import pynng
@@ -19,17 +21,20 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from edge_runtime.data.dataset import OwnerData, read_records
-from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.registry import load_config, load_model, load_tokenizer
-from edge_runtime.models.stage import build_stage
+from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.slices import materialize
+from edge_runtime.models.tokenizer import tokenizer_from_blob
+from edge_runtime.pairing import Pairing
 from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.schedules import schedule_for
+from edge_runtime.slice_cache import SliceCache
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stage_step
 from ringtune import control
 from ringtune.plan import Plan
+from ringtune.security import AuthError, unwrap_key
 
 log = logging.getLogger(__name__)
 POLL_MS = 250
@@ -41,8 +46,14 @@ class RunSettings:
     """Run id."""
     plan: Plan
     """The whole ring; this agent runs the stages whose device is its name."""
+    config: dict
+    """The model's config (to build the skeleton its slice fills)."""
+    slice: str
+    """sha256 of this agent's slice blob in the cache."""
+    tokenizer: str | None
+    """sha256 of the tokenizer blob (owner only)."""
     lora: LoraSpec
-    """LoRA shape and initialisation."""
+    """LoRA shape (its initial tensors are in the slice)."""
     optimizer: OptimizerSpec
     """AdamW settings."""
     micro_batch_size: int
@@ -51,25 +62,33 @@ class RunSettings:
     """Tokens per sequence."""
     seed: int
     """Data order seed."""
-    key: bytes
-    """Session key for data-plane MACs."""
+    run_key: bytes
+    """Data-plane key of the run (arrives wrapped with the session key)."""
     timeout: float
     """Data-plane timeout in seconds."""
+    encrypt: bool
+    """Encrypt hidden states on the wire."""
+
+    @property
+    def edge_shape(self) -> tuple[int, int, int]:
+        return (self.micro_batch_size, self.seq_len, int(self.config["hidden_size"]))
 
     @staticmethod
-    def from_message(msg: dict) -> "RunSettings":
-        return RunSettings(run=msg["run"], plan=Plan.from_dict(msg["plan"]), lora=LoraSpec.from_dict(msg["lora"]),
-                           optimizer=OptimizerSpec(**msg["optimizer"]), micro_batch_size=int(msg["micro_batch_size"]),
-                           seq_len=int(msg["seq_len"]), seed=int(msg["seed"]), key=bytes(msg["key"]),
-                           timeout=float(msg["timeout"]))
+    def from_message(msg: dict, session_key: bytes) -> "RunSettings":
+        return RunSettings(run=msg["run"], plan=Plan.from_dict(msg["plan"]), config=msg["config"],
+                           slice=msg["slice"], tokenizer=msg.get("tokenizer"),
+                           lora=LoraSpec.from_dict(msg["lora"]), optimizer=OptimizerSpec(**msg["optimizer"]),
+                           micro_batch_size=int(msg["micro_batch_size"]), seq_len=int(msg["seq_len"]),
+                           seed=int(msg["seed"]), run_key=unwrap_key(session_key, bytes(msg["run_key"])),
+                           timeout=float(msg["timeout"]), encrypt=bool(msg.get("encrypt", False)))
 
 
 @dataclass
 class ActiveRun:
     settings: RunSettings
-    runners: dict = field(default_factory=dict)
+    runners: dict[int, TorchStageRunner] = field(default_factory=dict)
     stages: dict[int, LocalStage] = field(default_factory=dict)
-    edges: list = field(default_factory=list)
+    edges: list[tuple[int, str, PynngEdge]] = field(default_factory=list)
     data: OwnerData | None = None
     state: str = "loading"  # loading -> ready -> running <-> idle; error at any point
     error: str = ""
@@ -79,12 +98,14 @@ class ActiveRun:
 
 
 class Agent:
-    def __init__(self, name: str, listen: str, data_path: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
+                 threads: int | None = None) -> None:
         self.name = name
-        self.data_path = data_path
         self.records = read_records(data_path) if data_path else None  # fail fast on bad data
         if threads:
             torch.set_num_threads(threads)
+        self.pairing = Pairing(token, f"{name}@{socket.gethostname()}")
+        self.cache = SliceCache(state_dir / "cache")
         self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=control.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
@@ -94,68 +115,105 @@ class Agent:
 
     # --- control loop -------------------------------------------------------------------
     def serve(self) -> None:
-        while self._running:
-            try:
-                raw = self._socket.recv()
-            except pynng.Timeout:
-                continue
-            try:
-                request = control.unpack(raw)
-                reply = self._dispatch(request)
-            except Exception as error:  # a bad request must never take the agent down
-                log.error("command failed: %s", traceback.format_exc())
-                reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-            try:
-                self._socket.send(control.pack(reply))
-            except pynng.Timeout:
-                log.error("coordinator did not take the reply")
-        self._stop_run()
-        self._socket.close()
+        try:
+            while self._running:
+                try:
+                    raw = self._socket.recv()
+                except pynng.Timeout:
+                    continue
+                reply = self._handle(raw)
+                try:
+                    self._socket.send(reply)
+                except pynng.Timeout:
+                    log.error("coordinator did not take the reply")
+        finally:
+            self._stop_run()
+            self._socket.close()
 
-    def _dispatch(self, request: dict) -> dict:
+    def _handle(self, raw: bytes) -> bytes:
+        """Any bytes in, a reply out: a bad request never takes the agent down."""
+        try:
+            request = control.unpack(raw)
+        except Exception as error:
+            self.pairing.refused += 1
+            return control.pack({"ok": False, "error": f"malformed request: {error}"})
+        if "session" in request:
+            try:
+                message, blob = self.pairing.open(str(request["session"]), bytes(request["sealed"]))
+            except (AuthError, KeyError, TypeError, ValueError) as error:
+                log.warning("refused a control message: %s", error)
+                return control.pack({"ok": False, "error": f"refused: {error}"})
+            return control.pack({"sealed": self.pairing.channel.seal(self._dispatch(message, blob))})
+        if request.get("cmd") not in control.PUBLIC_COMMANDS:
+            self.pairing.refused += 1
+            return control.pack({"ok": False, "error": f"{request.get('cmd')!r} needs a paired session: "
+                                                       f"pair with the agent's token first"})
+        return control.pack(self._dispatch(request, b""))
+
+    def _dispatch(self, request: dict, blob: bytes) -> dict:
         handler = getattr(self, f"_cmd_{request.get('cmd')}", None)
         if handler is None:
             return {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
-        return {"ok": True, **handler(request)}
+        try:
+            return {"ok": True, **handler(request, blob)}
+        except Exception as error:
+            log.error("command %s failed: %s", request.get("cmd"), traceback.format_exc())
+            return {"ok": False, "error": f"{type(error).__name__}: {error}" if not isinstance(error, ValueError)
+                    else str(error)}
 
-    # --- commands -----------------------------------------------------------------------
-    def _cmd_hello(self, _: dict) -> dict:
+    # --- public commands ----------------------------------------------------------------
+    def _cmd_hello(self, _: dict, __: bytes) -> dict:
         memory = psutil.virtual_memory()
-        return {"name": self.name, "version": ringtune.__version__, "protocol": control.PROTOCOL_VERSION,
-                "has_data": self.records is not None, "pid": os.getpid(), "cores": psutil.cpu_count(),
-                "threads": torch.get_num_threads(), "ram_bytes": memory.total, "ram_available": memory.available}
+        return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
+                "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
+                "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": memory.total,
+                "ram_available": memory.available, "runtime": "torch"}
 
-    def _cmd_assign(self, msg: dict) -> dict:
-        settings = RunSettings.from_message(msg)
+    def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
+        return self.pairing.begin(str(msg["run"]))
+
+    def _cmd_pair_finish(self, msg: dict, _: bytes) -> dict:
+        return self.pairing.finish(msg["agent_nonce"], msg["nonce"], msg["proof"])
+
+    # --- paired commands ----------------------------------------------------------------
+    def _cmd_have(self, msg: dict, _: bytes) -> dict:
+        return {"missing": [d for d in msg["digests"] if not self.cache.has(d)]}
+
+    def _cmd_upload(self, msg: dict, blob: bytes) -> dict:
+        return {"complete": self.cache.append(msg["sha256"], int(msg["offset"]), int(msg["total"]), blob)}
+
+    def _cmd_assign(self, msg: dict, _: bytes) -> dict:
+        settings = RunSettings.from_message(msg, self.pairing.session_key)
         indices = settings.plan.stage_indices(self.name)
         if not indices:
             raise ValueError(f"the plan has no stage for {self.name!r}")
         if self.name == settings.plan.owner and self.records is None:
             raise ValueError(f"{self.name!r} is the owner but was started without --data FILE")
+        missing = [d for d in filter(None, (settings.slice, settings.tokenizer)) if not self.cache.has(d)]
+        if missing:
+            raise ValueError(f"blobs {[d[:12] for d in missing]} were not uploaded: send them before assign")
         self._stop_run()
         run = ActiveRun(settings)
-        hidden = load_config(settings.plan.model).hidden_size
-        shape = (settings.micro_batch_size, settings.seq_len, hidden)
         listen = {}
         for index in indices:
             if index > 0:
-                edge = PynngEdge(self._edge_config(settings, shape, f"stage {index - 1}"),
-                                 listen=f"tcp://{self.host}:0")
+                edge = PynngEdge(self._edge_config(settings, index, index - 1), listen=f"tcp://{self.host}:0")
                 run.edges.append((index, "prev", edge))
                 listen[index] = edge.url
         self._run = run
-        run.worker = threading.Thread(target=self._load, args=(run, indices, shape), daemon=True)
+        run.worker = threading.Thread(target=self._load, args=(run, indices), daemon=True)
         run.worker.start()
         return {"listen": listen}
 
-    def _cmd_connect(self, msg: dict) -> dict:
+    def _cmd_connect(self, msg: dict, _: bytes) -> dict:
         run = self._require_run(("loading", "ready"))
         for index, url in msg["dial"].items():
-            config = self._edge_config(run.settings, None, f"stage {int(index) + 1}")
-            run.edges.append((int(index), "next", PynngEdge(config, dial=url)))
+            index = int(index)
+            edge = PynngEdge(self._edge_config(run.settings, index, index + 1), dial=url)
+            run.edges.append((index, "next", edge))
         return {}
 
-    def _cmd_step(self, msg: dict) -> dict:
+    def _cmd_step(self, msg: dict, _: bytes) -> dict:
         run = self._require_run(("ready", "idle"))
         step = int(msg["step"])
         with self._lock:
@@ -164,64 +222,53 @@ class Agent:
         run.worker.start()
         return {}
 
-    def _cmd_status(self, _: dict) -> dict:
+    def _cmd_status(self, _: dict, __: bytes) -> dict:
         run = self._run
-        rss = psutil.Process().memory_info().rss
+        status = {"rss": psutil.Process().memory_info().rss, "refused_control": self.pairing.refused}
         if run is None:
-            return {"state": "free", "rss": rss}
-        refused = {}
+            return {**status, "state": "free"}
+        refused: dict[str, int] = {}
         for _, _, edge in run.edges:
             for reason, count in edge.refused.items():
                 refused[reason] = refused.get(reason, 0) + count
         with self._lock:
-            return {"state": run.state, "step": run.step, "error": run.error, "result": run.result,
-                    "rss": rss, "refused": refused}
+            return {**status, "state": run.state, "step": run.step, "error": run.error, "result": run.result,
+                    "refused": refused}
 
-    def _cmd_lora(self, _: dict) -> dict:
+    def _cmd_lora(self, _: dict, __: bytes) -> dict:
         run = self._require_run(("idle", "ready"))
         return {"stages": {index: save_tensors(runner.lora_state()) for index, runner in run.runners.items()}}
 
-    def _cmd_stop(self, _: dict) -> dict:
+    def _cmd_stop(self, _: dict, __: bytes) -> dict:
         self._stop_run()
         return {}
 
-    def _cmd_shutdown(self, _: dict) -> dict:
+    def _cmd_shutdown(self, _: dict, __: bytes) -> dict:
         self._running = False
         return {}
 
     # --- work on threads ----------------------------------------------------------------
-    def _load(self, run: ActiveRun, indices: list[int], shape: tuple[int, ...]) -> None:
+    def _load(self, run: ActiveRun, indices: list[int]) -> None:
         try:
-            settings = run.settings
-            peft_model = apply_lora(load_model(settings.plan.model), settings.lora)
-            runners = {}
-            for index in indices:
-                spec = settings.plan.stages[index]
-                module, lora = build_stage(peft_model, spec.layers, spec.role)
-                runners[index] = TorchStageRunner(module, lora, settings.optimizer)
-            del peft_model
-            if self.name == settings.plan.owner:
-                tokenizer = load_tokenizer(settings.plan.model)
-                run.data = OwnerData(self.records, tokenizer, settings.micro_batch_size, settings.seq_len,
-                                     settings.plan.micro_batches, settings.seed)
-            run.runners = runners
+            s = run.settings
+            built = materialize(self.cache.read(s.slice), s.config, s.lora, s.plan, indices)
+            run.runners = {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
+            if self.name == s.plan.owner:
+                tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
+                run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
+                                     s.plan.micro_batches, s.seed)
             with self._lock:
                 if run.state == "loading":
                     run.state = "ready"
         except Exception as error:
             self._fail(run, error)
 
-    def _wire(self, run: ActiveRun) -> None:
-        """Pair runners with their edges once both exist (connect may arrive before loading ends)."""
-        if run.stages:
-            return
-        edges = {(index, side): edge for index, side, edge in run.edges}
-        for index, runner in run.runners.items():
-            run.stages[index] = LocalStage(index, runner, edges.get((index, "prev")), edges.get((index, "next")))
-
     def _run_step(self, run: ActiveRun, step: int) -> None:
         try:
-            self._wire(run)
+            if not run.stages:  # connect may arrive before loading ends: pair runners and edges now
+                edges = {(index, side): edge for index, side, edge in run.edges}
+                run.stages = {i: LocalStage(i, r, edges.get((i, "prev")), edges.get((i, "next")))
+                              for i, r in run.runners.items()}
             batch = run.data.step_batch(step) if run.data is not None else None
             for _, _, edge in run.edges:
                 edge.begin_step(step)
@@ -262,11 +309,9 @@ class Agent:
             run.state, run.error = "error", f"{self.name}: {error}"
 
     # --- helpers ------------------------------------------------------------------------
-    def _edge_config(self, settings: RunSettings, shape, peer: str) -> EdgeConfig:
-        if shape is None:
-            hidden = load_config(settings.plan.model).hidden_size
-            shape = (settings.micro_batch_size, settings.seq_len, hidden)
-        return EdgeConfig(run=settings.run, key=settings.key, shape=shape, timeout=settings.timeout, peer=peer)
+    def _edge_config(self, settings: RunSettings, stage: int, peer: int) -> EdgeConfig:
+        return EdgeConfig.for_link(settings.run, settings.run_key, stage, peer, settings.edge_shape,
+                                   settings.timeout, settings.encrypt)
 
     def _require_run(self, states: tuple[str, ...]) -> ActiveRun:
         run = self._run
@@ -288,4 +333,3 @@ class Agent:
             run.worker.join(timeout=30)
         for _, _, edge in run.edges:
             edge.close()
-

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from edge_runtime.schedules import SCHEDULES
@@ -13,8 +14,18 @@ def register(subparsers) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--agents", help="comma-separated control URLs of running agents (tcp://HOST:PORT)")
     where.add_argument("--local", type=int, metavar="N", help="start N agents on this machine (the first owns --data)")
+    where.add_argument("--discover", metavar="N|NAME,NAME",
+                       help="find agents over mDNS: a count, or names; waits up to --discover-timeout")
+    parser.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --discover")
+    parser.add_argument("--interface", action="append", metavar="IP|IFACE",
+                        help="mDNS interfaces for --discover (repeatable; default: all)")
+    parser.add_argument("--token", default=os.environ.get("RINGTUNE_TOKEN"),
+                        help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
     parser.add_argument("--model", required=True, help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
-    parser.add_argument("--owner", help="name of the agent that holds the data (with --agents)")
+    parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
+                                        "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
@@ -37,7 +48,7 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def settings_from_args(args, owner: str):
+def settings_from_args(args, owner: str, token: str):
     from coordinator.training import TrainSettings
     from edge_runtime.models.lora import LoraSpec
     from edge_runtime.runners.base import OptimizerSpec
@@ -50,7 +61,8 @@ def settings_from_args(args, owner: str):
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
-                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout)
+                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout, token=token,
+                         encrypt=args.encrypt)
 
 
 def run(args) -> int:
@@ -59,22 +71,29 @@ def run(args) -> int:
     from coordinator.training import RunFailed, Trainer
     from edge_runtime.models.registry import load_config
     from ringtune.plan import Plan
+    from ringtune.security import generate_token
 
     load_config(args.model)  # an unknown model fails here, before any agent starts
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []
+    token = args.token
     if args.local is not None:
         if args.local < 1 or not args.data:
             raise ValueError("--local N needs N >= 1 and --data FILE (the owner's training data)")
+        token = generate_token()
         owner = local_names(args.local)[0]
         print(f"starting {args.local} local agent(s) ...", flush=True)
-        local = start_local_agents(args.local, args.data, args.out / "logs", threads=args.threads)
+        local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads)
         urls = [agent.url for agent in local]
+    elif args.discover:
+        owner, urls = _discover(args)
     else:
         if not args.owner:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
         owner, urls = args.owner, [u.strip() for u in args.agents.split(",") if u.strip()]
-
+    if not token:
+        raise ValueError("pass the agents' pairing token with --token TOKEN or RINGTUNE_TOKEN (each agent "
+                         "prints it at its first start and keeps it in its state directory)")
     def check_alive() -> None:
         for agent in local:
             status = agent.exit_status()
@@ -83,7 +102,7 @@ def run(args) -> int:
 
     clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
     try:
-        trainer = Trainer(settings_from_args(args, owner), clients, report=lambda line: print(line, flush=True),
+        trainer = Trainer(settings_from_args(args, owner, token), clients, report=lambda line: print(line, flush=True),
                           check_alive=check_alive)
         result = trainer.run(plan)
     finally:
@@ -95,3 +114,29 @@ def run(args) -> int:
     print(f"adapter: {result.adapter_dir} (load with peft.PeftModel.from_pretrained(base_model, "
           f"'{result.adapter_dir}'))")
     return 0
+
+
+def _discover(args) -> tuple[str, list[str]]:
+    """Owner name and control URLs of the agents found over mDNS."""
+    from coordinator.discovery.mdns import MdnsDiscovery
+    from edge_runtime.discovery.interfaces import parse_interfaces
+
+    wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
+    discovery = MdnsDiscovery(interfaces=parse_interfaces(args.interface))
+    try:
+        print(f"looking for {wanted} agent(s) over mDNS ...", flush=True)
+        found = discovery.wait_for(wanted, args.discover_timeout)
+    finally:
+        discovery.close()
+    if isinstance(wanted, int):
+        found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
+    owner = args.owner or _the_owner(found)
+    print("found " + ", ".join(f"{a.name} ({a.control_url})" for a in found), flush=True)
+    return owner, [a.control_url for a in found]
+
+
+def _the_owner(found) -> str:
+    owners = [a.name for a in found if a.has_data]
+    if len(owners) != 1:
+        raise ValueError(f"{len(owners)} of the agents found hold data ({owners}): name the owner with --owner NAME")
+    return owners[0]

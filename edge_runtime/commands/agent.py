@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import sys
+from pathlib import Path
+
+DEFAULT_STATE = Path(os.environ.get("RINGTUNE_STATE", Path.home() / ".local" / "state" / "ringtune"))
 
 
 def register(subparsers) -> None:
@@ -14,20 +19,78 @@ def register(subparsers) -> None:
                         help="control endpoint; port 0 picks a free port (printed on start)")
     parser.add_argument("--data", help="private training data (JSONL) on this device: makes it the data owner")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--token", default=os.environ.get("RINGTUNE_AGENT_TOKEN"),
+                        help="pairing token (default: generated once, printed, kept in the state directory)")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="token and slice cache")
+    parser.add_argument("--interface", action="append", metavar="IP|IFACE",
+                        help="advertise over mDNS only on these interfaces (repeatable; default: all)")
+    parser.add_argument("--no-advertise", action="store_true",
+                        help="do not advertise over mDNS (the coordinator then needs --agents URL)")
+    parser.add_argument("--print-systemd-unit", action="store_true",
+                        help="print a systemd unit that runs this agent at boot, and exit")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.print_systemd_unit:
+        print(systemd_unit(args))
+        return 0
     from edge_runtime.agent import Agent
+    from ringtune.security import check_token, load_or_create_token
 
-    agent = Agent(args.name, args.listen, data_path=args.data, threads=args.threads)
+    if args.token:
+        token = check_token(args.token)
+    else:
+        token, created = load_or_create_token(args.state_dir)
+        if created:
+            print(f"pairing token (give it to the coordinator: ringtune train --token ...): {token}", flush=True)
+    agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads)
+    advertiser = None if args.no_advertise else _advertise(agent, args)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"ringtune agent {args.name} listening on {agent.url}", flush=True)
     try:
         agent.serve()
     except KeyboardInterrupt:
         print(f"ringtune agent {args.name} stopped", file=sys.stderr)
+    finally:
+        if advertiser is not None:
+            advertiser.close()
     return 0
+
+
+def _advertise(agent, args):
+    import psutil
+    import ringtune
+    from device_profiles.live import matmul_gflops
+    from edge_runtime.discovery.advert import AgentAdvert
+    from edge_runtime.discovery.advertiser import Advertiser
+    from edge_runtime.discovery.interfaces import parse_interfaces
+
+    advert = AgentAdvert(agent_id=agent.pairing.agent_id, name=agent.name, version=ringtune.__version__,
+                         control_url=agent.url, cores=psutil.cpu_count() or 1,
+                         ram_bytes=psutil.virtual_memory().total, gflops=round(matmul_gflops(seconds=0.3), 1),
+                         runtime="torch", has_data=agent.records is not None)
+    return Advertiser(advert, interfaces=parse_interfaces(args.interface))
+
+
+def systemd_unit(args) -> str:
+    """A unit for /etc/systemd/system/ringtune-agent.service with this command line."""
+    argv = [a for a in sys.argv[1:] if a != "--print-systemd-unit"]
+    command = shlex.join([sys.executable, "-m", "ringtune.cli", *argv])
+    return f"""[Unit]
+Description=ringtune agent {args.name}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart={command}
+Restart=on-failure
+RestartSec=5
+Environment=PYTHONUNBUFFERED=1
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 
 def _interrupt(signum, frame) -> None:

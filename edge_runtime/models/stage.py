@@ -87,9 +87,12 @@ def scored_tokens(labels: torch.Tensor) -> int:
 
 def build_stage(peft_model: nn.Module, layers: tuple[int, int], role: Role) -> tuple[StageModule, dict[str, nn.Parameter]]:
     """The stage module and its trainable LoRA tensors by full peft name (ordered by name)."""
-    parts = find_parts(peft_model)
-    stage = StageModule(parts, peft_model.config, layers, role)
+    stage = StageModule(find_parts(peft_model), peft_model.config, layers, role)
+    return stage, stage_lora(peft_model, stage)
+
+
+def stage_lora(peft_model: nn.Module, stage: StageModule) -> dict[str, nn.Parameter]:
+    """The stage's trainable tensors by their full name in the peft model."""
     stage_params = {id(p) for p in stage.parameters()}
-    trainable = {name: p for name, p in sorted(peft_model.named_parameters())
-                 if p.requires_grad and id(p) in stage_params}
-    return stage, trainable
+    return {name: p for name, p in sorted(peft_model.named_parameters())
+            if p.requires_grad and id(p) in stage_params}

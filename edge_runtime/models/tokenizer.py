@@ -1,7 +1,11 @@
 """The small tokenizer interface the data owner needs, for HF tokenizers and the tiny models' bytes."""
 from __future__ import annotations
 
+import tempfile
 from abc import ABC, abstractmethod
+from pathlib import Path
+
+import msgpack
 
 
 class Tokenizer(ABC):
@@ -42,3 +46,25 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_blob(tokenizer: Tokenizer) -> bytes:
+    """The tokenizer as bytes for the data owner (a few MB of files for HF tokenizers)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return msgpack.packb({"kind": "bytes"})
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer._tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    return msgpack.packb({"kind": "hf", "files": files})
+
+
+def tokenizer_from_blob(blob: bytes) -> Tokenizer:
+    spec = msgpack.unpackb(blob)
+    if spec["kind"] == "bytes":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in spec["files"].items():
+            (Path(tmp) / Path(name).name).write_bytes(data)
+        return HFTokenizer(AutoTokenizer.from_pretrained(tmp, local_files_only=True))

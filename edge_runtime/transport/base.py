@@ -1,8 +1,8 @@
 """Edge: one end of a ring connection, carrying activations one way and gradients the other.
 
-The base class owns what every transport must do the same way: encode and authenticate frames,
-refuse and count bad ones, keep accepted frames until the schedule asks for them, and time out.
-Subclasses only move bytes.
+The base class owns what every transport must do the same way: seal and open frames (each
+direction has its own key and replay counter), refuse and count bad ones, keep accepted frames
+until the schedule asks for them, and time out. Subclasses only move bytes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_runtime.transport.frames import DTYPE_NAMES, FrameError, FrameHeader, FrameKind, decode_frame, encode_frame
+from edge_runtime.transport.frames import (DTYPE_NAMES, MAX_HEADER_BYTES, FrameError, FrameHeader, FrameKind,
+                                          pack_frame, unpack_frame)
+from ringtune.security import AuthError, FrameAuthenticator, ReplayError, link_key
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,10 @@ class EdgeClosed(RuntimeError):
 class EdgeConfig:
     run: str
     """Run id every frame must carry."""
-    key: bytes
-    """Session key for frame MACs."""
+    send_key: bytes
+    """Key of frames this end sends (see ringtune.security.link_key)."""
+    recv_key: bytes
+    """Key of frames this end receives."""
     shape: tuple[int, ...]
     """Shape of every hidden state / gradient on this edge: [B, T, d]."""
     dtype: torch.dtype = torch.float32
@@ -42,19 +46,32 @@ class EdgeConfig:
     """Seconds to wait for a frame or for a send to complete."""
     peer: str = "peer"
     """Human name of the other end, for error messages."""
+    encrypt: bool = False
+    """Encrypt tensors on the wire (ChaCha20-Poly1305) instead of only authenticating them."""
+
+    @staticmethod
+    def for_link(run: str, run_key: bytes, stage: int, peer_stage: int, shape: tuple[int, ...],
+                 timeout: float, encrypt: bool = False) -> "EdgeConfig":
+        """The edge of ring stage ``stage`` towards ``peer_stage``; each direction has its own key."""
+        me, peer = f"stage {stage}", f"stage {peer_stage}"
+        return EdgeConfig(run=run, send_key=link_key(run_key, me, peer), recv_key=link_key(run_key, peer, me),
+                          shape=shape, timeout=timeout, peer=peer, encrypt=encrypt)
 
     @property
     def max_frame_bytes(self) -> int:
         numel = 1
         for n in self.shape:
             numel *= n
-        return numel * self.dtype.itemsize + 4096  # payload + header and MAC slack
+        return numel * self.dtype.itemsize + MAX_HEADER_BYTES + 64  # payload, header, envelope + tag
 
 
 class Edge(ABC):
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.refused: Counter[str] = Counter()
+        """Refused frames by reason: oversized, authentication, replay, malformed, unexpected."""
+        self._sealer = FrameAuthenticator(config.send_key, encrypt=config.encrypt)
+        self._opener = FrameAuthenticator(config.recv_key, encrypt=config.encrypt)
         self.bytes_sent = 0
         self._frames: dict[tuple[str, int, int], torch.Tensor] = {}
         self._seen: set[tuple[str, int, int]] = set()
@@ -65,7 +82,7 @@ class Edge(ABC):
     def send(self, kind: FrameKind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
         header = FrameHeader(self.config.run, step, microbatch, kind, DTYPE_NAMES[tensor.dtype],
                              tuple(tensor.shape))
-        data = encode_frame(header, tensor, self.config.key)
+        data = self._sealer.seal(*pack_frame(header, tensor))
         self._transmit(data)
         self.bytes_sent += len(data)
 
@@ -101,32 +118,43 @@ class Edge(ABC):
         self.abort()
 
     def _accept(self, data: bytes) -> None:
-        """Called by the subclass for every message received: validate, then store or refuse."""
+        """Called by the subclass for every message received: verify, then store or refuse."""
         try:
-            header, tensor = decode_frame(data, self.config.key, self.config.max_frame_bytes)
+            if len(data) > self.config.max_frame_bytes:
+                raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {self.config.max_frame_bytes}",
+                                 "oversized")
+            header, tensor = unpack_frame(*self._opener.open(data))
             self._check(header)
-        except FrameError as error:
-            reason = str(error).split(" (")[0]
-            self.refused[reason] += 1
-            log.error("refused a frame from %s: %s", self.config.peer, error)
+        except (FrameError, AuthError) as error:
+            self._refuse(_reason(error), str(error))
             return
         with self._cond:
             key = (header.kind, header.step, header.microbatch)
             if header.step < self._min_step or key in self._seen:
-                self.refused["replayed frame"] += 1
-                log.error("refused a replayed frame from %s: %s", self.config.peer, key)
+                self._refuse("replay", f"{header.kind} of step {header.step} micro-batch {header.microbatch} "
+                                       f"was already received or is stale")
                 return
             self._seen.add(key)
             self._frames[key] = tensor
             self._cond.notify_all()
 
+    def _refuse(self, reason: str, message: str) -> None:
+        self.refused[reason] += 1
+        log.error("refused a frame from %s (%s): %s", self.config.peer, reason, message)
+
     def _check(self, header: FrameHeader) -> None:
         if header.run != self.config.run:
-            raise FrameError(f"frame of run {header.run!r}, expected {self.config.run!r}")
+            raise FrameError(f"frame of run {header.run!r}, expected {self.config.run!r}", "unexpected")
         if header.shape != self.config.shape or header.dtype != DTYPE_NAMES[self.config.dtype]:
             raise FrameError(f"frame {header.dtype}{list(header.shape)} does not match the "
-                             f"expected {DTYPE_NAMES[self.config.dtype]}{list(self.config.shape)}")
+                             f"expected {DTYPE_NAMES[self.config.dtype]}{list(self.config.shape)}", "unexpected")
 
     @abstractmethod
     def _transmit(self, data: bytes) -> None:
         """Deliver bytes to the peer or raise EdgeTimeout."""
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ReplayError):
+        return "replay"
+    return "authentication" if isinstance(error, AuthError) else error.reason

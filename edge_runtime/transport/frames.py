@@ -1,14 +1,11 @@
-"""Data-plane frames: a small msgpack header, the raw tensor bytes, and an HMAC-SHA256 tag.
+"""Data-plane frame contents: a small msgpack header and the raw tensor bytes.
 
-Layout: ``u32 header length | msgpack header | payload | 32-byte MAC`` where the MAC covers
-everything before it, keyed with the run's session key. Receivers check the size limit and the
-MAC before parsing anything, then the header, then that the payload matches dtype and shape.
+Sealing (MAC or encryption, replay counter) is ``ringtune.security.FrameAuthenticator``'s job;
+this module turns a header and a tensor into the two byte strings it seals, and back, refusing
+anything that is not exactly a well-formed header with a payload matching its dtype and shape.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
-import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,15 +13,17 @@ import msgpack
 import torch
 
 FrameKind = Literal["activation", "gradient"]
-MAC_BYTES = 32
-_LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class FrameError(ValueError):
-    """A frame that is refused (never applied): why, in words."""
+    """A frame that is refused (never applied): why, in words, and a reason to count it under."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,28 +44,18 @@ class FrameHeader:
     """Payload encoding: raw tensor bytes (privacy/compression codecs plug in here)."""
 
 
-def encode_frame(header: FrameHeader, tensor: torch.Tensor, key: bytes) -> bytes:
+def pack_frame(header: FrameHeader, tensor: torch.Tensor) -> tuple[bytes, bytes]:
+    """(header bytes, payload bytes) for FrameAuthenticator.seal."""
     head = msgpack.packb([header.run, header.step, header.microbatch, header.kind, header.dtype,
                           list(header.shape), header.codec])
-    payload = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    body = _LENGTH.pack(len(head)) + head + payload
-    return body + hmac.digest(key, body, hashlib.sha256)
+    return head, tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
-def decode_frame(data: bytes, key: bytes, max_bytes: int) -> tuple[FrameHeader, torch.Tensor]:
-    """Verify and parse a frame; raise FrameError for anything not exactly right."""
-    if len(data) > max_bytes:
-        raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if len(data) < _LENGTH.size + MAC_BYTES:
-        raise FrameError(f"frame of {len(data)} bytes is too short")
-    body, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
-    if not hmac.compare_digest(hmac.digest(key, body, hashlib.sha256), tag):
-        raise FrameError("bad MAC (wrong session key or tampered frame)")
-    (head_len,) = _LENGTH.unpack_from(body)
-    if head_len > MAX_HEADER_BYTES or _LENGTH.size + head_len > len(body):
-        raise FrameError(f"header length {head_len} is out of range")
-    header = _parse_header(body[_LENGTH.size:_LENGTH.size + head_len])
-    payload = body[_LENGTH.size + head_len:]
+def unpack_frame(head: bytes, payload: bytes | memoryview) -> tuple[FrameHeader, torch.Tensor]:
+    """Parse an opened frame; raise FrameError for anything not exactly right."""
+    if len(head) > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {len(head)} bytes is too long")
+    header = _parse_header(head)
     dtype = DTYPES[header.dtype]
     expected = _numel(header.shape) * dtype.itemsize
     if len(payload) != expected:

@@ -17,6 +17,7 @@ from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.worker import LocalStage, run_stage_step
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
+from ringtune.security import new_key
 
 LORA = LoraSpec(r=4, alpha=8, seed=3)
 OPTIMIZER = OptimizerSpec(lr=1e-2, weight_decay=0.01)
@@ -28,8 +29,9 @@ def train_ring(model_name, devices, schedule, data):
     peft_model = apply_lora(load_model(model_name), LORA)
     runners = [TorchStageRunner(*build_stage(peft_model, s.layers, s.role), OPTIMIZER) for s in plan.stages]
     shape = (B, T, load_config(model_name).hidden_size)
-    edges = [InMemoryEdge.pair(EdgeConfig("r", b"k" * 32, shape, timeout=10.0, peer=f"stage {i + 1}"),
-                               EdgeConfig("r", b"k" * 32, shape, timeout=10.0, peer=f"stage {i}"))
+    key = new_key()
+    edges = [InMemoryEdge.pair(EdgeConfig.for_link("r", key, i, i + 1, shape, 10.0),
+                               EdgeConfig.for_link("r", key, i + 1, i, shape, 10.0))
              for i in range(len(runners) - 1)]
     stages = [LocalStage(i, runner, edges[i - 1][1] if i else None, edges[i][0] if i < len(edges) else None)
               for i, runner in enumerate(runners)]

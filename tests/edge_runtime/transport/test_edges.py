@@ -5,24 +5,28 @@ import pytest
 import torch
 
 from edge_runtime.transport.base import EdgeConfig, EdgeTimeout
-from edge_runtime.transport.frames import FrameHeader, encode_frame
+from edge_runtime.transport.frames import FrameHeader, pack_frame
 from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.transport.pynng_edge import PynngEdge
+from ringtune.security import FrameAuthenticator, link_key, new_key
 
 SHAPE = (2, 3, 4)
 
 
-def config(peer="peer", timeout=5.0, run="run1", key=b"k" * 32):
-    return EdgeConfig(run=run, key=key, shape=SHAPE, timeout=timeout, peer=peer)
+KEY = new_key()
+
+
+def config(me, peer, timeout=5.0, run="run1", key=KEY):
+    return EdgeConfig.for_link(run, key, me, peer, SHAPE, timeout)
 
 
 def memory_pair(timeout=5.0):
-    return InMemoryEdge.pair(config("right", timeout), config("left", timeout))
+    return InMemoryEdge.pair(config(0, 1, timeout), config(1, 0, timeout))
 
 
 def pynng_pair(timeout=5.0):
-    listener = PynngEdge(config("left", timeout), listen="tcp://127.0.0.1:0")
-    dialer = PynngEdge(config("right", timeout), dial=listener.url)
+    listener = PynngEdge(config(1, 0, timeout), listen="tcp://127.0.0.1:0")
+    dialer = PynngEdge(config(0, 1, timeout), dial=listener.url)
     return dialer, listener
 
 
@@ -60,32 +64,59 @@ def test_replayed_and_stale_frames_are_refused(pair):
     left.send("activation", 3, 0, tensor)  # the same frame again
     right.begin_step(4)
     left.send("activation", 3, 1, tensor)  # a straggler from an old step
-    wait_for(lambda: right.refused["replayed frame"] == 2)
+    wait_for(lambda: right.refused["replay"] == 2)
 
 
-@pytest.mark.parametrize("wrong", [dict(run="other"), dict(shape=(1, 3, 4)), dict(key=b"x" * 32)])
-def test_wrong_run_shape_or_key_is_refused_and_counted(wrong):
+def test_a_captured_frame_sent_again_is_refused_as_a_replay():
     left, right = memory_pair(timeout=0.2)
-    key = wrong.pop("key", b"k" * 32)
-    fields = dict(run="run1", step=0, microbatch=0, kind="activation", dtype="float32", shape=SHAPE)
-    fields.update(wrong)
-    tensor = torch.zeros(fields["shape"])
-    right._accept(encode_frame(FrameHeader(**fields), tensor, key))
-    assert sum(right.refused.values()) == 1
-    with pytest.raises(EdgeTimeout):  # the refused frame was never stored
+    captured = []
+    original = left._transmit
+    left._transmit = lambda data: (captured.append(data), original(data))
+    left.send("activation", 0, 0, torch.randn(SHAPE))
+    right.recv("activation", 0, 0)
+    right._accept(captured[0])
+    assert right.refused["replay"] == 1
+
+
+def sealed(kind="activation", step=0, run="run1", shape=SHAPE, key=KEY, dtype="float32"):
+    """A frame as stage 0 would send it to stage 1 (with the given key)."""
+    sealer = FrameAuthenticator(link_key(key, "stage 0", "stage 1"))
+    header = FrameHeader(run, step, 0, kind, dtype, shape)
+    return sealer.seal(*pack_frame(header, torch.zeros(shape)))
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (lambda: sealed(run="other"), "unexpected"),
+    (lambda: sealed(shape=(1, 3, 4)), "unexpected"),
+    (lambda: sealed(key=new_key()), "authentication"),
+    (lambda: sealed()[:-1] + b"x", "authentication"),
+    (lambda: b"\0" * (memory_pair()[1].config.max_frame_bytes + 1), "oversized"),
+])
+def test_bad_frames_are_refused_counted_and_never_stored(frame, reason):
+    _, right = memory_pair(timeout=0.2)
+    right._accept(frame())
+    assert right.refused == {reason: 1}
+    with pytest.raises(EdgeTimeout):
         right.recv("activation", 0, 0)
+
+
+def test_malformed_header_with_a_valid_seal_is_refused():
+    _, right = memory_pair()
+    sealer = FrameAuthenticator(link_key(KEY, "stage 0", "stage 1"))
+    right._accept(sealer.seal(b"\x93garbage", b""))
+    assert right.refused == {"malformed": 1}
 
 
 def test_receive_times_out_naming_the_peer():
     left, right = pynng_pair(timeout=0.3)
-    with pytest.raises(EdgeTimeout, match="no activation for step 0 micro-batch 0 from left within"):
+    with pytest.raises(EdgeTimeout, match="no activation for step 0 micro-batch 0 from stage 0 within"):
         right.recv("activation", 0, 0)
     left.close()
     right.close()
 
 
 def test_send_to_nobody_times_out_naming_the_url():
-    edge = PynngEdge(config("stage 2", timeout=0.3), dial="tcp://127.0.0.1:9")
+    edge = PynngEdge(config(1, 2, timeout=0.3), dial="tcp://127.0.0.1:9")
     with pytest.raises(EdgeTimeout, match="could not send to stage 2 at tcp://127.0.0.1:9"):
         edge.send("activation", 0, 0, torch.zeros(SHAPE))
     edge.close()
@@ -93,7 +124,7 @@ def test_send_to_nobody_times_out_naming_the_url():
 
 def test_oversized_message_never_reaches_the_store():
     import pynng
-    right = PynngEdge(config("left"), listen="tcp://127.0.0.1:0")
+    right = PynngEdge(config(1, 0), listen="tcp://127.0.0.1:0")
     with pynng.Pair0(dial=right.url, send_timeout=2000) as raw:
         raw.send(b"\1" * (right.config.max_frame_bytes + 1))  # refused and counted by ringtune
         wait_for(lambda: sum(right.refused.values()) == 1)

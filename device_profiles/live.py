@@ -1,0 +1,60 @@
+"""Measure this device: cores, RAM (psutil), sustained matmul GFLOP/s, link speed if the OS knows it."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import psutil
+import torch
+
+from device_profiles.profile import DeviceProfile
+
+# Free RAM kept back for the OS page cache and allocator slack when the run starts.
+RAM_HEADROOM = 0.9
+# Used when the OS reports no link speed (WiFi usually): ring neighbours measure the real
+# bandwidth during the handshake.
+UNKNOWN_LINK_BYTES_PER_S = 100e6 / 8
+# A stage multiplies [tokens, hidden] activations by [hidden, 4 * hidden]-ish weights.
+BENCH_TOKENS = 256
+BENCH_HIDDEN = 1024
+
+
+def matmul_gflops(tokens: int = BENCH_TOKENS, hidden: int = BENCH_HIDDEN, seconds: float = 1.0) -> float:
+    """Sustained fp32 GFLOP/s of torch.matmul at a stage-like shape, after one warm-up call."""
+    x = torch.randn(tokens, hidden)
+    w = torch.randn(hidden, 4 * hidden)
+    flops_per_call = 2 * tokens * hidden * 4 * hidden
+    torch.matmul(x, w)
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.matmul(x, w)
+        calls += 1
+    return calls * flops_per_call / elapsed / 1e9
+
+
+def link_speed() -> tuple[float, str]:
+    """Bytes/s of the fastest up, non-loopback interface the OS reports a speed for, and the source."""
+    stats = {name: s for name, s in psutil.net_if_stats().items()
+             if s.isup and s.speed > 0 and not name.startswith("lo")}
+    if not stats:
+        return UNKNOWN_LINK_BYTES_PER_S, "estimate: the OS reports no link speed; measured later between neighbours"
+    name, best = max(stats.items(), key=lambda item: item[1].speed)
+    return best.speed * 1e6 / 8, f"psutil: {name} link speed {best.speed} Mbit/s (nominal)"
+
+
+def measure(name: str | None = None, seconds: float = 1.0) -> DeviceProfile:
+    """This device's profile, measured now."""
+    memory = psutil.virtual_memory()
+    cores = torch.get_num_threads()
+    link, link_source = link_speed()
+    gflops = matmul_gflops(seconds=seconds)
+    return DeviceProfile(
+        name=name or socket.gethostname(), ram_bytes=int(memory.available * RAM_HEADROOM), cores=cores,
+        gflops=round(gflops, 2), link_bytes_per_s=link,
+        sources={"ram_bytes": f"psutil: {RAM_HEADROOM:.0%} of available RAM "
+                              f"({memory.available / 1e9:.2f} of {memory.total / 1e9:.2f} GB total)",
+                 "cores": f"torch.get_num_threads() (os.cpu_count() = {os.cpu_count()})",
+                 "gflops": f"measured: torch.matmul [{BENCH_TOKENS}x{BENCH_HIDDEN}] @ "
+                           f"[{BENCH_HIDDEN}x{4 * BENCH_HIDDEN}] fp32 for {seconds:g} s",
+                 "link_bytes_per_s": link_source})

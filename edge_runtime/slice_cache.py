@@ -1,0 +1,66 @@
+"""Content-addressed store of shipped blobs (stage slices, tokenizers) on the agent.
+
+Uploads arrive in ordered chunks into a part file; the blob becomes visible under its sha256
+only after the hash is verified, so a torn upload is never used. A second run with the same
+slice finds it here and skips the transfer.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class UploadError(ValueError):
+    """A chunk that does not continue its upload, or a blob whose hash does not match."""
+
+
+class SliceCache:
+    def __init__(self, root: Path, max_blob_bytes: int = 64 << 30) -> None:
+        self.root = root
+        self.max_blob_bytes = max_blob_bytes
+        (root / "parts").mkdir(parents=True, exist_ok=True)
+
+    def has(self, digest: str) -> bool:
+        return self._path(digest).is_file()
+
+    def read(self, digest: str) -> bytes:
+        if not self.has(digest):
+            raise UploadError(f"blob {digest[:12]} is not in the cache at {self.root}: upload it first")
+        return self._path(digest).read_bytes()
+
+    def append(self, digest: str, offset: int, total: int, chunk: bytes) -> bool:
+        """Add a chunk; True once the blob is complete and verified."""
+        part = self.root / "parts" / digest
+        if not 0 < total <= self.max_blob_bytes:
+            raise UploadError(f"blob of {total} bytes is over the limit of {self.max_blob_bytes}")
+        size = part.stat().st_size if part.exists() else 0
+        if offset == 0:
+            size = 0
+        if offset != size or offset + len(chunk) > total:
+            raise UploadError(f"chunk at {offset} does not continue the upload of {digest[:12]} (have {size} bytes)")
+        with part.open("r+b" if offset else "wb") as handle:
+            handle.seek(offset)
+            handle.write(chunk)
+            handle.truncate()
+        if offset + len(chunk) < total:
+            return False
+        return self._publish(digest, part)
+
+    def _publish(self, digest: str, part: Path) -> bool:
+        actual = hashlib.sha256(part.read_bytes()).hexdigest()
+        if actual != digest:
+            part.unlink()
+            raise UploadError(f"uploaded blob hashes to {actual[:12]}, expected {digest[:12]}: upload it again")
+        with part.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(part, self._path(digest))
+        return True
+
+    def _path(self, digest: str) -> Path:
+        if not DIGEST.match(digest):
+            raise UploadError(f"{digest!r} is not a sha256 hex digest")
+        return self.root / digest

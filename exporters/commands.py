@@ -1,0 +1,47 @@
+"""``ringtune export``: write each plan stage's artifacts for a runtime, plus the manifest."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from edge_runtime.models.lora import LoraSpec
+from exporters.manifest import RunShape
+from ringtune.plan import Plan
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export the plan's stages (ExecuTorch .pte or torch safetensors) and a manifest",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="model name or local directory (default: the plan's model)")
+    parser.add_argument("--plan", required=True, type=Path, help="plan JSON, as the coordinator writes it")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--runtime", choices=("executorch", "torch"), default="executorch")
+    parser.add_argument("--micro-batch-size", type=int, default=1,
+                        help="sequences per micro-batch (ExecuTorch programs have fixed shapes)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (padded to it)")
+    parser.add_argument("--lora-r", type=int, default=LoraSpec.r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=LoraSpec.alpha, help="LoRA alpha")
+    parser.add_argument("--seed", type=int, default=LoraSpec.seed, help="seed of the LoRA initialisation")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporters.export import export_plan
+
+    if not args.plan.is_file():
+        raise ValueError(f"no plan file {args.plan}: write one (see `ringtune train --help`) or give its path")
+    if args.micro_batch_size < 1 or args.seq_len < 2:
+        raise ValueError("--micro-batch-size must be >= 1 and --seq-len >= 2")
+    plan = Plan.from_json(args.plan.read_text())
+    started = time.perf_counter()
+    manifest = export_plan(args.model or plan.model, plan, args.out, args.runtime,
+                           RunShape(args.micro_batch_size, args.seq_len),
+                           LoraSpec(r=args.lora_r, alpha=args.lora_alpha, seed=args.seed))
+    for stage in manifest.stages:
+        sizes = ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB" for path in stage.files.values())
+        print(f"stage {stage.index} {stage.role} {list(stage.layers)} on {stage.device}: {sizes}")
+    print(f"exported {len(manifest.stages)} stages for {args.runtime} in {time.perf_counter() - started:.0f} s "
+          f"to {args.out}")
+    return 0

@@ -1,0 +1,216 @@
+"""Export one stage to two ExecuTorch programs (XNNPACK), with the LoRA tensors as inputs.
+
+- ``forward.pte``: head/middle ``(x, *lora) -> y``; tail/full ``(x, labels, step_tokens, *lora) -> loss``.
+- ``vjp.pte``, the joint forward-backward graph of ``torch.export.experimental._export_forward_backward``:
+  head ``(ids, dy, *lora) -> (loss, *dlora)``; middle ``(x, dy, *lora) -> (loss, dx, *dlora)``;
+  tail ``(x, labels, step_tokens, *lora) -> (loss, dx, *dlora)``; full as tail without dx.
+  On head/middle the "loss" is ``(stage(x) * dy).sum()``, whose gradients are the vector-Jacobian
+  products the pipeline needs; on tail/full it is this micro-batch's share of the step loss.
+- ``lora.safetensors``: the initial LoRA tensors, so a device needs no model weights to start.
+
+Frozen base weights are baked into both programs (ExecuTorch does not share constants between
+programs), the LoRA tensors are program inputs so the Python optimizer can feed updated values.
+Shapes are fixed: micro-batch size x sequence length.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.func import functional_call
+
+from edge_runtime.models.stage import StageModule, build_stage, token_loss_sum
+from exporters.manifest import RunShape, StageManifest, TensorSpec, dtype_name, sha256_file, stage_io
+from ringtune.plan import StageSpec
+
+LOSS_ROLES = ("tail", "full")
+
+
+class ExportError(RuntimeError):
+    """The stage could not be exported; the message says what to change."""
+
+
+class _StageFunction(nn.Module):
+    """The stage as a function of its inputs and its LoRA tensors (which replace the parameters).
+
+    ``joint``: return a 1-tuple with the scalar to differentiate, as ``_export_forward_backward``
+    wants; head/middle then take ``dy`` after ``x`` and return ``(stage(x) * dy).sum()``.
+    """
+
+    def __init__(self, stage: StageModule, lora_names: list[str], joint: bool) -> None:
+        super().__init__()
+        self.stage = stage
+        self.lora_names = lora_names
+        self.joint = joint
+        self.num_inputs = 3 if stage.role in LOSS_ROLES else (2 if joint else 1)
+
+    def forward(self, *args: torch.Tensor):
+        inputs, lora = args[:self.num_inputs], args[self.num_inputs:]
+        output = functional_call(self.stage, dict(zip(self.lora_names, lora)), (inputs[0],), strict=False)
+        if self.stage.role in LOSS_ROLES:
+            labels, step_tokens = inputs[1], inputs[2]
+            result = token_loss_sum(output, labels) / step_tokens
+        elif self.joint:
+            result = (output * inputs[1]).sum()
+        else:
+            return output
+        return (result,) if self.joint else result
+
+
+def export_executorch_stage(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
+                            out_dir: Path) -> StageManifest:
+    """Write ``stage{index}/{forward,vjp}.pte`` and ``lora.safetensors`` under out_dir.
+
+    peft_model must use eager attention (``model.set_attn_implementation("eager")`` before
+    ``apply_lora``): SDPA does not lower to XNNPACK.
+    """
+    if peft_model.config._attn_implementation != "eager":
+        raise ExportError("export for ExecuTorch needs eager attention: call "
+                          "model.set_attn_implementation('eager') before apply_lora")
+    stage, lora = build_stage(peft_model, spec.layers, spec.role)
+    relative = _relative_names(stage, lora)
+    inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
+    lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
+    stage_dir = Path(out_dir) / f"stage{index}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    files = {"lora": f"stage{index}/lora.safetensors", "forward": f"stage{index}/forward.pte"}
+    save_file({name: p.detach().contiguous() for name, p in lora.items()}, str(Path(out_dir) / files["lora"]))
+    examples = _example_inputs(inputs, stage.config.vocab_size)
+    lora_values = [p.detach().clone() for p in lora.values()]
+    with _frozen(stage):
+        (Path(out_dir) / files["forward"]).write_bytes(_lower_forward(stage, relative, examples, lora_values))
+        if lora or spec.role != "head":  # a head with no blocks has nothing to differentiate
+            files["vjp"] = f"stage{index}/vjp.pte"
+            dy = [torch.randn(outputs[0].shape)] if spec.role not in LOSS_ROLES else []
+            (Path(out_dir) / files["vjp"]).write_bytes(_lower_vjp(stage, relative, examples, dy, lora_values))
+    hashes = {path: sha256_file(Path(out_dir) / path) for path in files.values()}
+    return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
+                         sha256=hashes, inputs=inputs, outputs=outputs, lora=lora_specs)
+
+
+def _relative_names(stage: StageModule, lora: dict[str, nn.Parameter]) -> list[str]:
+    """The LoRA tensors' names inside the stage module (what functional_call replaces)."""
+    by_id = {id(p): name for name, p in stage.named_parameters()}
+    return [by_id[id(p)] for p in lora.values()]
+
+
+def _example_inputs(inputs: tuple[TensorSpec, ...], vocab_size: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for spec in inputs:
+        if spec.dtype == "int64":
+            examples.append(torch.randint(0, vocab_size, spec.shape, generator=generator))
+        elif spec.name == "step_tokens":
+            examples.append(torch.tensor(1.0))
+        else:
+            examples.append(torch.randn(spec.shape, generator=generator))
+    return examples
+
+
+@contextlib.contextmanager
+def _frozen(stage: StageModule):
+    """Stop gradients to the stage's own parameters while exporting (LoRA comes in as inputs)."""
+    flags = [(p, p.requires_grad) for p in stage.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _lower_forward(stage, names, examples, lora_values) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with torch.no_grad():
+        program = torch.export.export(_StageFunction(stage, names, joint=False),
+                                      (*examples, *lora_values), strict=False)
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def _lower_vjp(stage, names, examples, dy, lora_values) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch.export.experimental import _export_forward_backward
+
+    differentiable = [t.requires_grad_(True) if t.is_floating_point() and t.dim() > 0 else t
+                      for t in examples[:1]] + examples[1:] + dy
+    lora_inputs = [t.clone().requires_grad_(True) for t in lora_values]
+    program = torch.export.export(_StageFunction(stage, names, joint=True),
+                                  (*differentiable, *lora_inputs), strict=False)
+    joint = _export_forward_backward(program)
+    first_lora = len(differentiable)
+    expected = [0] * differentiable[0].requires_grad + [first_lora + i for i in range(len(lora_inputs))]
+    _check_gradient_order(joint, expected)
+    _replace_empty_permuted(joint)
+    _drop_noop_copies(joint)
+    try:
+        lowered = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner()])
+    except RuntimeError as error:
+        if "pass through" not in str(error):
+            raise
+        # One delegate per op never has a pass-through output, but lowers ~5x slower.
+        lowered = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner(per_op_mode=True)])
+    return lowered.to_executorch().buffer
+
+
+def _check_gradient_order(joint, expected: list[int]) -> None:
+    """The runner reads (loss, grads...) positionally: the gradients must be those of the user
+    inputs at ``expected`` positions, in order. The joint graph names a gradient's target after the
+    flat placeholder it belongs to (``arg{N}_1``, parameters first)."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    lifted = sum(s.kind != InputKind.USER_INPUT for s in joint.graph_signature.input_specs)
+    specs = joint.graph_signature.output_specs
+    targets = [s.target for s in specs if s.kind == OutputKind.GRADIENT_TO_USER_INPUT]
+    found = [int(t.removeprefix("arg").split("_")[0]) - lifted for t in targets]
+    if specs[0].kind != OutputKind.LOSS_OUTPUT or found != expected:
+        raise ExportError(f"joint graph gives gradients for inputs {found}, expected {expected}: "
+                          f"_export_forward_backward changed; use torch==2.13.0")
+
+
+def _drop_noop_copies(program) -> None:
+    """Remove alias nodes and clones of contiguous tensors from the (functional) joint graph.
+
+    The joint graph keeps forward values for the backward through alias/clone nodes. XNNPACK
+    drops them inside a delegate, which leaves a delegate returning its own input ("pass through
+    arguments") and fails the default partitioner; without them whole regions lower together.
+    """
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.alias.default,
+                                                             torch.ops.aten.clone.default):
+            continue
+        source = node.args[0]
+        relayout = (not source.meta["val"].is_contiguous()
+                    or node.kwargs.get("memory_format", torch.contiguous_format) != torch.contiguous_format)
+        if node.target == torch.ops.aten.clone.default and relayout:
+            continue  # this clone makes a layout a later op needs
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+def _replace_empty_permuted(program) -> None:
+    """aten.empty_permuted has no ExecuTorch kernel; rewrite it as empty + permute (same layout)."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.empty_permuted.default:
+            continue
+        size, layout = node.args[0], node.args[1]
+        physical = [size[i] for i in layout]
+        inverse = sorted(range(len(layout)), key=lambda i: layout[i])
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "pin_memory")}
+        with graph.inserting_before(node):
+            empty = graph.call_function(torch.ops.aten.empty.memory_format, (physical,), kwargs)
+            permuted = graph.call_function(torch.ops.aten.permute.default, (empty, inverse))
+        permuted.meta = dict(node.meta)
+        empty.meta = {"val": node.meta["val"].new_empty(physical)} if "val" in node.meta else {}
+        node.replace_all_uses_with(permuted)
+        graph.erase_node(node)
+    program.graph_module.recompile()

@@ -1,0 +1,170 @@
+"""The export manifest: what was exported for each stage, with file hashes, as plain JSON.
+
+Written next to the stage files by ``ringtune export`` and read by the runners, which refuse a
+file whose sha256 differs from the manifest. It holds no timestamps, so the same export gives the
+same manifest bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ringtune.plan import Role
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest or an exported file that cannot be used; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunShape:
+    micro_batch_size: int
+    """Sequences per micro-batch (B)."""
+    seq_len: int
+    """Tokens per sequence (T); shorter sequences are right-padded to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    """Input/output name (a full peft parameter name for LoRA tensors)."""
+    shape: tuple[int, ...]
+    """Fixed shape the program was exported with."""
+    dtype: str
+    """torch dtype name without the ``torch.`` prefix, e.g. ``float32``."""
+
+    @staticmethod
+    def from_dict(data: dict) -> "TensorSpec":
+        return TensorSpec(data["name"], tuple(int(n) for n in data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True, slots=True)
+class StageManifest:
+    index: int
+    """Position of the stage in ring order."""
+    device: str
+    """Device the plan assigns the stage to."""
+    role: Role
+    """head, middle, tail or full."""
+    layers: tuple[int, int]
+    """Half-open block range [start, end)."""
+    files: dict[str, str]
+    """Artifact kind (e.g. ``forward``, ``vjp``, ``lora``, ``weights``) -> path relative to the manifest."""
+    sha256: dict[str, str]
+    """Relative path -> hex sha256 of the file's bytes."""
+    inputs: tuple[TensorSpec, ...]
+    """Stage inputs other than LoRA, in program order (e.g. x; or x, labels, step_tokens)."""
+    outputs: tuple[TensorSpec, ...]
+    """Forward program outputs (hidden state, or the loss share on tail/full)."""
+    lora: tuple[TensorSpec, ...]
+    """LoRA tensors, in the order the programs take them after the stage inputs."""
+
+    @staticmethod
+    def from_dict(data: dict) -> "StageManifest":
+        specs = lambda key: tuple(TensorSpec.from_dict(t) for t in data[key])  # noqa: E731
+        return StageManifest(index=int(data["index"]), device=data["device"], role=data["role"],
+                             layers=(int(data["layers"][0]), int(data["layers"][1])),
+                             files=dict(data["files"]), sha256=dict(data["sha256"]),
+                             inputs=specs("inputs"), outputs=specs("outputs"), lora=specs("lora"))
+
+
+@dataclass(frozen=True, slots=True)
+class ExportManifest:
+    model: str
+    """Model name or path the stages were cut from."""
+    runtime: str
+    """``executorch`` or ``torch``."""
+    micro_batch_size: int
+    """Fixed micro-batch size B of the programs (executorch) or of the run (torch)."""
+    seq_len: int
+    """Fixed sequence length T."""
+    lora: dict
+    """The LoraSpec as a dict (``LoraSpec.from_dict`` reads it back)."""
+    versions: dict[str, str]
+    """ringtune / torch / executorch / transformers / peft versions used to export."""
+    stages: tuple[StageManifest, ...]
+    """One entry per plan stage, in ring order."""
+    format_version: int = FORMAT_VERSION
+    """Bumped when the layout changes incompatibly."""
+
+    def stage(self, index: int) -> StageManifest:
+        if not 0 <= index < len(self.stages):
+            raise ManifestError(f"the export has stages 0..{len(self.stages) - 1}, not stage {index}; "
+                                f"export again with the plan this run uses")
+        return self.stages[index]
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
+        return path
+
+    @staticmethod
+    def read(directory: Path) -> "ExportManifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST_NAME} in {directory}: run `ringtune export` into it first")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"{path} has format {data.get('format_version')}, this ringtune reads "
+                                f"{FORMAT_VERSION}: export again with this ringtune")
+        return ExportManifest(model=data["model"], runtime=data["runtime"],
+                              micro_batch_size=int(data["micro_batch_size"]), seq_len=int(data["seq_len"]),
+                              lora=dict(data["lora"]), versions=dict(data["versions"]),
+                              stages=tuple(StageManifest.from_dict(s) for s in data["stages"]))
+
+
+def stage_io(role: Role, hidden_size: int, shape: RunShape) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A stage's inputs (without LoRA) and forward outputs at the fixed run shape."""
+    b, t = shape.micro_batch_size, shape.seq_len
+    hidden = TensorSpec("hidden", (b, t, hidden_size), "float32")
+    first = TensorSpec("input_ids", (b, t), "int64") if role in ("head", "full") else hidden
+    if role in ("tail", "full"):
+        inputs = (first, TensorSpec("labels", (b, t), "int64"), TensorSpec("step_tokens", (), "float32"))
+        return inputs, (TensorSpec("loss", (), "float32"),)
+    return (first,), (hidden,)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_path(directory: Path, stage: StageManifest, kind: str) -> Path:
+    """The stage's ``kind`` file, after checking it exists and matches the manifest hash."""
+    if kind not in stage.files:
+        raise ManifestError(f"stage {stage.index} ({stage.role}) has no {kind!r} file in the manifest; "
+                            f"export again with the runtime this agent uses")
+    relative = stage.files[kind]
+    path = Path(directory) / relative
+    if not path.is_file():
+        raise ManifestError(f"stage {stage.index}: file {path} is missing; export again or re-fetch it")
+    actual = sha256_file(path)
+    if actual != stage.sha256[relative]:
+        raise ManifestError(f"stage {stage.index}: file {path} is corrupt or from another export (sha256 "
+                            f"{actual[:12]}..., manifest says {stage.sha256[relative][:12]}...); export "
+                            f"again with `ringtune export` or re-fetch it from the coordinator")
+    return path
+
+
+def toolchain_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ringtune and the given packages (missing ones are left out)."""
+    versions = {}
+    for name in ("ringtune", *packages):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,149 @@
+"""The partitioner against an independent brute force over every ring order, subset and split."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from coordinator.planning.cost_table import CostTable, EndCost
+from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
+from device_profiles import DeviceProfile
+from ringtune.plan import Plan, validate_plan
+
+
+def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile], RunShape]:
+    num_blocks = rng.randint(1, 6)
+    seq_len = rng.randint(1, 3)
+    # Integer byte counts keep memory sums exact, so feasibility at the boundary is unambiguous.
+    table = CostTable(
+        model="random", seq_len=seq_len,
+        block_param_bytes=tuple(rng.randint(1, 60) for _ in range(num_blocks)),
+        block_trainable_bytes=tuple(rng.randint(0, 20) for _ in range(num_blocks)),
+        block_activation_bytes=tuple(float(rng.randint(0, 10)) for _ in range(num_blocks)),
+        block_forward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
+        block_backward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
+        cut_bytes=float(rng.randint(1, 10)),
+        head_end=EndCost(rng.randint(0, 40), 0, float(rng.randint(0, 5)), float(rng.randint(0, 20)), 0.0),
+        tail_end=EndCost(rng.randint(0, 40), rng.randint(0, 8), float(rng.randint(0, 10)),
+                         float(rng.randint(0, 50)), float(rng.randint(0, 50))))
+    kinds = [DeviceProfile(f"kind{i}", rng.randint(60, 500), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
+                           rng.choice([20.0, 100.0, 1000.0, 1e4]))
+             for i in range(rng.randint(1, 4))]
+    # Repeating kinds exercises the grouping of interchangeable devices.
+    devices = [rng.choice(kinds).renamed(f"d{i}") for i in range(rng.randint(1, 5))]
+    shape = RunShape(micro_batch_size=rng.randint(1, 2), seq_len=seq_len, micro_batches=rng.randint(1, 6),
+                     schedule=rng.choice(["1f1b", "gpipe"]), min_owner_blocks=rng.randint(0, 2))
+    return table, devices, shape
+
+
+def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, shape: RunShape,
+             ranges: list[tuple[str, int, int]]) -> tuple[float, dict[str, float]]:
+    """(step seconds, memory bytes per device) of a ring written as (device, start, end) stages,
+    head first and tail last on the owner; one stage is the owner alone."""
+    tokens = shape.micro_batch_size * shape.seq_len
+    num_stages = len(ranges)
+
+    def in_flight(index: int) -> int:
+        return shape.micro_batches if shape.schedule == "gpipe" else min(num_stages - index, shape.micro_batches)
+
+    costs, memory, busy = [], {}, {}
+    for index, (name, start, end) in enumerate(ranges):
+        device = devices[name]
+        blocks = range(start, end)
+        flops = sum(table.block_forward_flops[b] + table.block_backward_flops[b] for b in blocks)
+        weights = sum(table.block_param_bytes[b] + table.block_trainable_bytes[b] for b in blocks)
+        activations = sum(table.block_activation_bytes[b] for b in blocks)
+        ends = []
+        if index == 0:
+            ends.append(table.head_end)
+        if index == num_stages - 1:
+            ends.append(table.tail_end)
+        flops += sum(e.forward_flops + e.backward_flops for e in ends)
+        weights += sum(e.param_bytes + e.trainable_bytes for e in ends)
+        activations += sum(e.activation_bytes for e in ends)
+        seconds = flops * tokens / (device.gflops * 1e9)
+        if index < num_stages - 1:
+            receiver = devices[ranges[index + 1][0]]
+            seconds += 2 * table.cut_bytes * tokens / min(device.link_bytes_per_s, receiver.link_bytes_per_s)
+        costs.append(seconds)
+        busy[name] = busy.get(name, 0.0) + seconds
+        memory[name] = memory.get(name, 0) + weights + activations * tokens * in_flight(index)
+    return sum(costs) + (shape.micro_batches - 1) * max(busy.values()), memory
+
+
+def brute_force(table: CostTable, devices: list[DeviceProfile], owner: str, shape: RunShape) -> float:
+    """Smallest step seconds over every plan that fits, or inf."""
+    by_name = {d.name: d for d in devices}
+    L, K = table.num_blocks, shape.min_owner_blocks
+    others = [d.name for d in devices if d.name != owner]
+    best = math.inf
+    rings = [[(owner, 0, L)]]
+    for count in range(1, len(others) + 1):
+        for order in itertools.permutations(others, count):
+            for head_end in range(K, L + 1):
+                for tail_start in range(head_end + count, L - K + 1):
+                    for cuts in itertools.combinations(range(head_end + 1, tail_start), count - 1):
+                        bounds = [head_end, *cuts, tail_start]
+                        rings.append([(owner, 0, head_end),
+                                      *((d, bounds[i], bounds[i + 1]) for i, d in enumerate(order)),
+                                      (owner, tail_start, L)])
+    for ring in rings:
+        step, memory = evaluate(table, by_name, owner, shape, ring)
+        if all(memory[name] <= by_name[name].ram_bytes for name in memory):
+            best = min(best, step)
+    return best
+
+
+def plan_ranges(plan: Plan) -> list[tuple[str, int, int]]:
+    return [(s.device, s.layers[0], s.layers[1]) for s in plan.stages]
+
+
+def test_partitioner_equals_brute_force_on_random_instances():
+    rng = random.Random(20240601)
+    fitted = failed = split = 0
+    for _ in range(400):
+        table, devices, shape = random_instance(rng)
+        owner = devices[0].name
+        expected = brute_force(table, devices, owner, shape)
+        if math.isinf(expected):
+            with pytest.raises(DoesNotFitError):
+                partition(table, devices, owner, shape)
+            failed += 1
+            continue
+        plan = partition(table, devices, owner, shape)
+        validate_plan(plan, table.num_blocks)
+        step, memory = evaluate(table, {d.name: d for d in devices}, owner, shape, plan_ranges(plan))
+        assert step == pytest.approx(expected, rel=1e-9)
+        assert plan.predicted["step_seconds"] == pytest.approx(step, rel=1e-9)
+        by_name = {d.name: d for d in devices}
+        for name, used in memory.items():
+            assert used <= by_name[name].ram_bytes
+            assert plan.predicted["memory_bytes"][name] == pytest.approx(used)
+        fitted += 1
+        split += len(plan.stages) > 1
+    assert split > 60 and fitted - split > 60 and failed > 60  # every outcome is exercised
+
+
+def test_every_block_assigned_once_and_middle_devices_distinct():
+    rng = random.Random(7)
+    for _ in range(100):
+        table, devices, shape = random_instance(rng)
+        try:
+            plan = partition(table, devices, devices[0].name, shape)
+        except DoesNotFitError:
+            continue
+        covered = [b for s in plan.stages for b in range(*s.layers)]
+        assert covered == list(range(table.num_blocks))
+        middles = [s.device for s in plan.stages[1:-1]]
+        assert len(set(middles)) == len(middles) and devices[0].name not in middles
+
+
+def test_slow_device_is_left_out():
+    table = CostTable("m", 1, (10,) * 8, (0,) * 8, (0.0,) * 8, (100.0,) * 8, (100.0,) * 8, 1.0,
+                      EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0))
+    fast = DeviceProfile("fast", 1000, 4, 1e-6, 1e9)
+    slow = DeviceProfile("slow", 1000, 4, 1e-9, 1e9)
+    plan = partition(table, [fast, fast.renamed("fast2"), slow], "fast", RunShape(1, 1, 8, "1f1b", 1))
+    assert "slow" not in plan.devices() and "fast2" in plan.devices()
