@@ -14,7 +14,6 @@ import argparse
 import collections
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,7 +114,7 @@ def measure(runtime: str, export_dir: Path, repeats: int) -> dict:
     started = time.perf_counter()
     runner = _runner(runtime, export_dir)
     load_s = time.perf_counter() - started
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_loaded = _peak_rss_mb()
     x = torch.randn(stage.inputs[0].shape, generator=torch.Generator().manual_seed(0))
     dy = torch.randn(stage.outputs[0].shape, generator=torch.Generator().manual_seed(1))
     forward, forward_backward, backward = [], [], []
@@ -133,7 +132,16 @@ def measure(runtime: str, export_dir: Path, repeats: int) -> dict:
     return {"load_s": load_s, "forward_s": statistics.median(forward), "backward_s": statistics.median(backward),
             "forward_backward_s": statistics.median(forward_backward),
             "rss_after_load_mb": rss_loaded,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over exec from the
+    parent, so every child would report at least the exporting parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _runner(runtime: str, export_dir: Path):

@@ -121,6 +121,10 @@ class Agent:
                     raw = self._socket.recv()
                 except pynng.Timeout:
                     continue
+                except pynng.NNGException:
+                    raise
+                except Exception:  # pynng fails on some messages (e.g. empty ones): answer, go on
+                    raw = b""
                 reply = self._handle(raw)
                 try:
                     self._socket.send(reply)

@@ -129,7 +129,8 @@ def _lower_forward(stage, names, examples, lora_values) -> bytes:
 
     with torch.no_grad():
         program = torch.export.export(_StageFunction(stage, names, joint=False),
-                                      (*examples, *lora_values), strict=False)
+                                      (*examples, *lora_values), strict=False).run_decompositions()
+    _mm_as_bmm(program, keep_linears=True)
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
 
 
@@ -149,6 +150,7 @@ def _lower_vjp(stage, names, examples, dy, lora_values) -> bytes:
     _check_gradient_order(joint, expected)
     _replace_empty_permuted(joint)
     _drop_noop_copies(joint)
+    _mm_as_bmm(joint, keep_linears=False)
     try:
         lowered = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner()])
     except RuntimeError as error:
@@ -194,6 +196,43 @@ def _drop_noop_copies(program) -> None:
         node.replace_all_uses_with(source)
         graph.erase_node(node)
     program.graph_module.recompile()
+
+
+def _mm_as_bmm(program, keep_linears: bool) -> None:
+    """Rewrite ``mm(a, b)`` as a 1-batch ``bmm``, except (``keep_linears``) where ``b`` is a
+    transposed weight: XNNPACK takes that as a linear with packed weights. XNNPACK leaves every
+    other mm (the LoRA products, in the joint graph all of them, as the linears' weights there also
+    feed the backward) to the portable mm kernel, a naive loop that dominated both programs."""
+    signature = program.graph_signature
+    constants = {*signature.inputs_to_parameters, *signature.inputs_to_buffers,
+                 *signature.inputs_to_lifted_tensor_constants}
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
+            continue
+        a, b = node.args
+        if keep_linears and _is_transposed_constant(b, constants):
+            continue
+        with graph.inserting_before(node):
+            a3 = graph.call_function(torch.ops.aten.unsqueeze.default, (a, 0))
+            b3 = graph.call_function(torch.ops.aten.unsqueeze.default, (b, 0))
+            product = graph.call_function(torch.ops.aten.bmm.default, (a3, b3))
+            result = graph.call_function(torch.ops.aten.squeeze.dims, (product, [0]))
+        for new, value in ((a3, a.meta["val"].unsqueeze(0)), (b3, b.meta["val"].unsqueeze(0)),
+                           (product, node.meta["val"].unsqueeze(0)), (result, node.meta["val"])):
+            new.meta = {"val": value}  # no source_fn: XNNPACK would re-fuse it as a linear
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+def _is_transposed_constant(node, constants: set[str]) -> bool:
+    """Whether the value is an odd number of transposes of a parameter/buffer/constant."""
+    transposes = 0
+    while node.op == "call_function" and node.target in (torch.ops.aten.permute.default, torch.ops.aten.t.default):
+        transposes += 1
+        node = node.args[0]
+    return node.op == "placeholder" and node.name in constants and transposes % 2 == 1
 
 
 def _replace_empty_permuted(program) -> None:

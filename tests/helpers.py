@@ -19,3 +19,47 @@ def write_text_data(path: Path, records: int = 48, seed: int = 0) -> Path:
 
 def ringtune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ringtune.cli", *args]
+
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class AgentProcess:
+    """A real `ringtune agent` subprocess; stop() terminates it (also when a test fails)."""
+
+    def __init__(self, name: str, state_dir: Path, *, data: Path | None = None, listen: str = "tcp://127.0.0.1:0",
+                 interfaces: tuple[str, ...] = (), prefix: tuple[str, ...] = (), token: str = TOKEN,
+                 threads: int = 1) -> None:
+        import os
+        import re
+        import subprocess
+
+        command = [*prefix, *ringtune_command("agent", "--name", name, "--listen", listen, "--token", token,
+                                              "--state-dir", str(state_dir), "--threads", str(threads))]
+        command += ["--data", str(data)] if data else []
+        command += [a for ip in interfaces for a in ("--interface", ip)] if interfaces else ["--no-advertise"]
+        self.name = name
+        self.log = state_dir / f"{name}.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        line = self.process.stdout.readline()
+        match = re.search(r"listening on (\S+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"agent {name} did not start: {self.log.read_text()[-2000:]}")
+        self.url = match.group(1)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()

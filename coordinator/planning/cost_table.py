@@ -32,7 +32,7 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EndCost:
-    """Cost of one of the owner's model ends (embedding side or norm + LM head + loss side)."""
+    """Cost of one part of the model: a block, or one of the owner's ends (embedding; norm + LM head + loss)."""
     param_bytes: int
     """Frozen and trainable parameter bytes (a tied embedding is counted on the head end only)."""
     trainable_bytes: int

@@ -120,8 +120,11 @@ def _link_seconds(costs: _Costs, sender: DeviceProfile, receiver: DeviceProfile)
 class _Search:
     """Everything the DP rounds share: devices grouped into types, and per-stage cost matrices."""
     costs: _Costs
+    """The run's costs."""
     shape: RunShape
+    """The run's shape."""
     owner: DeviceProfile
+    """The device that runs the head and the tail."""
     types: tuple[DeviceProfile, ...]
     """One representative profile per group of interchangeable non-owner devices."""
     counts: tuple[int, ...]

@@ -48,6 +48,10 @@ class PynngEdge(Edge):
                 continue
             except pynng.Closed:
                 return
+            except pynng.NNGException:
+                raise
+            except Exception:  # pynng fails on some messages (e.g. empty ones)
+                data = b""
             self._accept(data)
 
     def close(self) -> None:
