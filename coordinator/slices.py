@@ -27,6 +27,8 @@ class Blob:
 class ModelShipment:
     config: dict
     """The model's config (agents build the skeleton from it)."""
+    hidden_size: int
+    """Width of the hidden states that cross the ring."""
     slices: dict[str, Blob]
     """Per device: base weights and initial LoRA tensors of its stages."""
     tokenizer: Blob
@@ -40,5 +42,5 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan) -> ModelShipment:
         stages = {i: build_stage(peft_model, plan.stages[i].layers, plan.stages[i].role)[0]
                   for i in plan.stage_indices(device)}
         slices[device] = Blob.of(pack_slice(stages))
-    config = peft_model.get_base_model().config.to_dict()
-    return ModelShipment(config, slices, Blob.of(tokenizer_blob(load_tokenizer(model))))
+    config = peft_model.get_base_model().config
+    return ModelShipment(config.to_dict(), config.hidden_size, slices, Blob.of(tokenizer_blob(load_tokenizer(model))))

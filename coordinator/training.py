@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentClient, AgentUnreachable
+from coordinator.planning import RunShape, plan_run
+from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
+from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
 from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
@@ -63,6 +66,12 @@ class TrainSettings:
     """Pairing token the agents were started with."""
     encrypt: bool = False
     """Encrypt hidden states and gradients on the wire (not only authenticate them)."""
+    split: str = "planned"
+    """planned: the exact partitioner over the agents' profiles; even: blocks split evenly."""
+    link_bytes_per_s: float = 125e6
+    """Assumed link bandwidth of every agent, for the planner."""
+    min_owner_blocks: int = 1
+    """Blocks the owner keeps at each end (planned split)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +90,19 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, settings: TrainSettings, clients: list[AgentClient],
-                 report: Callable[[str], None] = print, check_alive: Callable[[], None] = lambda: None) -> None:
+                 progress: Progress | None = None, check_alive: Callable[[], None] = lambda: None) -> None:
         """check_alive raises RunFailed when it knows an agent is gone (e.g. a local process exited)."""
         self.settings = settings
-        self.report = report
+        self.progress = progress or PlainProgress()
         self.check_alive = check_alive
         self.run_id = secrets.token_hex(8)
         self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
         named: dict[str, AgentClient] = {}
+        self.hellos: dict[str, dict] = {}
         for client in clients:
-            hello = client.call("hello")
+            hello = client.call("hello", reply_timeout=max(self.settings.heartbeat_timeout, 10.0))
             if hello["protocol"] != control.PROTOCOL_VERSION:
                 raise RunFailed(f"agent {hello['name']} speaks protocol {hello['protocol']}; upgrade ringtune on it")
             if hello["name"] in named:
@@ -101,6 +111,7 @@ class Trainer:
             client.name = hello["name"]
             client.pair(self.settings.token, self.run_id)
             named[client.name] = client
+            self.hellos[client.name] = hello
         if self.settings.owner not in named:
             raise RunFailed(f"the owner {self.settings.owner!r} is not among the agents {sorted(named)}")
         return named
@@ -108,13 +119,28 @@ class Trainer:
     def make_plan(self) -> Plan:
         s = self.settings
         devices = [s.owner] + [n for n in self.clients if n != s.owner]
-        num_layers = load_config(s.model).num_hidden_layers
-        return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
+        if s.split == "even":
+            num_layers = load_config(s.model).num_hidden_layers
+            return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
+        profiles = [DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
+                                  gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
+                                  sources={"gflops": "measured by the agent", "ram_bytes": "available now"})
+                    for name in devices]
+        # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
+        shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
+                         "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
+        plan = plan_run(s.model, profiles, s.owner, shape, s.lora, model_name=s.model)
+        left_out = sorted(set(devices) - set(plan.devices()))
+        if left_out:
+            self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
+        return replace(plan, schedule=s.schedule)
 
     def run(self, plan: Plan | None = None) -> TrainResult:
         s = self.settings
         plan = plan or self.make_plan()
         validate_plan(plan, load_config(s.model).num_hidden_layers)
+        self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})" for st in plan.stages)
+                    + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
         try:
@@ -131,6 +157,7 @@ class Trainer:
         self._ship(plan, shipment)
         run_key = new_key()
         common = {"run": self.run_id, "plan": json.loads(plan.to_json()), "config": shipment.config,
+                  "hidden_size": shipment.hidden_size,
                   "lora": s.lora.to_dict(), "optimizer": asdict(s.optimizer), "micro_batch_size": s.micro_batch_size,
                   "seq_len": s.seq_len, "seed": s.seed, "timeout": s.data_timeout, "encrypt": s.encrypt}
         listen: dict[int, str] = {}
@@ -143,7 +170,7 @@ class Trainer:
         for name in plan.devices():
             dial = {i: listen[i + 1] for i in plan.stage_indices(name) if i + 1 < len(plan.stages)}
             self._call(name, "connect", dial=dial)
-        self.report(f"loading stages on {', '.join(plan.devices())} ...")
+        self.progress.event(f"loading stages on {', '.join(plan.devices())} ...")
         self._wait_all(plan, lambda st: st["state"] == "ready", s.load_timeout, "load its stages")
 
     def _ship(self, plan: Plan, shipment: ModelShipment) -> None:
@@ -153,7 +180,7 @@ class Trainer:
             for blob in blobs:
                 self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.data))
         sizes = ", ".join(f"{name} {len(blob.data) / 1e6:.0f} MB" for name, blob in shipment.slices.items())
-        self.report(f"slices ready on every agent ({sizes})")
+        self.progress.event(f"slices ready on every agent ({sizes})")
 
     def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:
         s = self.settings
@@ -178,8 +205,7 @@ class Trainer:
                                       for name, st in results.items()}}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                self.report(f"step {step + 1}/{s.steps}  loss {owner['loss']:.4f}  "
-                            f"{record['tokens_per_s']:.0f} tokens/s  {elapsed:.2f} s/step")
+                self.progress.step(plan, record, s.steps)
         return losses, step_seconds, total_tokens
 
     def _wait_all(self, plan: Plan, done: Callable[[dict], bool], timeout: float | None, what: str) -> dict[str, dict]:

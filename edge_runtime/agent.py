@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 import ringtune
+from device_profiles.live import matmul_gflops
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
@@ -48,6 +49,8 @@ class RunSettings:
     """The whole ring; this agent runs the stages whose device is its name."""
     config: dict
     """The model's config (to build the skeleton its slice fills)."""
+    hidden_size: int
+    """Width of the hidden states on the ring."""
     slice: str
     """sha256 of this agent's slice blob in the cache."""
     tokenizer: str | None
@@ -71,11 +74,12 @@ class RunSettings:
 
     @property
     def edge_shape(self) -> tuple[int, int, int]:
-        return (self.micro_batch_size, self.seq_len, int(self.config["hidden_size"]))
+        return (self.micro_batch_size, self.seq_len, self.hidden_size)
 
     @staticmethod
     def from_message(msg: dict, session_key: bytes) -> "RunSettings":
         return RunSettings(run=msg["run"], plan=Plan.from_dict(msg["plan"]), config=msg["config"],
+                           hidden_size=int(msg["hidden_size"]),
                            slice=msg["slice"], tokenizer=msg.get("tokenizer"),
                            lora=LoraSpec.from_dict(msg["lora"]), optimizer=OptimizerSpec(**msg["optimizer"]),
                            micro_batch_size=int(msg["micro_batch_size"]), seq_len=int(msg["seq_len"]),
@@ -109,6 +113,7 @@ class Agent:
         self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=control.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
+        self._gflops: float | None = None
         self._run: ActiveRun | None = None
         self._lock = threading.Lock()
         self._running = True
@@ -167,11 +172,13 @@ class Agent:
 
     # --- public commands ----------------------------------------------------------------
     def _cmd_hello(self, _: dict, __: bytes) -> dict:
+        if self._gflops is None:  # measured once, for the planner
+            self._gflops = matmul_gflops(seconds=0.3)
         memory = psutil.virtual_memory()
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": memory.total,
-                "ram_available": memory.available, "runtime": "torch"}
+                "ram_available": memory.available, "runtime": "torch", "gflops": self._gflops}
 
     def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
         return self.pairing.begin(str(msg["run"]))

@@ -9,6 +9,8 @@ from edge_runtime.models.lora import LoraSpec
 from exporters.manifest import RunShape
 from ringtune.plan import Plan
 
+DEFAULT_LORA = LoraSpec()
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,9 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1,
                         help="sequences per micro-batch (ExecuTorch programs have fixed shapes)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (padded to it)")
-    parser.add_argument("--lora-r", type=int, default=LoraSpec.r, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=int, default=LoraSpec.alpha, help="LoRA alpha")
-    parser.add_argument("--seed", type=int, default=LoraSpec.seed, help="seed of the LoRA initialisation")
+    parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA.r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=DEFAULT_LORA.alpha, help="LoRA alpha")
+    parser.add_argument("--seed", type=int, default=DEFAULT_LORA.seed, help="seed of the LoRA initialisation")
     parser.set_defaults(run=run)
 
 

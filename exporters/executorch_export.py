@@ -84,7 +84,7 @@ def export_executorch_stage(peft_model: nn.Module, spec: StageSpec, index: int, 
         (Path(out_dir) / files["forward"]).write_bytes(_lower_forward(stage, relative, examples, lora_values))
         if lora or spec.role != "head":  # a head with no blocks has nothing to differentiate
             files["vjp"] = f"stage{index}/vjp.pte"
-            dy = [torch.randn(outputs[0].shape)] if spec.role not in LOSS_ROLES else []
+            dy = [] if spec.role in LOSS_ROLES else _example_inputs(outputs, stage.config.vocab_size)
             (Path(out_dir) / files["vjp"]).write_bytes(_lower_vjp(stage, relative, examples, dy, lora_values))
     hashes = {path: sha256_file(Path(out_dir) / path) for path in files.values()}
     return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
@@ -139,7 +139,7 @@ def _lower_vjp(stage, names, examples, dy, lora_values) -> bytes:
     from executorch.exir import to_edge_transform_and_lower
     from torch.export.experimental import _export_forward_backward
 
-    differentiable = [t.requires_grad_(True) if t.is_floating_point() and t.dim() > 0 else t
+    differentiable = [t.detach().requires_grad_(t.is_floating_point() and t.dim() > 0)
                       for t in examples[:1]] + examples[1:] + dy
     lora_inputs = [t.clone().requires_grad_(True) for t in lora_values]
     program = torch.export.export(_StageFunction(stage, names, joint=True),

@@ -39,7 +39,14 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the data order")
-    parser.add_argument("--plan", type=Path, help="a saved plan JSON to run instead of an even split")
+    parser.add_argument("--plan", type=Path, help="a saved plan JSON (ringtune plan --json) to run as is")
+    parser.add_argument("--split", choices=["planned", "even"], default="planned",
+                        help="planned: the exact partitioner over the agents' measured profiles (devices that "
+                             "would slow the step are left out); even: blocks split evenly over all agents")
+    parser.add_argument("--min-owner-blocks", type=int, default=1,
+                        help="blocks the owner keeps at each end with --split planned")
+    parser.add_argument("--link-mbit", type=float,
+                        help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--timeout", type=float, default=120.0, help="data-plane timeout in seconds")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
@@ -62,12 +69,14 @@ def settings_from_args(args, owner: str, token: str):
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout, token=token,
-                         encrypt=args.encrypt)
+                         encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
+                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8)
 
 
 def run(args) -> int:
     from coordinator.client import AgentClient
     from coordinator.local import local_names, start_local_agents, stop_local_agents
+    from coordinator.progress import progress_for_terminal
     from coordinator.training import RunFailed, Trainer
     from edge_runtime.models.registry import load_config
     from ringtune.plan import Plan
@@ -101,11 +110,12 @@ def run(args) -> int:
                 raise RunFailed(f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
 
     clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
+    progress = progress_for_terminal()
     try:
-        trainer = Trainer(settings_from_args(args, owner, token), clients, report=lambda line: print(line, flush=True),
-                          check_alive=check_alive)
+        trainer = Trainer(settings_from_args(args, owner, token), clients, progress=progress, check_alive=check_alive)
         result = trainer.run(plan)
     finally:
+        progress.close()
         for client in clients:
             client.close()
         stop_local_agents(local)

@@ -17,7 +17,7 @@ from reference import max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow
 SHAPE = ["--steps", "3", "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", "24",
-         "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8", "--seed", "11"]
+         "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8", "--seed", "11", "--split", "even"]
 
 
 def train(*args, timeout=300):
@@ -121,7 +121,8 @@ def test_more_devices_than_blocks(tmp_path, data):
 
 def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
     process = subprocess.Popen(ringtune_command("train", "--model", "tiny-llama", "--local", "3", "--data", str(data),
-                                                "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16"),
+                                                "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16",
+                                                "--split", "even"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:
