@@ -96,6 +96,7 @@ class Trainer:
         self.progress = progress or PlainProgress()
         self.check_alive = check_alive
         self.run_id = secrets.token_hex(8)
+        self._gone: set[str] = set()
         self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
@@ -214,8 +215,8 @@ class Trainer:
         pending = set(plan.devices())
         results: dict[str, dict] = {}
         while pending:
-            self.check_alive()
             for name in sorted(pending):
+                self.check_alive()
                 status = self._status(name)
                 if status["state"] == "error":
                     raise RunFailed(f"agent {name} failed: {status['error']}")
@@ -239,6 +240,7 @@ class Trainer:
         try:
             return action()
         except AgentUnreachable as error:
+            self._gone.add(name)
             self.check_alive()  # a more precise reason when we know it (process exited)
             raise RunFailed(f"agent {name} stopped answering: {error}") from None
 
@@ -253,8 +255,10 @@ class Trainer:
         return write_adapter(s.out, s.lora, s.model, tensors, metadata)
 
     def _stop_all(self) -> None:
-        for client in self.clients.values():
+        for name, client in self.clients.items():
+            if name in self._gone:
+                continue
             try:
-                client.call("stop", reply_timeout=min(self.settings.heartbeat_timeout, 5.0))
+                client.call("stop", reply_timeout=1.0)
             except (AgentUnreachable, control.ControlError):
                 pass  # an agent that is gone has nothing left to stop

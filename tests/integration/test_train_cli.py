@@ -109,14 +109,14 @@ def test_malformed_data_names_the_line(tmp_path):
 def test_agent_url_nobody_listens_on(tmp_path):
     started = time.monotonic()
     result = train("--model", "tiny-llama", "--agents", "tcp://127.0.0.1:9", "--owner", "x",
-                   "--heartbeat-timeout", "2", "--out", str(tmp_path))
+                   "--heartbeat-timeout", "2", "--token", "some-token-0123456789", "--out", str(tmp_path))
     assert_clean_failure(result, "tcp://127.0.0.1:9", "did not answer")
     assert time.monotonic() - started < 30
 
 
 def test_more_devices_than_blocks(tmp_path, data):
-    assert_clean_failure(train("--model", "tiny-llama", "--local", "5", "--data", str(data), "--out", str(tmp_path)),
-                         "5 devices but the model has only 4 blocks")
+    assert_clean_failure(train("--model", "tiny-llama", "--local", "5", "--data", str(data), "--split", "even",
+                               "--out", str(tmp_path)), "5 devices but the model has only 4 blocks")
 
 
 def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
@@ -139,6 +139,6 @@ def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
     assert process.returncode != 0
     assert "node1" in stderr and "killed by signal 9" in stderr, stderr
     assert "Traceback" not in stderr
-    assert detected_in < 15
+    assert detected_in < 30  # heartbeat timeout (5 s) + stopping the other agents, on a loaded machine
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "agent" in (p.info["cmdline"] or [])], "local agents were left running"

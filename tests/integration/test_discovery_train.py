@@ -1,0 +1,94 @@
+"""Agents found over mDNS and trained through, on loopback and across network namespaces (root)."""
+import json
+import subprocess
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
+from netns import bridged_namespaces  # noqa: F401  (fixture)
+from reference import max_difference
+
+pytestmark = pytest.mark.slow
+TRAIN = ["--model", "tiny-llama", "--steps", "2", "--micro-batches", "2", "--seq-len", "16", "--split", "even",
+         "--seed", "3", "--token", TOKEN]
+
+
+def run(*args, prefix=(), timeout=240):
+    return subprocess.run([*prefix, *ringtune_command(*args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def loopback_agents(tmp_path):
+    data = write_text_data(tmp_path / "data.jsonl")
+    tag = uuid.uuid4().hex[:6]  # other runs may advertise on loopback too
+    agents = [AgentProcess(f"own-{tag}", tmp_path / "a", data=data, interfaces=("127.0.0.1",)),
+              AgentProcess(f"pi-{tag}", tmp_path / "b", interfaces=("127.0.0.1",))]
+    yield agents
+    for agent in agents:
+        agent.stop()
+
+
+def test_devices_lists_advertised_agents_with_their_profiles(loopback_agents):
+    result = run("devices", "--interface", "127.0.0.1", "--timeout", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {d["name"]: d for d in json.loads(result.stdout)}
+    owner, helper = loopback_agents
+    assert listed[owner.name]["has_data"] is True and listed[helper.name]["has_data"] is False
+    assert listed[owner.name]["control_url"] == owner.url
+    for device in (listed[owner.name], listed[helper.name]):
+        assert device["cores"] >= 1 and device["ram_bytes"] > 0 and device["gflops"] > 0
+        assert device["runtime"] == "torch"
+
+
+def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
+    owner, helper = loopback_agents
+    names = f"{owner.name},{helper.name}"
+    found = run("train", "--discover", names, "--interface", "127.0.0.1", "--out", str(tmp_path / "found"), *TRAIN)
+    assert found.returncode == 0, found.stderr
+    given = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
+                "--out", str(tmp_path / "given"), *TRAIN)
+    assert given.returncode == 0, given.stderr
+    assert max_difference(load_file(tmp_path / "found" / "adapter_model.safetensors"),
+                          load_file(tmp_path / "given" / "adapter_model.safetensors")) == 0.0
+    # the second run found every slice in the agents' caches
+    assert owner.alive() and helper.alive()
+
+
+def test_wrong_token_is_refused_with_advice(loopback_agents, tmp_path):
+    owner, helper = loopback_agents
+    result = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
+                 "--out", str(tmp_path), *TRAIN[:-1], "wrong-token-but-long-enough")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "refused pairing" in result.stderr and "wrong token" in result.stderr
+    assert owner.alive()
+
+
+def test_discovery_timeout_names_who_is_missing(loopback_agents, tmp_path):
+    result = run("train", "--discover", "nobody-here", "--interface", "127.0.0.1", "--discover-timeout", "2",
+                 "--out", str(tmp_path), *TRAIN)
+    assert result.returncode != 0 and "nobody-here" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.root
+def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
+    (ns_a, ip_a), (ns_b, ip_b), (ns_c, ip_c) = bridged_namespaces.items()
+    data = write_text_data(tmp_path / "data.jsonl")
+    agents = []
+    try:
+        agents.append(AgentProcess("ns-owner", tmp_path / "a", data=data, listen=f"tcp://{ip_a}:0",
+                                   interfaces=(ip_a,), prefix=("ip", "netns", "exec", ns_a)))
+        agents.append(AgentProcess("ns-pi", tmp_path / "b", listen=f"tcp://{ip_b}:0", interfaces=(ip_b,),
+                                   prefix=("ip", "netns", "exec", ns_b)))
+        result = run("train", "--discover", "2", "--interface", ip_c, "--out", str(tmp_path / "ns"), *TRAIN,
+                     prefix=("ip", "netns", "exec", ns_c))
+        assert result.returncode == 0, result.stderr
+        assert "found ns-owner" in result.stdout or "found ns-pi" in result.stdout
+    finally:
+        for agent in agents:
+            agent.stop()
+    local = run("train", "--local", "2", "--data", str(data), "--out", str(tmp_path / "local"), *TRAIN)
+    assert local.returncode == 0, local.stderr
+    assert max_difference(load_file(tmp_path / "ns" / "adapter_model.safetensors"),
+                          load_file(tmp_path / "local" / "adapter_model.safetensors")) == 0.0
