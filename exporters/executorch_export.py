@@ -213,11 +213,12 @@ def _mm_as_bmm(program, keep_linears: bool) -> None:
         a, b = node.args
         if keep_linears and _is_transposed_constant(b, constants):
             continue
+        # view, not unsqueeze/squeeze: XNNPACK takes view_copy, so the bmm joins its neighbours' delegate.
         with graph.inserting_before(node):
-            a3 = graph.call_function(torch.ops.aten.unsqueeze.default, (a, 0))
-            b3 = graph.call_function(torch.ops.aten.unsqueeze.default, (b, 0))
+            a3 = graph.call_function(torch.ops.aten.view.default, (a, [1, *a.meta["val"].shape]))
+            b3 = graph.call_function(torch.ops.aten.view.default, (b, [1, *b.meta["val"].shape]))
             product = graph.call_function(torch.ops.aten.bmm.default, (a3, b3))
-            result = graph.call_function(torch.ops.aten.squeeze.dims, (product, [0]))
+            result = graph.call_function(torch.ops.aten.view.default, (product, list(node.meta["val"].shape)))
         for new, value in ((a3, a.meta["val"].unsqueeze(0)), (b3, b.meta["val"].unsqueeze(0)),
                            (product, node.meta["val"].unsqueeze(0)), (result, node.meta["val"])):
             new.meta = {"val": value}  # no source_fn: XNNPACK would re-fuse it as a linear
