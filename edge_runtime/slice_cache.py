@@ -34,7 +34,7 @@ class SliceCache:
 
     def append(self, digest: str, offset: int, total: int, chunk: bytes) -> bool:
         """Add a chunk; True once the blob is complete and verified."""
-        part = self.root / "parts" / digest
+        part = self.root / "parts" / self._path(digest).name  # _path validates the name
         if not 0 < total <= self.max_blob_bytes:
             raise UploadError(f"blob of {total} bytes is over the limit of {self.max_blob_bytes}")
         size = part.stat().st_size if part.exists() else 0
