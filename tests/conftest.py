@@ -3,6 +3,8 @@ import torch
 
 from helpers import write_text_data
 
+pytest_plugins = ["netns"]  # the bridged_namespaces fixture
+
 torch.set_num_threads(1)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ import pytest
 from coordinator.commands import devices
 from coordinator.discovery import (AgentTable, AmbiguousAgent, DiscoveryTimeout, MdnsDiscovery,
                                    MemoryAdvertiser, MemoryDiscovery, MemoryRegistry)
-from netns import bridged_namespaces  # noqa: F401  (fixture)
 from tests.discovery_helper import REPO, make_advert, start_advertiser, stop
 
 LOOPBACK = ["127.0.0.1"]

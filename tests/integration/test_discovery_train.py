@@ -7,7 +7,6 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
-from netns import bridged_namespaces  # noqa: F401  (fixture)
 from reference import max_difference
 
 pytestmark = pytest.mark.slow
