@@ -262,7 +262,7 @@ class Agent:
     def _load(self, run: ActiveRun, indices: list[int]) -> None:
         try:
             s = run.settings
-            built = materialize(self.cache.read(s.slice), s.config, s.lora, s.plan, indices)
+            built = materialize(self.cache.read(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
             run.runners = {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))

@@ -23,7 +23,14 @@ from torch import nn
 from torch.func import functional_call
 
 from edge_runtime.models.stage import StageModule, build_stage, token_loss_sum
-from exporters.manifest import RunShape, StageManifest, TensorSpec, dtype_name, sha256_file, stage_io
+from exporters.manifest import (
+    RunShape,
+    StageManifest,
+    TensorSpec,
+    dtype_name,
+    sha256_file,
+    stage_io,
+)
 from ringtune.plan import StageSpec
 
 LOSS_ROLES = ("tail", "full")
@@ -124,7 +131,9 @@ def _frozen(stage: StageModule):
 
 
 def _lower_forward(stage, names, examples, lora_values) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.exir import to_edge_transform_and_lower
 
     with torch.no_grad():
@@ -135,7 +144,9 @@ def _lower_forward(stage, names, examples, lora_values) -> bytes:
 
 
 def _lower_vjp(stage, names, examples, dy, lora_values) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.exir import to_edge_transform_and_lower
     from torch.export.experimental import _export_forward_backward
 

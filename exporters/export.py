@@ -9,10 +9,12 @@ from exporters.manifest import ExportManifest, RunShape, toolchain_versions
 from ringtune.plan import Plan, validate_plan
 
 RUNTIMES = ("executorch", "torch")
+DEFAULT_SHAPE = RunShape(micro_batch_size=1, seq_len=128)
+DEFAULT_LORA = LoraSpec()
 
 
 def export_plan(model_name: str, plan: Plan, out_dir: Path, runtime: str = "executorch",
-                shape: RunShape = RunShape(1, 128), lora_spec: LoraSpec = LoraSpec()) -> ExportManifest:
+                shape: RunShape = DEFAULT_SHAPE, lora_spec: LoraSpec = DEFAULT_LORA) -> ExportManifest:
     """Write each stage's artifacts under out_dir/stage{i}/ and out_dir/manifest.json."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")

@@ -40,7 +40,7 @@ class TensorSpec:
     """torch dtype name without the ``torch.`` prefix, e.g. ``float32``."""
 
     @staticmethod
-    def from_dict(data: dict) -> "TensorSpec":
+    def from_dict(data: dict) -> TensorSpec:
         return TensorSpec(data["name"], tuple(int(n) for n in data["shape"]), data["dtype"])
 
 
@@ -66,8 +66,8 @@ class StageManifest:
     """LoRA tensors, in the order the programs take them after the stage inputs."""
 
     @staticmethod
-    def from_dict(data: dict) -> "StageManifest":
-        specs = lambda key: tuple(TensorSpec.from_dict(t) for t in data[key])  # noqa: E731
+    def from_dict(data: dict) -> StageManifest:
+        specs = lambda key: tuple(TensorSpec.from_dict(t) for t in data[key])
         return StageManifest(index=int(data["index"]), device=data["device"], role=data["role"],
                              layers=(int(data["layers"][0]), int(data["layers"][1])),
                              files=dict(data["files"]), sha256=dict(data["sha256"]),
@@ -105,7 +105,7 @@ class ExportManifest:
         return path
 
     @staticmethod
-    def read(directory: Path) -> "ExportManifest":
+    def read(directory: Path) -> ExportManifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_NAME} in {directory}: run `ringtune export` into it first")

@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# The ExecuTorch runtime is optional for users; the tests exercise it.
+pip install -q --disable-pip-version-check -e ".[executorch]"
 python -m pytest -v -p no:cacheprovider --durations=15 "$@"

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.stage import StageModule, stage_lora
 from edge_runtime.models.structure import find_parts
-from ringtune.plan import Plan
+from ringtune.plan import StageSpec
 
 
 class SliceError(ValueError):
@@ -62,16 +62,15 @@ def skeleton(config_dict: dict, lora: LoraSpec) -> nn.Module:
     return peft_model.eval()
 
 
-def materialize(blob: bytes, config_dict: dict, lora: LoraSpec, plan: Plan,
-                indices: list[int]) -> dict[int, tuple[StageModule, dict[str, nn.Parameter]]]:
-    """Build the given stages from a slice blob: (module, LoRA tensors by full peft name)."""
+def materialize(blob: bytes, config_dict: dict, lora: LoraSpec,
+                specs: dict[int, StageSpec]) -> dict[int, tuple[StageModule, dict[str, nn.Parameter]]]:
+    """Build the stages {ring index: spec} from a slice blob: (module, LoRA tensors by full peft name)."""
     tensors = load_tensors(blob)
     aliases = json.loads(_metadata(blob).get("aliases", "{}"))
     peft_model = skeleton(config_dict, lora)
     parts = find_parts(peft_model)
     built = {}
-    for index in indices:
-        spec = plan.stages[index]
+    for index, spec in specs.items():
         stage = StageModule(parts, peft_model.config, spec.layers, spec.role)
         _fill(stage, index, tensors, aliases)
         built[index] = (stage, stage_lora(peft_model, stage))

@@ -26,10 +26,19 @@ class StageRunner(ABC):
 
     head/full stages take token ids [B, T]; middle/tail take hidden [B, T, d]. Tail/full stages
     also take the labels [B, T] and the number of scored tokens in the whole optimizer step, so
-    the summed micro-batch losses equal the step's token-mean loss.
+    the summed micro-batch losses equal the step's token-mean loss. Subclasses compute; the LoRA
+    tensors and their AdamW live here, the same for every runtime.
     """
 
     role: Role
+
+    def __init__(self, lora: dict[str, torch.nn.Parameter], optimizer: OptimizerSpec) -> None:
+        self._lora = lora
+        # A head stage with no blocks has nothing to train.
+        self._optimizer = torch.optim.AdamW(list(lora.values()), lr=optimizer.lr, betas=optimizer.betas,
+                                            eps=optimizer.eps, weight_decay=optimizer.weight_decay) if lora else None
+        self._saved: dict[int, object] = {}
+        """What each forwarded micro-batch needs for its backward."""
 
     @abstractmethod
     def forward(self, microbatch: int, inputs: torch.Tensor, labels: torch.Tensor | None = None,
@@ -40,14 +49,19 @@ class StageRunner(ABC):
     def backward(self, microbatch: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
         """Accumulate LoRA grads; return the gradient w.r.t. the stage input (None on head/full)."""
 
-    @abstractmethod
     def step(self) -> None:
         """Apply the accumulated gradient with AdamW and clear it (the step boundary)."""
+        assert not self._saved, f"micro-batches {sorted(self._saved)} were never backpropagated"
+        if self._optimizer is not None:
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
 
-    @abstractmethod
     def lora_state(self) -> dict[str, torch.Tensor]:
         """Current LoRA tensors by full peft parameter name."""
+        return {name: p.detach().clone() for name, p in self._lora.items()}
 
-    @abstractmethod
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
         """Replace LoRA tensors (e.g. from a checkpoint)."""
+        with torch.no_grad():
+            for name, p in self._lora.items():
+                p.copy_(state[name])

@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from edge_runtime.runners.base import OptimizerSpec, StageRunner
-from exporters.manifest import ExportManifest, ManifestError, StageManifest, TensorSpec, verified_path
+from exporters.manifest import (
+    ExportManifest,
+    ManifestError,
+    StageManifest,
+    TensorSpec,
+    verified_path,
+)
 
 INSTALL_HINT = "pip install 'ringtune[executorch]'"
 
@@ -36,11 +42,8 @@ class ExecuTorchStageRunner(StageRunner):
         self._forward = _load_method(export_dir, self.stage, "forward")
         self._vjp = _load_method(export_dir, self.stage, "vjp") if "vjp" in self.stage.files else None
         initial = load_file(str(verified_path(export_dir, self.stage, "lora")))
-        self._lora = {spec.name: torch.nn.Parameter(initial[spec.name]) for spec in self.stage.lora}
-        self._optimizer = torch.optim.AdamW(list(self._lora.values()), lr=optimizer.lr, betas=optimizer.betas,
-                                            eps=optimizer.eps, weight_decay=optimizer.weight_decay)
-        # microbatch -> stage input (head/middle) or dx, None on full (tail/full)
-        self._saved: dict[int, torch.Tensor | None] = {}
+        super().__init__({spec.name: torch.nn.Parameter(initial[spec.name]) for spec in self.stage.lora}, optimizer)
+        # _saved: microbatch -> stage input (head/middle) or dx, None on full (tail/full)
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
         assert microbatch not in self._saved, f"micro-batch {microbatch} forwarded twice"
@@ -67,19 +70,6 @@ class ExecuTorchStageRunner(StageRunner):
         dx = grads.pop(0) if self.role == "middle" else None
         self._accumulate(grads)
         return dx
-
-    def step(self):
-        assert not self._saved, f"micro-batches {sorted(self._saved)} were never backpropagated"
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def lora_state(self):
-        return {name: p.detach().clone() for name, p in self._lora.items()}
-
-    def load_lora_state(self, state):
-        with torch.no_grad():
-            for name, p in self._lora.items():
-                p.copy_(state[name])
 
     def _run(self, method, args: list[torch.Tensor]) -> list[torch.Tensor]:
         lora = [p.detach() for p in self._lora.values()]

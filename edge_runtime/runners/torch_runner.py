@@ -9,14 +9,10 @@ from edge_runtime.runners.base import OptimizerSpec, StageRunner
 
 class TorchStageRunner(StageRunner):
     def __init__(self, module: StageModule, lora: dict[str, torch.nn.Parameter], optimizer: OptimizerSpec) -> None:
+        super().__init__(lora, optimizer)
         self.module = module
         self.role = module.role
-        self._lora = lora
-        # A head stage with no blocks has nothing to train.
-        self._optimizer = torch.optim.AdamW(list(lora.values()), lr=optimizer.lr, betas=optimizer.betas,
-                                            eps=optimizer.eps, weight_decay=optimizer.weight_decay) if lora else None
-        # microbatch -> (stage input that needs a grad or None, output to backpropagate from)
-        self._saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # _saved: microbatch -> (stage input that needs a grad or None, output to backpropagate from)
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
         assert microbatch not in self._saved, f"micro-batch {microbatch} forwarded twice"
@@ -42,17 +38,3 @@ class TorchStageRunner(StageRunner):
         else:
             output.backward(grad_output)
         return None if stage_input is None else stage_input.grad
-
-    def step(self):
-        assert not self._saved, f"micro-batches {sorted(self._saved)} were never backpropagated"
-        if self._optimizer is not None:
-            self._optimizer.step()
-            self._optimizer.zero_grad(set_to_none=True)
-
-    def lora_state(self):
-        return {name: p.detach().clone() for name, p in self._lora.items()}
-
-    def load_lora_state(self, state):
-        with torch.no_grad():
-            for name, p in self._lora.items():
-                p.copy_(state[name])

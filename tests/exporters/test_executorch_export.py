@@ -10,15 +10,18 @@ import torch
 
 pytest.importorskip("executorch")
 
-from edge_runtime.models.lora import LoraSpec, apply_lora  # noqa: E402
-from edge_runtime.models.registry import load_model  # noqa: E402
-from edge_runtime.models.stage import build_stage  # noqa: E402
-from edge_runtime.runners.base import OptimizerSpec  # noqa: E402
-from edge_runtime.runners.executorch_runner import ExecuTorchNotInstalledError, ExecuTorchStageRunner  # noqa: E402
-from edge_runtime.runners.torch_runner import TorchStageRunner  # noqa: E402
-from exporters.executorch_export import export_executorch_stage  # noqa: E402
-from exporters.manifest import ExportManifest, ManifestError, RunShape  # noqa: E402
-from ringtune.plan import StageSpec  # noqa: E402
+from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.registry import load_model
+from edge_runtime.models.stage import build_stage
+from edge_runtime.runners.base import OptimizerSpec
+from edge_runtime.runners.executorch_runner import (
+    ExecuTorchNotInstalledError,
+    ExecuTorchStageRunner,
+)
+from edge_runtime.runners.torch_runner import TorchStageRunner
+from exporters.executorch_export import export_executorch_stage
+from exporters.manifest import ExportManifest, ManifestError, RunShape
+from ringtune.plan import StageSpec
 
 SHAPE = RunShape(micro_batch_size=2, seq_len=16)
 LORA = LoraSpec(r=4, alpha=8, seed=3)

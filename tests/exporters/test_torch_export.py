@@ -32,8 +32,9 @@ def test_rebuilt_stages_match_the_model(arch, tmp_path):
         expected_module, expected_lora = build_stage(reference, spec.layers, spec.role)
         assert list(lora) == list(expected_lora) == [t.name for t in manifest.stages[index].lora]
         with safe_open(str(tmp_path / f"stage{index}" / "weights.safetensors"), "pt") as f:
-            blocks = {int(m.group(1)) for k in f.keys() if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", k))}
-        assert blocks == set(range(*spec.layers))  # only the slice's blocks travel
+            names = list(f.keys())
+        blocks = {int(m.group(1)) for k in names if (m := re.search(r"^\d+/blocks\.(\d+)\.", k))}
+        assert blocks == set(range(spec.num_layers))  # only the slice's blocks travel
         output = module(hidden)
         torch.testing.assert_close(output, expected_module(hidden), atol=0, rtol=0)
         hidden = output
@@ -51,8 +52,8 @@ def test_cli_writes_manifest_and_refuses_wrong_runtime(tmp_path):
     assert (manifest.model, manifest.runtime, manifest.lora["r"]) == ("tiny-gpt2", "torch", 4)
     assert [s.role for s in manifest.stages] == ["head", "middle", "tail"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["torch"].startswith("2.")
-    from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner
     from edge_runtime.runners.base import OptimizerSpec
+    from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner
     with pytest.raises(ManifestError, match="--runtime executorch"):
         ExecuTorchStageRunner(tmp_path / "out", 0, OptimizerSpec())
 

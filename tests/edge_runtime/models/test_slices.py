@@ -22,7 +22,8 @@ def test_stages_rebuilt_from_slices_equal_the_whole_model(name):
     for device in plan.devices():
         indices = plan.stage_indices(device)
         blob = pack_slice({i: build_stage(model, plan.stages[i].layers, plan.stages[i].role)[0] for i in indices})
-        rebuilt.update(materialize(blob, model.get_base_model().config.to_dict(), lora, plan, indices))
+        rebuilt.update(materialize(blob, model.get_base_model().config.to_dict(), lora,
+                                   {i: plan.stages[i] for i in indices}))
     ids = torch.randint(0, 256, (2, 12))
     hidden = ids
     with torch.no_grad():
@@ -41,4 +42,4 @@ def test_a_slice_for_another_plan_is_refused():
     plan = even_plan("tiny-llama", 4, ["a", "b"], "a")
     blob = pack_slice({1: build_stage(model, (1, 2), "middle")[0]})
     with pytest.raises(SliceError, match="different plan"):
-        materialize(blob, model.get_base_model().config.to_dict(), lora, plan, [1])
+        materialize(blob, model.get_base_model().config.to_dict(), lora, {1: plan.stages[1]})
