@@ -19,7 +19,13 @@ def register(subparsers) -> None:
     parser.add_argument("--device-file", action="append", default=[], type=Path, metavar="FILE",
                         help="TOML/JSON device profiles (e.g. from 'ringtune profile --json'); without "
                              "--device, every device in the files is used")
-    parser.add_argument("--owner", help="the device that holds the data (default: the first device)")
+    parser.add_argument("--discover", metavar="N|NAME,NAME",
+                        help="plan over agents found over mDNS (their advertised profiles) instead of --device")
+    parser.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --discover")
+    parser.add_argument("--interface", action="append", metavar="IP|IFACE", help="mDNS interfaces for --discover")
+    parser.add_argument("--link-mbit", type=float, default=1000.0, help="link bandwidth of discovered agents")
+    parser.add_argument("--owner", help="the device that holds the data (default: the first device, or the "
+                                        "discovered agent advertising data)")
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
@@ -34,9 +40,17 @@ def register(subparsers) -> None:
 
 
 def devices_from_args(args) -> list:
-    """The devices named on the command line, in order."""
-    from device_profiles import ProfileError, load_profiles, resolve_device
+    """The devices named on the command line (or discovered), in order."""
+    from device_profiles import DeviceProfile, ProfileError, load_profiles, resolve_device
 
+    if args.discover:
+        from coordinator.commands.train import discover_agents
+
+        owner, found = discover_agents(args)
+        args.owner = owner
+        return [DeviceProfile(a.name, a.ram_bytes, a.cores, a.gflops, args.link_mbit * 1e6 / 8,
+                              sources={"gflops": "advertised by the agent", "ram_bytes": "advertised (total)",
+                                       "link_bytes_per_s": "--link-mbit"}) for a in found]
     from_files = [p for path in args.device_file for p in load_profiles(path)]
     known = {p.name: p for p in from_files}
     devices = [resolve_device(spec, known) for spec in args.device] if args.device else from_files

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from edge_runtime.schedules import SCHEDULES
@@ -95,7 +96,8 @@ def run(args) -> int:
         local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads)
         urls = [agent.url for agent in local]
     elif args.discover:
-        owner, urls = _discover(args)
+        owner, found = discover_agents(args)
+        urls = [advert.control_url for advert in found]
     else:
         if not args.owner:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
@@ -126,23 +128,23 @@ def run(args) -> int:
     return 0
 
 
-def _discover(args) -> tuple[str, list[str]]:
-    """Owner name and control URLs of the agents found over mDNS."""
+def discover_agents(args) -> tuple[str, list]:
+    """The owner's name and the adverts of the agents found over mDNS (--discover, --interface)."""
     from coordinator.discovery.mdns import MdnsDiscovery
     from edge_runtime.discovery.interfaces import parse_interfaces
 
     wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
     discovery = MdnsDiscovery(interfaces=parse_interfaces(args.interface))
     try:
-        print(f"looking for {wanted} agent(s) over mDNS ...", flush=True)
+        print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
         found = discovery.wait_for(wanted, args.discover_timeout)
     finally:
         discovery.close()
     if isinstance(wanted, int):
         found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
     owner = args.owner or _the_owner(found)
-    print("found " + ", ".join(f"{a.name} ({a.control_url})" for a in found), flush=True)
-    return owner, [a.control_url for a in found]
+    print("found " + ", ".join(f"{a.name} ({a.control_url})" for a in found), flush=True, file=sys.stderr)
+    return owner, found
 
 
 def _the_owner(found) -> str:

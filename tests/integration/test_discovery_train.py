@@ -55,6 +55,16 @@ def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
     assert owner.alive() and helper.alive()
 
 
+def test_plan_over_discovered_agents(loopback_agents):
+    owner, helper = loopback_agents
+    result = run("plan", "--model", "smollm2-135m", "--discover", f"{owner.name},{helper.name}",
+                 "--interface", "127.0.0.1", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["owner"] == owner.name and plan["stages"][0]["device"] == owner.name
+    assert plan["predicted"]["step_seconds"] > 0
+
+
 def test_wrong_token_is_refused_with_advice(loopback_agents, tmp_path):
     owner, helper = loopback_agents
     result = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
@@ -83,7 +93,7 @@ def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
         result = run("train", "--discover", "2", "--interface", ip_c, "--out", str(tmp_path / "ns"), *TRAIN,
                      prefix=("ip", "netns", "exec", ns_c))
         assert result.returncode == 0, result.stderr
-        assert "found ns-owner" in result.stdout or "found ns-pi" in result.stdout
+        assert "found ns-owner" in result.stderr or "found ns-pi" in result.stderr
     finally:
         for agent in agents:
             agent.stop()
