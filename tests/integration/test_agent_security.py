@@ -83,7 +83,7 @@ def test_fuzzed_control_messages_never_crash_or_hang_the_agent(agent):
     assert psutil.Process(agent.process.pid).memory_info().rss - rss_before < 100e6
 
 
-def test_bad_data_plane_frames_are_dropped_and_counted(agent):
+def test_bad_and_fuzzed_data_plane_frames_are_dropped_and_counted(agent):
     """The test plays the coordinator and the agent's ring neighbour, so it knows the run key."""
     run, run_key = "run-frames", new_key()
     client = paired(agent.url, run=run)
@@ -114,11 +114,22 @@ def test_bad_data_plane_frames_are_dropped_and_counted(agent):
         neighbour.send(frame(shape=(1, 9, 64)))  # wrong shape
         neighbour.send(frame(run="other-run"))  # wrong run
         neighbour.send(b"\0" * (1 * 8 * 64 * 4 + 5000))  # oversized for this edge
-        deadline = time.monotonic() + 10
-        expected = {"authentication": 2, "replay": 1, "malformed": 1, "unexpected": 2, "oversized": 1}
+        rng = random.Random(1)
+        for i in range(2000):  # fuzz: random bytes, and good frames with bytes flipped
+            if i % 2:
+                junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+            else:
+                junk = bytearray(good)
+                for _ in range(rng.randint(1, 4)):
+                    junk[rng.randrange(len(junk))] ^= 1 << rng.randrange(8)
+                junk = bytes(junk)
+            neighbour.send(junk)
+        deadline = time.monotonic() + 30
+        expected = {"authentication": 2002, "replay": 1, "malformed": 1, "unexpected": 2, "oversized": 1}
         while client.call("status")["refused"] != expected and time.monotonic() < deadline:
             time.sleep(0.1)
     assert client.call("status")["refused"] == expected
     assert agent.alive()
+    assert psutil.Process(agent.process.pid).memory_info().rss < 1.5e9
     client.call("stop")
     assert client.call("status")["state"] == "free"

@@ -101,3 +101,36 @@ def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
     assert local.returncode == 0, local.stderr
     assert max_difference(load_file(tmp_path / "ns" / "adapter_model.safetensors"),
                           load_file(tmp_path / "local" / "adapter_model.safetensors")) == 0.0
+
+
+def test_ctrl_c_stops_the_run_and_leaves_agents_ready(loopback_agents, tmp_path):
+    import signal
+
+    from coordinator.client import AgentClient
+
+    owner, helper = loopback_agents
+    process = subprocess.Popen(ringtune_command("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
+                                                "--out", str(tmp_path / "stopped"), *TRAIN[:2], "--steps", "100000",
+                                                *TRAIN[4:]),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 2/"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    for agent in (owner, helper):
+        client = AgentClient(agent.url)
+        client.pair(TOKEN, "after-ctrl-c")
+        assert client.call("status")["state"] == "free"
+    again = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
+                "--out", str(tmp_path / "again"), *TRAIN)
+    assert again.returncode == 0, again.stderr
+
+
+def test_systemd_unit_runs_the_same_agent_command(tmp_path):
+    result = run("agent", "--name", "pi-kitchen", "--token", TOKEN, "--interface", "eth0", "--print-systemd-unit")
+    assert result.returncode == 0
+    exec_line = next(line for line in result.stdout.splitlines() if line.startswith("ExecStart="))
+    assert "agent --name pi-kitchen" in exec_line and "--interface eth0" in exec_line
+    assert "--print-systemd-unit" not in exec_line and "WantedBy=multi-user.target" in result.stdout
