@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from edge_runtime.models.lora import LoraSpec
+from ringtune.lora_spec import LoraSpec
 from exporters.manifest import RunShape
 from ringtune.plan import Plan
 

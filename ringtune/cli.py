@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    if not verbose:
+        _quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        _quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError, RuntimeError) as error:
@@ -58,6 +60,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torchao (pulled in by the executorch extra, imported by peft) warns about GPU kernels and
+    # deprecated torch APIs on every start; torch reads TORCH_LOGS when it is first imported.
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -2,41 +2,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 
+from ringtune.lora_spec import LoraSpec
+
 ADAPTER_NAME = "default"
-
-
-@dataclass(frozen=True, slots=True)
-class LoraSpec:
-    r: int = 8
-    """Rank of the low-rank update."""
-    alpha: int = 16
-    """Scaling numerator: the update is scaled by alpha / r."""
-    target_modules: tuple[str, ...] | str = "all-linear"
-    """Module names to adapt, or peft's 'all-linear' (every linear layer in the blocks)."""
-    seed: int = 0
-    """Seed of the LoRA A initialisation (B starts at zero)."""
-
-    def to_peft(self, base_model_name: str | None = None) -> LoraConfig:
-        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=targets, lora_dropout=0.0,
-                          bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict) -> "LoraSpec":
-        targets = data.get("target_modules", "all-linear")
-        return LoraSpec(r=int(data["r"]), alpha=int(data["alpha"]),
-                        target_modules=targets if isinstance(targets, str) else tuple(targets),
-                        seed=int(data.get("seed", 0)))
+__all__ = ["LoraSpec", "adapter_key", "apply_lora", "lora_parameters", "write_adapter"]
 
 
 def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> PeftModel:
