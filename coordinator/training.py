@@ -140,6 +140,10 @@ class Trainer:
         s = self.settings
         plan = plan or self.make_plan()
         validate_plan(plan, load_config(s.model).num_hidden_layers)
+        unknown = sorted(set(plan.devices()) - set(self.clients))
+        if unknown:
+            raise RunFailed(f"the plan names devices {unknown} but the agents are {sorted(self.clients)}: "
+                            f"start those agents or make a plan for these (ringtune plan --discover)")
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})" for st in plan.stages)
                     + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
         s.out.mkdir(parents=True, exist_ok=True)
