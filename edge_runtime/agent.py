@@ -171,14 +171,19 @@ class Agent:
                     else str(error)}
 
     # --- public commands ----------------------------------------------------------------
-    def _cmd_hello(self, _: dict, __: bytes) -> dict:
-        if self._gflops is None:  # measured once, for the planner
+    @property
+    def gflops(self) -> float:
+        """Sustained matmul GFLOP/s at this agent's thread count, measured once (for the planner)."""
+        if self._gflops is None:
             self._gflops = matmul_gflops(seconds=0.3)
+        return self._gflops
+
+    def _cmd_hello(self, _: dict, __: bytes) -> dict:
         memory = psutil.virtual_memory()
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": memory.total,
-                "ram_available": memory.available, "runtime": "torch", "gflops": self._gflops}
+                "ram_available": memory.available, "runtime": "torch", "gflops": self.gflops}
 
     def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
         return self.pairing.begin(str(msg["run"]))
