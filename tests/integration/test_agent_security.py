@@ -1,5 +1,4 @@
 """A real agent process under attack: wrong tokens, unpaired and replayed commands, bad frames, fuzz."""
-import json
 import random
 import secrets
 import time
@@ -92,7 +91,7 @@ def test_bad_and_fuzzed_data_plane_frames_are_dropped_and_counted(agent):
     shipment = cut_model("tiny-llama", lora, plan)
     client.upload(shipment.slices["guarded"].sha256, shipment.slices["guarded"].data)
     shape = (1, 8, 64)
-    reply = client.call("assign", run=run, plan=json.loads(plan.to_json()), config=shipment.config, hidden_size=shipment.hidden_size,
+    reply = client.call("assign", run=run, plan=plan.to_dict(), config=shipment.config, hidden_size=shipment.hidden_size,
                         slice=shipment.slices["guarded"].sha256, tokenizer=None, lora=lora.to_dict(),
                         optimizer={"lr": 1e-3}, micro_batch_size=1, seq_len=8, seed=0,
                         run_key=wrap_key(client.session_key, run_key), timeout=30)
