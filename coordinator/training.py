@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from safetensors.torch import load as load_tensors
 
@@ -30,6 +30,14 @@ POLL_SECONDS = 0.01
 
 class RunFailed(RuntimeError):
     """The run stopped; the message names the agent and what happened."""
+
+
+class AgentGone(RunFailed):
+    """An agent stopped answering or its process ended (the run can go on without it)."""
+
+    def __init__(self, agent: str, message: str) -> None:
+        super().__init__(message)
+        self.agent = agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +98,10 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, settings: TrainSettings, clients: list[AgentClient],
-                 progress: Progress | None = None, check_alive: Callable[[], None] = lambda: None) -> None:
-        """check_alive raises RunFailed when it knows an agent is gone (e.g. a local process exited)."""
+                 progress: Progress | None = None,
+                 check_alive: Callable[[Iterable[str]], None] = lambda names: None) -> None:
+        """check_alive(names) raises AgentGone when it knows one of these agents is gone (e.g. a local
+        process exited)."""
         self.settings = settings
         self.progress = progress or PlainProgress()
         self.check_alive = check_alive
@@ -137,8 +147,18 @@ class Trainer:
         return replace(plan, schedule=s.schedule)
 
     def run(self, plan: Plan | None = None) -> TrainResult:
+        plan = self._prepare(plan or self.make_plan())
+        try:
+            self._assign(plan)
+            losses, step_seconds, tokens = self._train(plan)
+            adapter = self._write_adapter(plan, losses)
+        finally:
+            self._stop_all()
+        return TrainResult(plan, losses, adapter, tokens / max(sum(step_seconds), 1e-9), step_seconds)
+
+    def _prepare(self, plan: Plan) -> Plan:
+        """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
-        plan = plan or self.make_plan()
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         unknown = sorted(set(plan.devices()) - set(self.clients))
         if unknown:
@@ -148,13 +168,7 @@ class Trainer:
                     + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
-        try:
-            self._assign(plan)
-            losses, step_seconds, tokens = self._train(plan)
-            adapter = self._write_adapter(plan, losses)
-        finally:
-            self._stop_all()
-        return TrainResult(plan, losses, adapter, tokens / max(sum(step_seconds), 1e-9), step_seconds)
+        return plan
 
     def _assign(self, plan: Plan) -> None:
         s = self.settings
@@ -190,28 +204,30 @@ class Trainer:
     def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:
         s = self.settings
         losses, step_seconds, total_tokens = [], [], 0
-        metrics = (s.out / "metrics.jsonl").open("w")
-        with metrics:
+        with (s.out / "metrics.jsonl").open("w") as metrics:
             for step in range(s.steps):
-                started = time.perf_counter()
-                for name in plan.devices():
-                    self._call(name, "step", step=step)
-                results = self._wait_all(plan, lambda st: st["state"] == "idle" and st["step"] == step,
-                                         None, f"finish step {step}")
-                elapsed = time.perf_counter() - started
-                owner = results[plan.owner]["result"]
-                losses.append(owner["loss"])
-                step_seconds.append(elapsed)
-                total_tokens += owner["tokens"]
-                record = {"step": step + 1, "loss": owner["loss"], "tokens": owner["tokens"],
-                          "tokens_per_s": owner["tokens"] / elapsed, "step_seconds": elapsed,
-                          "devices": {name: {"compute_seconds": st["result"]["compute_seconds"],
-                                             "bytes_sent": st["result"]["bytes_sent"], "rss": st["rss"]}
-                                      for name, st in results.items()}}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                record = self._run_step(plan, step)
+                losses.append(record["loss"])
+                step_seconds.append(record["step_seconds"])
+                total_tokens += record["tokens"]
+                log_metrics(metrics, record)
                 self.progress.step(plan, record, s.steps)
         return losses, step_seconds, total_tokens
+
+    def _run_step(self, plan: Plan, step: int) -> dict:
+        """Run one optimizer step on every stage; its metrics record."""
+        started = time.perf_counter()
+        for name in plan.devices():
+            self._call(name, "step", step=step)
+        results = self._wait_all(plan, lambda st: st["state"] == "idle" and st["step"] == step,
+                                 None, f"finish step {step}")
+        elapsed = time.perf_counter() - started
+        owner = results[plan.owner]["result"]
+        return {"step": step + 1, "loss": owner["loss"], "tokens": owner["tokens"],
+                "tokens_per_s": owner["tokens"] / elapsed, "step_seconds": elapsed,
+                "devices": {name: {"compute_seconds": st["result"]["compute_seconds"],
+                                   "bytes_sent": st["result"]["bytes_sent"], "rss": st["rss"]}
+                            for name, st in results.items()}}
 
     def _wait_all(self, plan: Plan, done: Callable[[dict], bool], timeout: float | None, what: str) -> dict[str, dict]:
         """Poll every agent (the heartbeat) until all are done; raise RunFailed naming the first failure."""
@@ -220,7 +236,7 @@ class Trainer:
         results: dict[str, dict] = {}
         while pending:
             for name in sorted(pending):
-                self.check_alive()
+                self.check_alive(self.clients)
                 status = self._status(name)
                 if status["state"] == "error":
                     raise RunFailed(f"agent {name} failed: {status['error']}")
@@ -245,8 +261,8 @@ class Trainer:
             return action()
         except AgentUnreachable as error:
             self._gone.add(name)
-            self.check_alive()  # a more precise reason when we know it (process exited)
-            raise RunFailed(f"agent {name} stopped answering: {error}") from None
+            self.check_alive([name])  # a more precise reason when we know it (process exited)
+            raise AgentGone(name, f"agent {name} stopped answering: {error}") from None
 
     def _write_adapter(self, plan: Plan, losses: list[float]) -> Path:
         s = self.settings
@@ -266,3 +282,9 @@ class Trainer:
                 client.call("stop", reply_timeout=1.0)
             except (AgentUnreachable, control.ControlError):
                 pass  # an agent that is gone has nothing left to stop
+
+
+def log_metrics(metrics, record: dict) -> None:
+    """One line of metrics.jsonl (a step, or an event such as a recovery), flushed at once."""
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()

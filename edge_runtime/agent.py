@@ -1,13 +1,15 @@
 """The agent: serves the control plane, stores shipped slices, runs its stages step by step.
 
 Public commands: hello, pair_begin, pair_finish. After pairing (sealed): have, upload, assign,
-connect, step, status, lora, stop, shutdown. Long work (building stages, running a step) happens
+connect, step, status, lora, checkpoint, restore, keep_checkpoint, fetch_checkpoint, stop,
+shutdown. Long work (building stages, running a step) happens
 on worker threads; the control loop keeps answering ``status``, the coordinator's heartbeat.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import traceback
@@ -21,6 +23,7 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from device_profiles.live import matmul_gflops
+from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
@@ -30,6 +33,7 @@ from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.schedules import schedule_for
 from edge_runtime.slice_cache import SliceCache
+from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stage_step
@@ -110,6 +114,7 @@ class Agent:
             torch.set_num_threads(threads)
         self.pairing = Pairing(token, f"{name}@{socket.gethostname()}")
         self.cache = SliceCache(state_dir / "cache")
+        self.state_dir = state_dir
         self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=control.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
@@ -255,6 +260,30 @@ class Agent:
         run = self._require_run(("idle", "ready"))
         return {"stages": {index: save_tensors(runner.lora_state()) for index, runner in run.runners.items()}}
 
+    def _cmd_checkpoint(self, _: dict, __: bytes) -> dict:
+        """Every local stage's training state (LoRA + AdamW), at a step boundary."""
+        run = self._require_run(("idle", "ready"))
+        return {"stages": {index: save_tensors(runner.training_state()) for index, runner in run.runners.items()}}
+
+    def _cmd_restore(self, msg: dict, _: bytes) -> dict:
+        """Load this agent's part of an uploaded training state (whatever split it was taken under)."""
+        run = self._require_run(("ready",))
+        tensors, _, _ = unpack_state(self.cache.read(msg["sha256"]))
+        for runner in run.runners.values():
+            runner.load_training_state(tensors)
+        self.cache.discard(msg["sha256"])
+        return {}
+
+    def _cmd_keep_checkpoint(self, msg: dict, _: bytes) -> dict:
+        """Store an uploaded training state durably (the owner's copy of every stage's state)."""
+        self._checkpoints(msg["lineage"]).save(int(msg["step"]), self.cache.read(msg["sha256"]))
+        self.cache.discard(msg["sha256"])
+        return {}
+
+    def _cmd_fetch_checkpoint(self, msg: dict, _: bytes) -> dict:
+        checkpoint = self._checkpoints(msg["lineage"]).latest()
+        return {"step": None} if checkpoint is None else {"step": checkpoint.step, "state": checkpoint.state}
+
     def _cmd_stop(self, _: dict, __: bytes) -> dict:
         self._stop_run()
         return {}
@@ -328,6 +357,11 @@ class Agent:
     def _edge_config(self, settings: RunSettings, stage: int, peer: int) -> EdgeConfig:
         return EdgeConfig.for_link(settings.run, settings.run_key, stage, peer, settings.edge_shape,
                                    settings.timeout, settings.encrypt)
+
+    def _checkpoints(self, lineage: str) -> CheckpointStore:
+        if not re.fullmatch(r"[0-9a-f]{16}", str(lineage)):
+            raise ValueError(f"{lineage!r} is not a run lineage id (16 hex digits)")
+        return CheckpointStore(self.state_dir / "checkpoints" / lineage)
 
     def _require_run(self, states: tuple[str, ...]) -> ActiveRun:
         run = self._run

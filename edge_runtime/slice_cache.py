@@ -32,6 +32,10 @@ class SliceCache:
             raise UploadError(f"blob {digest[:12]} is not in the cache at {self.root}: upload it first")
         return self._path(digest).read_bytes()
 
+    def discard(self, digest: str) -> None:
+        """Drop a blob that was only passing through (a checkpoint on its way to the store)."""
+        self._path(digest).unlink(missing_ok=True)
+
     def append(self, digest: str, offset: int, total: int, chunk: bytes) -> bool:
         """Add a chunk; True once the blob is complete and verified."""
         part = self.root / "parts" / self._path(digest).name  # _path validates the name

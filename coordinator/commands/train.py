@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                         help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
     parser.add_argument("--encrypt", action="store_true",
                         help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
-    parser.add_argument("--model", required=True, help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
     parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
                                         "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
@@ -52,7 +52,18 @@ def register(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="data-plane timeout in seconds")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without an answer before an agent is declared gone")
-    parser.add_argument("--out", type=Path, required=True, help="output directory (the adapter, plan, metrics)")
+    parser.add_argument("--out", type=Path, help="(required unless --resume) output directory (the adapter, plan, "
+                                                 "metrics, checkpoints)")
+    parser.add_argument("--checkpoint-every", type=int, default=10, metavar="K",
+                        help="checkpoint every K steps (a device leaving costs at most K steps of recomputation)")
+    parser.add_argument("--rebalance", action="store_true",
+                        help="at each checkpoint, take back devices that left and answer again")
+    parser.add_argument("--pause-timeout", type=float, default=3600.0,
+                        help="seconds a paused run waits for its owner, or for a device when the rest cannot hold "
+                             "the model")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue the run saved in DIR (its --out) after the coordinator stopped; the run's "
+                             "settings come from DIR, the agents from --agents/--local/--discover")
     parser.set_defaults(run=run)
 
 
@@ -78,12 +89,18 @@ def run(args) -> int:
     from coordinator.client import AgentClient
     from coordinator.local import local_names, start_local_agents, stop_local_agents
     from coordinator.progress import progress_for_terminal
-    from coordinator.training import RunFailed, Trainer
+    from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
+    from coordinator.training import AgentGone
     from edge_runtime.models.registry import load_config
     from ringtune.plan import Plan
     from ringtune.security import generate_token
 
-    load_config(args.model)  # an unknown model fails here, before any agent starts
+    if args.resume:
+        args.out = args.resume
+    elif not args.model or not args.out:
+        raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
+    else:
+        load_config(args.model)  # an unknown model fails here, before any agent starts
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []
     token = args.token
@@ -99,22 +116,24 @@ def run(args) -> int:
         owner, found = discover_agents(args)
         urls = [advert.control_url for advert in found]
     else:
-        if not args.owner:
+        if not args.owner and not args.resume:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
         owner, urls = args.owner, [u.strip() for u in args.agents.split(",") if u.strip()]
     if not token:
         raise ValueError("pass the agents' pairing token with --token TOKEN or RINGTUNE_TOKEN (each agent "
                          "prints it at its first start and keeps it in its state directory)")
-    def check_alive() -> None:
+    def check_alive(names) -> None:
         for agent in local:
             status = agent.exit_status()
-            if status:
-                raise RunFailed(f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
+            if status and agent.name in names:
+                raise AgentGone(agent.name, f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
 
     clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
     progress = progress_for_terminal()
     try:
-        trainer = Trainer(settings_from_args(args, owner, token), clients, progress=progress, check_alive=check_alive)
+        settings, lineage = load_run(args.resume, token) if args.resume else (settings_from_args(args, owner, token), None)
+        recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout, resume=bool(args.resume))
+        trainer = ResilientTrainer(settings, clients, recovery, lineage, progress=progress, check_alive=check_alive)
         result = trainer.run(plan)
     finally:
         progress.close()

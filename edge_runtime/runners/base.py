@@ -60,6 +60,36 @@ class StageRunner(ABC):
         """Current LoRA tensors by full peft parameter name."""
         return {name: p.detach().clone() for name, p in self._lora.items()}
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """LoRA tensors and their AdamW state as ``KIND/NAME`` (KIND: lora, exp_avg, exp_avg_sq, step).
+
+        AdamW's state is per tensor, so the states of any split can be merged and re-split exactly.
+        """
+        state = {f"lora/{name}": t for name, t in self.lora_state().items()}
+        if self._optimizer is not None:
+            for name, p in self._lora.items():
+                for kind, value in self._optimizer.state.get(p, {}).items():
+                    state[f"{kind}/{name}"] = value.detach().clone()
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore this stage's part of a (possibly larger) training state exactly."""
+        missing = [name for name in self._lora if f"lora/{name}" not in state]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} LoRA tensors of this stage (e.g. {missing[0]}): "
+                             f"it belongs to another model or LoRA shape")
+        self.load_lora_state({name: state[f"lora/{name}"] for name in self._lora})
+        if self._optimizer is None:
+            return
+        optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            kind, name = key.split("/", 1)
+            if kind != "lora" and name in self._lora:
+                optimizer_state.setdefault(name, {})[kind] = tensor.clone()
+        self._optimizer.state.clear()
+        for name, state_of_tensor in optimizer_state.items():  # empty before the first optimizer step
+            self._optimizer.state[self._lora[name]] = state_of_tensor
+
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
         """Replace LoRA tensors (e.g. from a checkpoint)."""
         with torch.no_grad():
