@@ -120,17 +120,18 @@ def test_more_devices_than_blocks(tmp_path, data):
                                "--out", str(tmp_path)), "5 devices but the model has only 4 blocks")
 
 
-def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
+def test_owner_killed_mid_run_pauses_the_run_then_stops_it_with_advice(tmp_path, data):
+    """Without the owner (and its data) nothing can run: the run waits --pause-timeout for it, then stops."""
     process = subprocess.Popen(ringtune_command("train", "--model", "tiny-llama", "--local", "3", "--data", str(data),
                                                 "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16",
-                                                "--split", "even"),
+                                                "--split", "even", "--pause-timeout", "3"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:
             if line.startswith("step 2/"):
                 break
         victim = next(p for p in psutil.Process(process.pid).children()
-                      if "node1" in p.cmdline())
+                      if "owner" in p.cmdline())
         victim.kill()
         killed_at = time.monotonic()
         _, stderr = process.communicate(timeout=60)
@@ -138,8 +139,8 @@ def test_agent_killed_mid_run_is_named_and_the_run_stops(tmp_path, data):
     finally:
         process.kill()
     assert process.returncode != 0
-    assert "node1" in stderr and "killed by signal 9" in stderr, stderr
+    assert "owner" in stderr and "killed by signal 9" in stderr and "--resume" in stderr, stderr
     assert "Traceback" not in stderr
-    assert detected_in < 30  # heartbeat timeout (5 s) + stopping the other agents, on a loaded machine
+    assert detected_in < 30  # heartbeat (5 s) + pause (3 s) + stopping the others, on a loaded machine
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "agent" in (p.info["cmdline"] or [])], "local agents were left running"

@@ -1,0 +1,140 @@
+"""Devices leaving a real run: agent and coordinator processes killed with SIGKILL, real sockets.
+
+The adapters of interrupted runs must equal the adapter of an uninterrupted run with the same seed.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
+from reference import max_difference
+
+pytestmark = pytest.mark.slow
+SHAPE = ["--model", "tiny-llama", "--steps", "12", "--checkpoint-every", "4", "--micro-batches", "4",
+         "--micro-batch-size", "2", "--seq-len", "32", "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8",
+         "--seed", "11", "--split", "even", "--heartbeat-timeout", "2", "--token", TOKEN]
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory):
+    """owner (with the data) and node2 stay up for every test of this module."""
+    root = tmp_path_factory.mktemp("agents")
+    data = write_text_data(root / "train.jsonl", records=40)
+    started = [AgentProcess("owner", root / "owner", data=data), AgentProcess("node2", root / "node2")]
+    yield {agent.name: agent for agent in started}
+    for agent in started:
+        agent.stop()
+
+
+def coordinator(urls, out, *extra):
+    return subprocess.Popen(ringtune_command("train", "--agents", ",".join(urls), "--owner", "owner", "--out", str(out),
+                                             *SHAPE, *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=240):
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr
+    return stdout
+
+
+def run_until_step(process, step):
+    """Read the coordinator's progress until the step is done, then freeze the coordinator (SIGSTOP) so the
+    test acts before the next checkpoint, whatever the machine's load."""
+    for line in process.stdout:
+        if line.startswith(f"step {step}/"):
+            os.kill(process.pid, signal.SIGSTOP)
+            return
+    raise AssertionError(f"the run ended before step {step}: {process.communicate()[1]}")
+
+
+def events(out, kind):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("event") == kind]
+
+
+@dataclass(frozen=True)
+class Uninterrupted:
+    adapter: dict
+    """The adapter of the run."""
+    out: Path
+    """Its output directory."""
+    owner_store: Path
+    """The owner's copy of its checkpoints."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(agents, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    middle = AgentProcess("node1", out / "node1")
+    try:
+        finish(coordinator([agents["owner"].url, middle.url, agents["node2"].url], out))
+    finally:
+        middle.stop()
+    lineage = json.loads((out / "run.json").read_text())["lineage"]
+    return Uninterrupted(load_file(out / "adapter_model.safetensors"), out,
+                         agents["owner"].log.parent / "checkpoints" / lineage)
+
+
+def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(agents, uninterrupted, tmp_path):
+    middle = AgentProcess("node1", tmp_path / "node1")
+    process = coordinator([agents["owner"].url, middle.url, agents["node2"].url], tmp_path)
+    try:
+        run_until_step(process, 6)
+        middle.process.kill()
+        middle.process.wait()
+        os.kill(process.pid, signal.SIGCONT)
+        stdout = finish(process)
+    finally:
+        process.kill()
+        middle.stop()
+    assert "node1 is gone" in stdout and "recovered in" in stdout, stdout
+    failed, = events(tmp_path, "failed")
+    recovered, = events(tmp_path, "recovered")
+    assert failed["agent"] == "node1" and failed["resume_at_step"] == 4 and failed["steps_replayed"] == 2
+    assert recovered["devices"] == ["owner", "node2"] and recovered["recover_seconds"] < 60
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {stage["device"] for stage in plan["stages"]} == {"owner", "node2"}
+    assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
+
+
+def test_the_coordinator_killed_at_step_6_resume_continues_exactly(agents, uninterrupted, tmp_path):
+    middle = AgentProcess("node1", tmp_path / "node1")
+    urls = [agents["owner"].url, middle.url, agents["node2"].url]
+    process = coordinator(urls, tmp_path)
+    try:
+        run_until_step(process, 6)
+        process.kill()
+        process.wait()
+        resumed = subprocess.run(ringtune_command("train", "--resume", str(tmp_path), "--agents", ",".join(urls),
+                                                  "--token", TOKEN, "--heartbeat-timeout", "2"),
+                                 capture_output=True, text=True, timeout=240)
+    finally:
+        process.kill()
+        middle.stop()
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint of step 4" in resumed.stdout and "step 12/12" in resumed.stdout
+    assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
+
+
+def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(agents, uninterrupted, tmp_path):
+    """The finished uninterrupted run's newest checkpoint (step 8) corrupted here and on the owner: resume
+    (over two agents) takes step 4's and ends with the same adapter."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out, out, ignore=shutil.ignore_patterns("node1"))
+    for store in (out / "checkpoints", uninterrupted.owner_store):
+        newest = store / "step-00000008.safetensors"
+        newest.write_bytes(newest.read_bytes()[:-100] + bytes(100))
+    resumed = subprocess.run(ringtune_command("train", "--resume", str(out), "--agents",
+                                              f"{agents['owner'].url},{agents['node2'].url}", "--token", TOKEN),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint of step 4" in resumed.stdout, resumed.stdout
+    assert max_difference(load_file(out / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
