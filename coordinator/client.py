@@ -32,6 +32,7 @@ class AgentClient:
         self._socket.dial(url, block=False)
 
     def pair(self, token: str, run: str) -> None:
+        self._channel = None  # pairing is in the clear, also when re-pairing an agent that restarted
         begin = self.call("pair_begin", run=run)
         handshake = CoordinatorHandshake(token, begin["agent_id"], run)
         nonce, proof = handshake.answer(begin["nonce"])
@@ -43,6 +44,10 @@ class AgentClient:
         self._session = finish["session"]
         self._channel = control.SecureChannel(self.session_key, "coordinator", "agent")
 
+    def hello(self, reply_timeout: float | None = None) -> dict:
+        """The agent's public profile, asked in the clear (the agent may have restarted since pairing)."""
+        return self._checked(self._exchange(control.pack({"cmd": "hello"}), "hello", reply_timeout))
+
     def call(self, cmd: str, reply_timeout: float | None = None, blob: bytes = b"", **payload) -> dict:
         """Send a command; return the reply, or raise AgentUnreachable / ControlError."""
         message = {"cmd": cmd, **payload}
@@ -53,6 +58,9 @@ class AgentClient:
         reply = self._exchange(control.pack(request), cmd, reply_timeout)
         if self._channel is not None and "sealed" in reply:
             reply, _ = self._channel.open(reply["sealed"])
+        return self._checked(reply)
+
+    def _checked(self, reply: dict) -> dict:
         if not reply.get("ok"):
             raise control.ControlError(f"agent {self.name}: {reply.get('error', 'unknown error')}")
         return reply

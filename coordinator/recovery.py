@@ -237,7 +237,7 @@ class ResilientTrainer(Trainer):
     def _rejoin(self, name: str) -> bool:
         client = self.departed[name]
         try:
-            hello = client.call("hello", reply_timeout=REJOIN_POLL_SECONDS)
+            hello = client.hello(reply_timeout=REJOIN_POLL_SECONDS)
             if hello["name"] != name:
                 return False
             client.pair(self.settings.token, self.run_id)

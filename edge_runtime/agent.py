@@ -379,7 +379,6 @@ class Agent:
             return
         for _, _, edge in run.edges:
             edge.abort()
+            edge.close()  # also ends a send blocked on a neighbour that is gone
         if run.worker is not None:
             run.worker.join(timeout=30)
-        for _, _, edge in run.edges:
-            edge.close()
