@@ -63,7 +63,8 @@ def in_run_recovery(args, data: Path, out: Path) -> dict:
     recovered = next(line for line in lines if line.get("event") == "recovered")
     steps = [line["step_seconds"] for line in lines if "step" in line and "event" not in line]
     return {"killed": agents[1].name, "detect_seconds": failed["time"] - killed_at,
-            "recover_seconds": recovered["recover_seconds"], "steps_replayed": failed["steps_replayed"],
+            "recover_seconds": recovered["recover_seconds"], "ship_seconds": recovered["ship_seconds"],
+            "steps_replayed": failed["steps_replayed"],
             "devices_after": recovered["devices"], "median_step_seconds": sorted(steps)[len(steps) // 2]}
 
 

@@ -62,7 +62,8 @@ class AgentClient:
 
     def _checked(self, reply: dict) -> dict:
         if not reply.get("ok"):
-            raise control.ControlError(f"agent {self.name}: {reply.get('error', 'unknown error')}")
+            failure = control.SessionLost if reply.get("session_lost") else control.ControlError
+            raise failure(f"agent {self.name}: {reply.get('error', 'unknown error')}")
         return reply
 
     def _exchange(self, data: bytes, cmd: str, reply_timeout: float | None) -> dict:

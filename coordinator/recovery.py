@@ -30,6 +30,8 @@ from ringtune.plan import Plan, PlanError
 
 RUN_FILE = "run.json"
 REJOIN_POLL_SECONDS = 1.0
+STOP_REPLY_SECONDS = 35.0
+"""An agent stopping a step waits up to 30 s for its current computation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,8 @@ class ResilientTrainer(Trainer):
         self._last_answer: dict[str, float] = {}
         self._metrics = None
         """metrics.jsonl while the run is on."""
+        self._ship_seconds = 0.0
+        """How long the last shipping of slices took (part of a recovery's time)."""
 
     def run(self, plan: Plan | None = None) -> TrainResult:
         s = self.settings
@@ -195,7 +199,7 @@ class ResilientTrainer(Trainer):
         if gone.agent in self.clients:
             self.departed[gone.agent] = self.clients.pop(gone.agent)
         self._why_gone[gone.agent] = str(gone)
-        self._stop_all()
+        self._stop_survivors()
         resume_at = checkpoint.step if checkpoint is not None else 0
         event = {"event": "failed", "agent": gone.agent, "reason": str(gone), "at_step": step + 1,
                  "time": time.time(), "silent_seconds": detected - self._last_answer.get(gone.agent, detected),
@@ -207,9 +211,18 @@ class ResilientTrainer(Trainer):
             return {**earlier, "agents": earlier["agents"] + [gone.agent]}
         return {"agents": [gone.agent], "detected": detected, "steps_replayed": step - resume_at}
 
+    def _stop_survivors(self) -> None:
+        """Let every remaining agent drop the broken ring (and finish its computation) before re-planning."""
+        for client in self.clients.values():
+            try:
+                client.call("stop", reply_timeout=STOP_REPLY_SECONDS)
+            except (AgentUnreachable, control.ControlError):
+                pass  # the next command finds out whether it is gone too
+
     def _recovered(self, plan: Plan, failure: dict) -> None:
         seconds = time.monotonic() - failure["detected"]
         log_metrics(self._metrics, {"event": "recovered", "failed": failure["agents"], "recover_seconds": seconds,
+                                    "ship_seconds": self._ship_seconds,
                                     "steps_replayed": failure["steps_replayed"], "devices": plan.devices(),
                                     "time": time.time()})
         self.progress.event(f"recovered in {seconds:.1f} s without {', '.join(failure['agents'])}: "
@@ -249,6 +262,11 @@ class ResilientTrainer(Trainer):
         log_metrics(self._metrics, {"event": "rejoined", "agent": name, "time": time.time()})
         self.progress.event(f"{name} is back")
         return True
+
+    def _ship(self, plan: Plan, shipment) -> None:
+        started = time.perf_counter()
+        super()._ship(plan, shipment)
+        self._ship_seconds = time.perf_counter() - started
 
     def _call(self, name: str, cmd: str, **payload) -> dict:
         reply = super()._call(name, cmd, **payload)

@@ -33,7 +33,8 @@ class RunFailed(RuntimeError):
 
 
 class AgentGone(RunFailed):
-    """An agent stopped answering or its process ended (the run can go on without it)."""
+    """An agent stopped answering, lost its session (restarted) or its process ended (the run can go on
+    without it)."""
 
     def __init__(self, agent: str, message: str) -> None:
         super().__init__(message)
@@ -259,10 +260,10 @@ class Trainer:
         """Run a control action; an agent that does not answer ends the run with its name."""
         try:
             return action()
-        except AgentUnreachable as error:
+        except (AgentUnreachable, control.SessionLost) as error:
             self._gone.add(name)
             self.check_alive([name])  # a more precise reason when we know it (process exited)
-            raise AgentGone(name, f"agent {name} stopped answering: {error}") from None
+            raise AgentGone(name, f"agent {name} left the run: {error}") from None
 
     def _write_adapter(self, plan: Plan, losses: list[float]) -> Path:
         s = self.settings

@@ -156,7 +156,7 @@ class Agent:
                 message, blob = self.pairing.open(str(request["session"]), bytes(request["sealed"]))
             except (AuthError, KeyError, TypeError, ValueError) as error:
                 log.warning("refused a control message: %s", error)
-                return control.pack({"ok": False, "error": f"refused: {error}"})
+                return control.pack({"ok": False, "error": f"refused: {error}", "session_lost": True})
             return control.pack({"sealed": self.pairing.channel.seal(self._dispatch(message, blob))})
         if request.get("cmd") not in control.PUBLIC_COMMANDS:
             self.pairing.refused += 1

@@ -26,6 +26,10 @@ class ControlError(RuntimeError):
     """An agent refused or failed a command; the message is the agent's."""
 
 
+class SessionLost(ControlError):
+    """The agent no longer knows the session (it restarted, or another coordinator paired since)."""
+
+
 def pack(message: dict) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 

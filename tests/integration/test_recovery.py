@@ -105,6 +105,30 @@ def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(
     assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
 
 
+def test_an_agent_restarted_at_step_6_leaves_and_is_taken_back_at_the_next_checkpoint(agents, uninterrupted, tmp_path):
+    """--rebalance: node1 restarts on its address between two heartbeats (its session is lost: it has left);
+    the run goes on without it from checkpoint 4 and takes it back at checkpoint 8."""
+    middle = AgentProcess("node1", tmp_path / "node1")
+    url = middle.url
+    process = coordinator([agents["owner"].url, url, agents["node2"].url], tmp_path, "--rebalance")
+    try:
+        run_until_step(process, 6)
+        middle.stop()
+        middle = AgentProcess("node1", tmp_path / "node1", listen=url)
+        os.kill(process.pid, signal.SIGCONT)
+        stdout = finish(process)
+    finally:
+        process.kill()
+        middle.stop()
+    failed, = events(tmp_path, "failed")
+    assert failed["agent"] == "node1" and failed["resume_at_step"] == 4
+    rejoined, = events(tmp_path, "rejoined")
+    assert rejoined["agent"] == "node1" and "node1 is back" in stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [stage["device"] for stage in plan["stages"]] == ["owner", "node2", "node1", "owner"]
+    assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
+
+
 def test_the_coordinator_killed_at_step_6_resume_continues_exactly(agents, uninterrupted, tmp_path):
     middle = AgentProcess("node1", tmp_path / "node1")
     urls = [agents["owner"].url, middle.url, agents["node2"].url]
