@@ -71,7 +71,8 @@ def in_run_recovery(args, data: Path, out: Path) -> dict:
     return {"killed": agents[1].name, "detect_seconds": failed["time"] - killed_at,
             "recover_seconds": recovered["recover_seconds"], "ship_seconds": recovered["ship_seconds"],
             "steps_replayed": failed["steps_replayed"],
-            "devices_after": recovered["devices"], "median_step_seconds": sorted(steps)[len(steps) // 2]}
+            "devices_after": recovered["devices"],
+            "events": [line for line in lines if line.get("event") not in (None, "checkpoint")], "median_step_seconds": sorted(steps)[len(steps) // 2]}
 
 
 def restart_by_hand(args, data: Path, finished_run: Path, out: Path) -> dict:

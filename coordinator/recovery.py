@@ -195,15 +195,16 @@ class ResilientTrainer(Trainer):
     # --- devices leaving and coming back ------------------------------------------------
     def _lose(self, gone: AgentGone, step: int, checkpoint: Checkpoint | None, earlier: dict | None) -> dict:
         """Drop the agent and stop the broken ring; what to report once training runs again."""
-        detected = time.monotonic()
+        detected, detected_at = time.monotonic(), time.time()
         if gone.agent in self.clients:
             self.departed[gone.agent] = self.clients.pop(gone.agent)
         self._why_gone[gone.agent] = str(gone)
         self._stop_survivors()
+        stop_seconds = time.monotonic() - detected
         resume_at = checkpoint.step if checkpoint is not None else 0
         event = {"event": "failed", "agent": gone.agent, "reason": str(gone), "at_step": step + 1,
-                 "time": time.time(), "silent_seconds": detected - self._last_answer.get(gone.agent, detected),
-                 "steps_replayed": step - resume_at, "resume_at_step": resume_at}
+                 "time": detected_at, "silent_seconds": detected - self._last_answer.get(gone.agent, detected),
+                 "stop_seconds": stop_seconds, "steps_replayed": step - resume_at, "resume_at_step": resume_at}
         log_metrics(self._metrics, event)
         self.progress.event(f"{gone.agent} is gone ({gone}); re-planning over {', '.join(sorted(self.clients))} "
                             f"and replaying from step {resume_at}")
