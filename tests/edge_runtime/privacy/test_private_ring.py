@@ -1,0 +1,60 @@
+"""With privacy on, the ring trains exactly like one process that privatizes at the same cuts with the
+same noise; with privacy off nothing changes."""
+import pytest
+import torch
+
+from helpers import ARCHITECTURES, write_text_data
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.local_ring import train_ring_in_process
+from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.registry import load_config, load_model, load_tokenizer
+from edge_runtime.runners.base import OptimizerSpec
+from reference import max_difference, reference_adapter
+from ringtune.plan import even_plan
+from ringtune.privacy_spec import PrivacySpec
+
+LORA = LoraSpec(r=4, alpha=8, seed=3)
+OPTIMIZER = OptimizerSpec(lr=1e-2)
+B, T, M, STEPS = 2, 24, 2, 2
+PRIVACY = [PrivacySpec("dchi", epsilon=40.0, clip=4.0, gradient="maxnorm", seed=11),
+           PrivacySpec("gaussian", sigma=0.05, clip=4.0, seed=12)]
+
+
+@pytest.fixture(scope="module")
+def data_for(tmp_path_factory):
+    path = write_text_data(tmp_path_factory.mktemp("d") / "data.jsonl", records=16)
+    return lambda model: OwnerData(read_records(path), load_tokenizer(model), B, T, M, seed=5)
+
+
+def ring(model_name, devices, schedule, data, privacy):
+    plan = even_plan(model_name, load_config(model_name).num_hidden_layers, devices, devices[0], schedule, M)
+    return plan, train_ring_in_process(apply_lora(load_model(model_name), LORA), plan, data, OPTIMIZER, STEPS,
+                                       privacy, timeout=60)
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+@pytest.mark.parametrize("privacy", PRIVACY, ids=["dchi+maxnorm", "gaussian"])
+def test_private_ring_equals_single_process_with_the_same_cuts_and_noise(model_name, privacy, data_for):
+    data = data_for(model_name)
+    plan, (adapter, _) = ring(model_name, ["a", "b"], "1f1b", data, privacy)
+    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
+    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, cuts)
+    assert max_difference(adapter, reference) < 1e-5
+    plain = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)
+    assert max_difference(adapter, plain) > 1e-4, "the noise changed nothing"
+
+
+def test_private_runs_repeat_under_a_seed_and_schedule_does_not_matter(data_for):
+    data = data_for("tiny-llama")
+    first = ring("tiny-llama", ["a", "b", "c"], "1f1b", data, PRIVACY[0])[1][0]
+    again = ring("tiny-llama", ["a", "b", "c"], "gpipe", data, PRIVACY[0])[1][0]
+    assert max_difference(first, again) < 1e-6
+
+
+def test_privacy_off_is_bit_identical(data_for):
+    data = data_for("tiny-llama")
+    off = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec())[1]
+    default = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec(gradient="off"))[1]
+    before = reference_adapter("tiny-llama", LORA, OPTIMIZER, data, STEPS)
+    assert all(torch.equal(off[0][k], default[0][k]) for k in off[0]) and off[1] == default[1]
+    assert max_difference(off[0], before) < 1e-5
