@@ -19,7 +19,7 @@ from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.models.stage import IGNORE_INDEX, token_loss_sum
+from edge_runtime.models.stage import IGNORE_INDEX, StageModule
 from edge_runtime.models.structure import find_parts
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
@@ -183,28 +183,40 @@ def _labelled(settings: AuditSettings) -> tuple[list[Record], torch.Tensor] | No
     return (records, positive) if 0 < int(positive.sum()) < len(records) - 1 else None
 
 
-@torch.no_grad()
-def _hidden_at(model, ids: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
-    out = model(input_ids=ids, output_hidden_states=True)
-    return {k: out.hidden_states[k] for k in ks}  # hidden_states[k]: after k blocks, [B, T, d]
-
-
 def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: int) -> dict[int, CutViews]:
     ks = list(settings.owner_blocks)
     public_ids = public_token_batches(tokenizer, settings.public_sequences, settings.seq_len)
     public = {k: [] for k in ks}
     for batch in public_ids.split(8):
-        for k, h in _hidden_at(model, batch, ks).items():
+        for k, h in _head_states(model, batch, ks).items():
             public[k].append(h.flatten(0, 1))
     private_ids, real = _encoded(settings.train[:settings.attack_records], tokenizer, settings.seq_len)
     private = {k: [] for k in ks}
     for batch, mask in zip(private_ids.split(8), real.split(8)):
-        for k, h in _hidden_at(model, batch, ks).items():
+        for k, h in _head_states(model, batch, ks).items():
             private[k].append(h[mask])
     gradients = _cut_gradients(model, tokenizer, labelled[0], settings.seq_len, [num_blocks - k for k in ks]) \
         if labelled else None
     return {k: CutViews(torch.cat(public[k]), public_ids.flatten(), torch.cat(private[k]), private_ids[real],
                         gradients[num_blocks - k] if gradients else None) for k in ks}
+
+
+@torch.no_grad()
+def _head_states(model, ids: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+    """Hidden states [B, T, d] after k blocks for each k, running only the first max(ks) blocks."""
+    parts = find_parts(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(k):
+        return lambda _, __, out: captured.__setitem__(k, out[0] if isinstance(out, tuple) else out)
+
+    handles = [parts.blocks[k - 1].register_forward_hook(capture(k)) for k in ks]
+    try:
+        StageModule(parts, model.config, (0, max(ks)), "head")(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 def _encoded(records: list[Record], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,22 +232,36 @@ def _encoded(records: list[Record], tokenizer, seq_len: int) -> tuple[torch.Tens
 
 def _cut_gradients(model, tokenizer, records: list[Record], seq_len: int, starts: list[int]) -> dict[int, torch.Tensor]:
     """d(completion loss)/d(input of block s) per record [n, T, d] for each s in starts (records are
-    independent, so one record's gradient in a batch is its own)."""
-    grads = {s: [] for s in starts}
-    embed = find_parts(model).embed
+    independent, so one record's gradient in a batch is its own). Backpropagates only the tail."""
+    parts = find_parts(model)
+    first = min(starts)
+    head = StageModule(parts, model.config, (0, first), "head")
+    tail = StageModule(parts, model.config, (first, len(parts.blocks)), "tail")
+    grads: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
     for chunk in [records[i:i + 8] for i in range(0, len(records), 8)]:
         ids, _ = _encoded(chunk, tokenizer, seq_len)
         labels = torch.full_like(ids, IGNORE_INDEX)
         for row, record in enumerate(chunk):
             _, token_labels = encode_record(record, tokenizer, seq_len)
             labels[row, :len(token_labels)] = torch.tensor(token_labels)
-        inputs = embed(ids).detach().requires_grad_(True)  # so hidden states carry grads with frozen weights
-        out = model(inputs_embeds=inputs, output_hidden_states=True)
+        with torch.no_grad():
+            hidden = head(ids)  # [B, T, d]
+        inputs: dict[int, torch.Tensor] = {}
+
+        def keep(s):
+            def hook(_, args, kwargs):
+                inputs[s] = args[0] if args else kwargs["hidden_states"]
+                inputs[s].retain_grad()
+            return hook
+
+        handles = [parts.blocks[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in starts]
+        try:
+            tail.loss_sum(hidden.requires_grad_(True), labels).backward()
+        finally:
+            for handle in handles:
+                handle.remove()
         for s in starts:
-            out.hidden_states[s].retain_grad()
-        token_loss_sum(out.logits, labels).backward()
-        for s in starts:
-            grads[s].append(out.hidden_states[s].grad.detach())
+            grads[s].append(inputs[s].grad.detach())
     return {s: torch.cat(g) for s, g in grads.items()}
 
 
