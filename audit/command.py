@@ -16,12 +16,14 @@ def register(subparsers) -> None:
     parser.add_argument("--test", help="held-out JSONL: fine-tune under each setting and report its utility")
     parser.add_argument("--owner-blocks", default="1,2,4", help="comma-separated K: blocks the owner keeps at each end")
     parser.add_argument("--privacy", action="append", default=[], help="a setting to audit (repeatable; no "
-                        "privatization is always included): " + PRIVACY_HELP)
+                        "privatization is included unless --no-baseline): " + PRIVACY_HELP)
     parser.add_argument("--dchi-ratios", default="",
                         help="comma-separated r: also audit d_chi calibrated per K with clip = median hidden-state "
                              "norm at the cut and mean noise norm = r * clip")
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="gradient mechanism of the --dchi-ratios settings")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the setting without privatization (e.g. when it was audited in another run)")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per setting (with --test)")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
@@ -47,7 +49,8 @@ def settings_from_args(args):
                          owner_blocks=_numbers("--owner-blocks", args.owner_blocks, int),
                          privacy=tuple(PrivacySpec.parse(p, args.grad_privacy) for p in args.privacy),
                          dchi_ratios=_numbers("--dchi-ratios", args.dchi_ratios, float),
-                         grad_privacy=args.grad_privacy, steps=args.steps, micro_batches=args.micro_batches,
+                         grad_privacy=args.grad_privacy, baseline=not args.no_baseline, steps=args.steps,
+                         micro_batches=args.micro_batches,
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
 
 
@@ -73,6 +76,8 @@ def run(args) -> int:
     settings = settings_from_args(args)
     if not settings.owner_blocks:
         raise ValueError("--owner-blocks needs at least one K")
+    if not (settings.baseline or settings.privacy or settings.dchi_ratios):
+        raise ValueError("nothing to audit: drop --no-baseline or add --privacy / --dchi-ratios")
     print(TABLE_HEADER, flush=True)
     rows = run_audit(settings, report=lambda line: print(line, flush=True))
     write_json(rows, args.out / "audit.json", {"model": args.model, "steps": args.steps, "seed": args.seed})

@@ -44,6 +44,8 @@ class AuditSettings:
     """Also d_chi settings calibrated per K: clip = median token norm at the cut, E r = ratio * clip."""
     grad_privacy: str = "off"
     """Gradient mechanism of the calibrated settings."""
+    baseline: bool = True
+    """Also audit no privatization (the reference the others are compared with)."""
     steps: int = 20
     """Fine-tuning steps per setting."""
     micro_batches: int = 2
@@ -140,7 +142,7 @@ def _specs_for(settings: AuditSettings, view: CutViews) -> list[PrivacySpec]:
     dim = view.public.shape[1]
     calibrated = [PrivacySpec("dchi", epsilon=dim / (ratio * clip), clip=clip, gradient=settings.grad_privacy)
                   for ratio in settings.dchi_ratios]
-    return [PrivacySpec(), *settings.privacy, *calibrated]
+    return [PrivacySpec()] * settings.baseline + [*settings.privacy, *calibrated]
 
 
 def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutViews, embeddings: torch.Tensor,
