@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "audit", help="simulate a curious middle device: token and label recovery vs. utility per privacy setting",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", required=True,
+                        help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
     parser.add_argument("--data", required=True, help="the owner's private training JSONL")
     parser.add_argument("--test", help="held-out JSONL: fine-tune under each setting and report its utility")
     parser.add_argument("--owner-blocks", default="1,2,4", help="comma-separated K: blocks the owner keeps at each end")

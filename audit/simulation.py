@@ -267,7 +267,8 @@ def _cut_gradients(model, tokenizer, records: list[Record], seq_len: int, starts
     return {s: torch.cat(g) for s, g in grads.items()}
 
 
-def _utility(settings: AuditSettings, spec: PrivacySpec, k: int, num_blocks: int) -> tuple[float, float | None, list[float]]:
+def _utility(settings: AuditSettings, spec: PrivacySpec, k: int,
+             num_blocks: int) -> tuple[float, float | None, list[float]]:
     """(held-out loss, accuracy, train losses) after fine-tuning over an in-process ring cut at K."""
     plan = Plan(settings.model, "owner", (StageSpec("owner", (0, k), "head"),
                                           StageSpec("neighbour", (k, num_blocks - k), "middle"),

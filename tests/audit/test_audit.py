@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-from helpers import write_text_data
 from audit.attacks import label_auc
 from ringtune.cli import main
 

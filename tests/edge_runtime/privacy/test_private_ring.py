@@ -1,7 +1,6 @@
 """With privacy on, the ring trains exactly like one process that privatizes at the same cuts with the
 same noise; with privacy off nothing changes."""
 import pytest
-import torch
 
 from helpers import ARCHITECTURES, write_text_data
 from edge_runtime.data.dataset import OwnerData, read_records
