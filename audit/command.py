@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--test-limit", type=int, default=60, help="held-out records evaluated (0: all)")
+    parser.add_argument("--attack-records", type=int, default=64,
+                        help="private records whose hidden states the token attacks invert")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and simulated noise")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, required=True, help="directory for audit.json, audit.md and audit.png")
@@ -41,7 +43,7 @@ def settings_from_args(args):
     from audit.simulation import AuditSettings
     from edge_runtime.data.dataset import read_records
 
-    for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "threads"):
+    for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "threads", "attack_records"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     test = read_records(args.test) if args.test else []
@@ -52,7 +54,8 @@ def settings_from_args(args):
                          dchi_ratios=_numbers("--dchi-ratios", args.dchi_ratios, float),
                          grad_privacy=args.grad_privacy, baseline=not args.no_baseline, steps=args.steps,
                          micro_batches=args.micro_batches,
-                         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+                         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                         attack_records=args.attack_records)
 
 
 def _numbers(flag: str, text: str, kind) -> tuple:

