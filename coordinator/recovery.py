@@ -27,6 +27,7 @@ from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.training_state import pack_state, unpack_state
 from ringtune import control
 from ringtune.plan import Plan, PlanError
+from ringtune.privacy_spec import PrivacySpec
 
 RUN_FILE = "run.json"
 REJOIN_POLL_SECONDS = 1.0
@@ -56,6 +57,7 @@ def settings_to_dict(settings: TrainSettings) -> dict:
 
 def settings_from_dict(data: dict, token: str, out: Path) -> TrainSettings:
     fields = {**data, "out": out, "token": token, "lora": LoraSpec.from_dict(data["lora"]),
+              "privacy": PrivacySpec.from_dict(data.get("privacy")),
               "optimizer": OptimizerSpec(**{**data["optimizer"], "betas": tuple(data["optimizer"]["betas"])})}
     return TrainSettings(**fields)
 

@@ -23,6 +23,7 @@ from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
 from ringtune import control
 from ringtune.plan import Plan, even_plan, validate_plan
+from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import new_key, wrap_key
 
 POLL_SECONDS = 0.01
@@ -81,6 +82,8 @@ class TrainSettings:
     """Assumed link bandwidth of every agent, for the planner."""
     min_owner_blocks: int = 1
     """Blocks the owner keeps at each end (planned split)."""
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    """What the owner privatizes before hidden states and gradients leave it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class Trainer:
     def _prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
+        plan = replace(plan, privacy=s.privacy.public_dict())
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         unknown = sorted(set(plan.devices()) - set(self.clients))
         if unknown:
@@ -169,6 +173,9 @@ class Trainer:
                     + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
+        if s.privacy.active:
+            self.progress.event("privacy: " + s.privacy.describe() + (
+                "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))
         return plan
 
     def _assign(self, plan: Plan) -> None:
@@ -185,6 +192,7 @@ class Trainer:
             client = self.clients[name]
             reply = self._call(name, "assign", **common, slice=shipment.slices[name].sha256,
                                tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None,
+                               privacy=s.privacy.to_dict() if name == plan.owner else None,
                                run_key=wrap_key(client.session_key, run_key))
             listen.update({int(i): url for i, url in reply["listen"].items()})
         for name in plan.devices():

@@ -29,7 +29,9 @@ from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
-from edge_runtime.runners.base import OptimizerSpec
+from edge_runtime.privacy.base import NoiseStream
+from edge_runtime.privacy.runner import privatize
+from edge_runtime.runners.base import OptimizerSpec, StageRunner
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.schedules import schedule_for
 from edge_runtime.slice_cache import SliceCache
@@ -39,6 +41,7 @@ from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stage_step
 from ringtune import control
 from ringtune.plan import Plan
+from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import AuthError, unwrap_key
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class RunSettings:
     """Data-plane timeout in seconds."""
     encrypt: bool
     """Encrypt hidden states on the wire."""
+    privacy: PrivacySpec
+    """What this agent privatizes before it sends (the owner's; off elsewhere)."""
 
     @property
     def edge_shape(self) -> tuple[int, int, int]:
@@ -88,13 +93,14 @@ class RunSettings:
                            lora=LoraSpec.from_dict(msg["lora"]), optimizer=OptimizerSpec(**msg["optimizer"]),
                            micro_batch_size=int(msg["micro_batch_size"]), seq_len=int(msg["seq_len"]),
                            seed=int(msg["seed"]), run_key=unwrap_key(session_key, bytes(msg["run_key"])),
-                           timeout=float(msg["timeout"]), encrypt=bool(msg.get("encrypt", False)))
+                           timeout=float(msg["timeout"]), encrypt=bool(msg.get("encrypt", False)),
+                           privacy=PrivacySpec.from_dict(msg.get("privacy")))
 
 
 @dataclass
 class ActiveRun:
     settings: RunSettings
-    runners: dict[int, TorchStageRunner] = field(default_factory=dict)
+    runners: dict[int, StageRunner] = field(default_factory=dict)
     stages: dict[int, LocalStage] = field(default_factory=dict)
     edges: list[tuple[int, str, PynngEdge]] = field(default_factory=list)
     data: OwnerData | None = None
@@ -297,7 +303,9 @@ class Agent:
         try:
             s = run.settings
             built = materialize(self.cache.read(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
-            run.runners = {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
+            noise = NoiseStream(s.privacy.seed)  # the owner's: no seed given means one from the CSPRNG
+            run.runners = {i: privatize(TorchStageRunner(module, lora, s.optimizer), s.privacy, noise)
+                           for i, (module, lora) in built.items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,

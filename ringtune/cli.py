@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "coordinator.commands.plan",
     "coordinator.commands.devices",
     "exporters.commands",
+    "audit.command",
 )
 
 

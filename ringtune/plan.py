@@ -46,6 +46,8 @@ class Plan:
     """Micro-batches per optimizer step."""
     predicted: dict = field(default_factory=dict)
     """Planner's predictions (step seconds, bottleneck, memory); empty for a hand-made plan."""
+    privacy: dict = field(default_factory=dict)
+    """The owner's privatization (PrivacySpec.public_dict(), no noise seed); empty when off."""
 
     def devices(self) -> list[str]:
         """Distinct devices in ring order (the owner first)."""
@@ -75,7 +77,7 @@ class Plan:
         return Plan(model=data["model"], owner=data["owner"], stages=stages,
                     schedule=data.get("schedule", "1f1b"),
                     micro_batches=int(data.get("micro_batches", 1)),
-                    predicted=dict(data.get("predicted", {})))
+                    predicted=dict(data.get("predicted", {})), privacy=dict(data.get("privacy", {})))
 
     @staticmethod
     def from_json(text: str) -> "Plan":

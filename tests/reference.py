@@ -8,14 +8,23 @@ from edge_runtime.runners.base import OptimizerSpec
 
 
 def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec, data: OwnerData,
-                      steps: int) -> dict[str, torch.Tensor]:
+                      steps: int, privacy=None, cuts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """privacy (a PrivacySpec) is applied at cuts = (end of the owner's head, start of its tail)."""
     model = apply_lora(load_model(model_name), lora)
+    position = [0, 0]
+    if privacy is not None:
+        from edge_runtime.privacy.base import NoiseStream
+        from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
+
+        privatize_reference_cuts(model, *cuts, hidden_mechanism(privacy), gradient_mechanism(privacy),
+                                 NoiseStream(privacy.seed), lambda: tuple(position))
     params = [p for p in model.parameters() if p.requires_grad]
     adamw = torch.optim.AdamW(params, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                               weight_decay=optimizer.weight_decay)
     for step in range(steps):
         batch = data.step_batch(step)
-        for ids, labels in zip(batch.input_ids, batch.labels):
+        for microbatch, (ids, labels) in enumerate(zip(batch.input_ids, batch.labels)):
+            position[:] = [step, microbatch]
             # HF's gradient-accumulation-aware loss: token sum / tokens in the whole step.
             model(input_ids=ids, labels=labels, num_items_in_batch=batch.scored_tokens).loss.backward()
         adamw.step()
@@ -26,3 +35,28 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def privatize_reference_cuts(model, head_end: int, tail_start: int, hidden, gradient, noise, position):
+    """Hooks on a (peft) model that apply the owner's mechanisms where its ring would cut: on the output
+    of block head_end - 1 (hidden) and on the gradient into block tail_start (gradient). position() gives
+    the current (step, micro-batch); noise is a NoiseStream with the ring's seed."""
+    from edge_runtime.models.structure import find_parts
+
+    blocks = find_parts(model).blocks
+
+    def on_head_output(_, __, output):
+        hidden_out = output[0] if isinstance(output, tuple) else output
+        private = hidden.apply(hidden_out, noise.generator(*position(), "hidden"))
+        return (private, *output[1:]) if isinstance(output, tuple) else private
+
+    def on_tail_input(_, args, kwargs):
+        tensor = args[0] if args else kwargs["hidden_states"]
+        tensor.register_hook(lambda grad: gradient.apply(grad, noise.generator(*position(), "gradient")))
+
+    handles = []
+    if hidden is not None:
+        handles.append(blocks[head_end - 1].register_forward_hook(on_head_output))
+    if gradient is not None:
+        handles.append(blocks[tail_start].register_forward_pre_hook(on_tail_input, with_kwargs=True))
+    return handles

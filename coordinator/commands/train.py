@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from edge_runtime.schedules import SCHEDULES
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
 
 
 def register(subparsers) -> None:
@@ -46,6 +47,9 @@ def register(subparsers) -> None:
                              "would slow the step are left out); even: blocks split evenly over all agents")
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end with --split planned")
+    parser.add_argument("--privacy", default="off", help="noise on hidden states leaving the owner: " + PRIVACY_HELP)
+    parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
+                        help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
     parser.add_argument("--link-mbit", type=float,
                         help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
@@ -82,7 +86,8 @@ def settings_from_args(args, owner: str, token: str):
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout, token=token,
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
-                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8)
+                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8,
+                         privacy=PrivacySpec.parse(args.privacy, args.grad_privacy))
 
 
 def run(args) -> int:
@@ -101,6 +106,7 @@ def run(args) -> int:
         raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
     else:
         load_config(args.model)  # an unknown model fails here, before any agent starts
+        PrivacySpec.parse(args.privacy, args.grad_privacy)  # and so does a bad --privacy
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []
     token = args.token

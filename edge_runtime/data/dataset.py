@@ -92,6 +92,7 @@ class OwnerData:
             self._labels[row, :len(labels)] = torch.tensor(labels)
         self._lengths = (self._ids != tokenizer.pad_token_id).sum(dim=1)
         self.micro_batch_size = micro_batch_size
+        self.seq_len = seq_len
         self.micro_batches = micro_batches
         self.seed = seed
         self._permutations: dict[int, torch.Tensor] = {}

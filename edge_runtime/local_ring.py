@@ -1,0 +1,84 @@
+"""A whole ring in one process (threads + in-memory edges): the same runners, schedules and frames as
+agents use, for simulations (``ringtune audit``) and exactness tests."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from edge_runtime.data.dataset import OwnerData
+from edge_runtime.models.lora import adapter_key
+from edge_runtime.models.stage import build_stage
+from edge_runtime.privacy.base import NoiseStream
+from edge_runtime.privacy.runner import privatize
+from edge_runtime.runners.base import OptimizerSpec
+from edge_runtime.runners.torch_runner import TorchStageRunner
+from edge_runtime.schedules import schedule_for
+from edge_runtime.transport.base import EdgeConfig
+from edge_runtime.transport.memory import InMemoryEdge
+from edge_runtime.worker import LocalStage, run_stage_step
+from ringtune.plan import Plan
+from ringtune.privacy_spec import PrivacySpec
+from ringtune.security import new_key
+
+
+@dataclass(frozen=True, slots=True)
+class RingResult:
+    adapter: dict[str, torch.Tensor]
+    """Trained LoRA tensors by peft key."""
+    losses: list[float]
+    """Loss per step run."""
+    training_state: dict[str, torch.Tensor]
+    """Every stage's StageRunner.training_state (LoRA + AdamW by tensor name), as a checkpoint holds it."""
+
+
+def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerData, optimizer: OptimizerSpec,
+                          steps: int | range, privacy: PrivacySpec = PrivacySpec(), timeout: float = 600.0,
+                          restore: dict[str, torch.Tensor] | None = None) -> RingResult:
+    """Train peft_model's LoRA in place over plan's stages for ``steps`` (a count, or the step indices to run,
+    e.g. a replay from a checkpoint); ``restore`` is a training state to start from."""
+    noise = NoiseStream(privacy.seed)
+    runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise)
+               for s in plan.stages]
+    for runner in runners if restore is not None else []:
+        runner.load_training_state(restore)
+    shape = (data.micro_batch_size, data.seq_len, peft_model.config.hidden_size)
+    key = new_key()
+    edges = [InMemoryEdge.pair(EdgeConfig.for_link("local", key, i, i + 1, shape, timeout),
+                               EdgeConfig.for_link("local", key, i + 1, i, shape, timeout))
+             for i in range(len(runners) - 1)]
+    stages = [LocalStage(i, runner, edges[i - 1][1] if i else None, edges[i][0] if i < len(edges) else None)
+              for i, runner in enumerate(runners)]
+    losses = [_ring_step(stages, plan, step, data) for step in (range(steps) if isinstance(steps, int) else steps)]
+    adapter, training_state = {}, {}
+    for runner in runners:
+        adapter.update({adapter_key(n): t for n, t in runner.lora_state().items()})
+        training_state.update(runner.training_state())
+    return RingResult(adapter, losses, training_state)
+
+
+def _ring_step(stages: list[LocalStage], plan: Plan, step: int, data: OwnerData) -> float:
+    batch = data.step_batch(step)
+    results: dict[int, object] = {}
+
+    def work(stage: LocalStage) -> None:
+        actions = schedule_for(plan.schedule, len(stages), stage.index, plan.micro_batches)
+        try:
+            results[stage.index] = run_stage_step(stage, step, actions, batch)
+        except BaseException as error:  # report it and unblock the other stages
+            results[stage.index] = error
+            for other in stages:
+                for edge in (other.prev, other.next):
+                    if edge is not None:
+                        edge.abort()
+
+    threads = [threading.Thread(target=work, args=(stage,), daemon=True) for stage in stages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return results[len(stages) - 1].loss

@@ -1,0 +1,127 @@
+"""What the owner privatizes before hidden states and gradients leave it, as plain data (no torch).
+
+``--privacy dchi:epsilon=E,clip=C`` | ``gaussian:sigma=S,clip=C[,delta=D]`` | ``off`` (add ``seed=N`` for
+reproducible noise) and ``--grad-privacy maxnorm|off`` parse into a ``PrivacySpec``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+HIDDEN_MECHANISMS = ("off", "dchi", "gaussian")
+GRADIENT_MECHANISMS = ("off", "maxnorm")
+_KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed"}, "gaussian": {"sigma", "clip", "delta", "seed"}}
+PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
+                "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off; add seed=N for reproducible noise")
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySpec:
+    hidden: str = "off"
+    """Mechanism on hidden states leaving the owner's head stage: off, dchi or gaussian."""
+    epsilon: float = 0.0
+    """d_chi: noise density ~ exp(-epsilon * ||noise||) (per unit of L2 distance)."""
+    sigma: float = 0.0
+    """gaussian: standard deviation of the noise per coordinate."""
+    clip: float = 0.0
+    """Per-token L2 bound applied before the noise (dchi, gaussian)."""
+    delta: float = 1e-5
+    """gaussian: the delta of the stated (epsilon, delta) per token."""
+    gradient: str = "off"
+    """Mechanism on gradients leaving the owner's tail stage: off or maxnorm."""
+    seed: int | None = None
+    """Noise seed for reproducible runs (tests, audits); None: the owner draws one from its CSPRNG."""
+
+    def __post_init__(self) -> None:
+        if self.hidden not in HIDDEN_MECHANISMS:
+            raise ValueError(f"unknown privacy mechanism {self.hidden!r}: use one of {', '.join(HIDDEN_MECHANISMS)}")
+        if self.gradient not in GRADIENT_MECHANISMS:
+            raise ValueError(f"unknown gradient privacy {self.gradient!r}: use one of {', '.join(GRADIENT_MECHANISMS)}")
+        if self.hidden != "off" and not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError(f"--privacy {self.hidden} needs clip=C > 0 (the per-token L2 bound)")
+        if self.hidden == "dchi" and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError("--privacy dchi needs epsilon=E > 0")
+        if self.hidden == "gaussian" and not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ValueError("--privacy gaussian needs sigma=S > 0")
+        if self.hidden == "gaussian" and not 0 < self.delta < 1:
+            raise ValueError("--privacy gaussian needs 0 < delta < 1")
+
+    @property
+    def active(self) -> bool:
+        return self.hidden != "off" or self.gradient != "off"
+
+    def token_epsilon(self) -> float | None:
+        """Privacy loss per token between any two clipped hidden states (sensitivity 2C): pure epsilon
+        for d_chi, the epsilon of (epsilon, delta) for the Gaussian mechanism; None when off."""
+        if self.hidden == "dchi":
+            return 2 * self.clip * self.epsilon
+        if self.hidden == "gaussian":
+            return gaussian_epsilon(2 * self.clip, self.sigma, self.delta)
+        return None
+
+    def describe(self) -> str:
+        parts = {"off": "hidden states unprivatized",
+                 "dchi": f"d_chi epsilon={self.epsilon:g}/unit, clip={self.clip:g}",
+                 "gaussian": f"gaussian sigma={self.sigma:g}, clip={self.clip:g}"}[self.hidden]
+        if self.hidden != "off":
+            delta = f", delta={self.delta:g}" if self.hidden == "gaussian" else ""
+            parts += f" (per token epsilon={self.token_epsilon():.3g}{delta})"
+        return parts + f"; gradients {self.gradient}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def public_dict(self) -> dict:
+        """What may be recorded in the plan every agent sees: the mechanism, never the noise seed."""
+        return {k: v for k, v in asdict(self).items() if k != "seed"} if self.active else {}
+
+    @staticmethod
+    def from_dict(data: dict | None) -> "PrivacySpec":
+        if not data:
+            return PrivacySpec()
+        seed = data.get("seed")
+        return PrivacySpec(hidden=str(data.get("hidden", "off")), epsilon=float(data.get("epsilon", 0.0)),
+                           sigma=float(data.get("sigma", 0.0)), clip=float(data.get("clip", 0.0)),
+                           delta=float(data.get("delta", 1e-5)), gradient=str(data.get("gradient", "off")),
+                           seed=None if seed is None else int(seed))
+
+    @staticmethod
+    def parse(hidden: str | None, gradient: str | None = None) -> "PrivacySpec":
+        """From the CLI strings; ValueError naming the expected form on bad input."""
+        name, _, rest = (hidden or "off").strip().partition(":")
+        if name not in _KEYS:
+            raise ValueError(f"--privacy {hidden!r}: expected {PRIVACY_HELP}")
+        values: dict[str, float | int] = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in _KEYS[name]:
+                raise ValueError(f"--privacy {hidden!r}: {item!r} is not one of "
+                                 f"{sorted(_KEYS[name]) or 'nothing'}; expected {PRIVACY_HELP}")
+            try:
+                values[key] = int(value) if key == "seed" else float(value)
+            except ValueError:
+                raise ValueError(f"--privacy {hidden!r}: {key} needs a number, got {value!r}") from None
+        return PrivacySpec(hidden=name, gradient=(gradient or "off").strip(), **values)
+
+
+def gaussian_epsilon(sensitivity: float, sigma: float, delta: float) -> float:
+    """Smallest epsilon for which N(0, sigma^2) noise is (epsilon, delta)-DP at this L2 sensitivity
+    (the analytic Gaussian mechanism, Balle & Wang 2018: exact, also for epsilon > 1)."""
+    def delta_at(eps: float) -> float:
+        a, b = sensitivity / (2 * sigma), eps * sigma / sensitivity
+        tail = _phi(-a - b)
+        return _phi(a - b) - (math.exp(min(eps + math.log(tail), 700.0)) if tail > 0 else 0.0)
+
+    low, high = 0.0, 1.0
+    while delta_at(high) > delta:
+        low, high = high, high * 2
+        if high > 1e6:
+            return math.inf
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_at(mid) > delta else (low, mid)
+    return high
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))

@@ -1,0 +1,49 @@
+"""--privacy / --grad-privacy parsing, the stated per-token epsilon, and the plain-data round trip."""
+import math
+
+import pytest
+
+from ringtune.cli import main
+from ringtune.privacy_spec import PrivacySpec, gaussian_epsilon
+
+
+def test_parse_and_round_trip():
+    spec = PrivacySpec.parse("dchi:epsilon=50,clip=10,seed=3", "maxnorm")
+    assert (spec.hidden, spec.epsilon, spec.clip, spec.seed, spec.gradient) == ("dchi", 50.0, 10.0, 3, "maxnorm")
+    assert PrivacySpec.from_dict(spec.to_dict()) == spec
+    assert "seed" not in spec.public_dict() and PrivacySpec().public_dict() == {}
+    assert PrivacySpec.parse(None) == PrivacySpec() and not PrivacySpec().active
+    assert spec.token_epsilon() == 2 * 10 * 50
+
+
+@pytest.mark.parametrize("text,gradient,message", [
+    ("laplace:b=1", None, "expected dchi:epsilon=E,clip=C"),
+    ("dchi:epsilon=1", None, "needs clip=C > 0"),
+    ("dchi:clip=1", None, "needs epsilon=E > 0"),
+    ("dchi:epsilon=x,clip=1", None, "epsilon needs a number"),
+    ("gaussian:epsilon=1,clip=1", None, "'epsilon=1' is not one of"),
+    ("gaussian:sigma=1,clip=1,delta=2", None, "0 < delta < 1"),
+    ("off", "marvell", "unknown gradient privacy"),
+])
+def test_bad_input_says_what_to_do(text, gradient, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacySpec.parse(text, gradient)
+
+
+def test_gaussian_epsilon_matches_the_classic_bound_where_it_holds():
+    # Classic: sigma = sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon is sufficient for epsilon < 1,
+    # so the exact (analytic) epsilon at that sigma is at most the classic one, and not far below.
+    delta, sensitivity, classic = 1e-5, 2.0, 0.5
+    sigma = sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / classic
+    exact = gaussian_epsilon(sensitivity, sigma, delta)
+    assert 0.6 * classic < exact <= classic
+    assert gaussian_epsilon(sensitivity, sigma / 10, delta) > 10 * exact / 2  # less noise, more epsilon
+    assert PrivacySpec("gaussian", sigma=sigma, clip=1.0, delta=delta).token_epsilon() == exact
+
+
+def test_train_refuses_bad_privacy_before_any_agent_starts(tmp_path, capsys):
+    code = main(["train", "--model", "tiny-llama", "--local", "2", "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "out"), "--privacy", "dchi:epsilon=1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "needs clip=C > 0" in error and "\n" not in error
+    assert not (tmp_path / "out").exists()
