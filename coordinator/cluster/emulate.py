@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ from device_profiles import DeviceProfile, resolve_device
 
 AGENT_PORT = 7720
 START_TIMEOUT = 300.0  # a 0.1-core device needs a while just to import torch
+# No "-" in a prefix: namespaces are matched as PREFIX-*, so "rtc" must never match "rtc-x"'s.
+PREFIX = re.compile(r"[a-z][a-z0-9]{0,11}")
+DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 
 class ClusterError(RuntimeError):
@@ -41,6 +45,9 @@ def device_records(specs: list[str | DeviceProfile], core_gflops: float | None, 
         profile_name, _, name = spec.partition(":")
         profiles.append((profile_name, resolve_device(f"{profile_name}:{name or f'{profile_name}-{index + 1}'}")))
     names = [device.name for _, device in profiles]
+    bad = [name for name in names if not DEVICE_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"device names {bad} are not usable: letters, digits, '.', '_' and '-' (up to 40)")
     if len(set(names)) != len(names):
         raise ValueError(f"device names must be unique, got {names}: name them with --device PROFILE:NAME")
     shares = cgroups.cpu_quotas([d.gflops for _, d in profiles], core_gflops or 1.0, cores)
@@ -53,7 +60,8 @@ def device_records(specs: list[str | DeviceProfile], core_gflops: float | None, 
 
 
 def measure_core_gflops() -> float:
-    """fp32 matmul GFLOP/s of one core of this machine (the unit of the CPU quotas)."""
+    """fp32 matmul GFLOP/s of one core of this machine (the unit of the CPU quotas). The best of
+    several short runs: on a busy machine an average measures the load, not the core."""
     import torch
 
     from device_profiles.live import matmul_gflops
@@ -61,7 +69,7 @@ def measure_core_gflops() -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return round(matmul_gflops(seconds=1.0), 2)
+        return round(max(matmul_gflops(seconds=0.2) for _ in range(5)), 2)
     finally:
         torch.set_num_threads(threads)
 
@@ -77,6 +85,7 @@ def up(devices: list[str | DeviceProfile], owner_data: Path | None = None, token
 
     if not devices:
         raise ValueError("name at least one device (--device rpi4-4gb, ...)")
+    check_prefix(prefix)
     if owner_data is not None and not Path(owner_data).is_file():
         raise ValueError(f"--owner-data {owner_data} is not a file: give the owner's JSONL data")
     state_path = Path(state_path or default_state_path(prefix))
@@ -103,6 +112,13 @@ def up(devices: list[str | DeviceProfile], owner_data: Path | None = None, token
         down(state)
         raise
     return state
+
+
+def check_prefix(prefix: str) -> str:
+    if not PREFIX.fullmatch(prefix):
+        raise ValueError(f"cluster prefix {prefix!r} must be a lower-case letter then up to 11 letters or digits "
+                         f"(no '-': names are matched as PREFIX-*)")
+    return prefix
 
 
 def agent_dir(state: ClusterState) -> Path:
@@ -155,7 +171,7 @@ def down(state_or_path: ClusterState | Path | None = None, prefix: str | None = 
     if isinstance(state_or_path, ClusterState):
         state = state_or_path
     else:
-        path = Path(state_or_path or default_state_path(prefix or "rtc"))
+        path = Path(state_or_path or default_state_path(check_prefix(prefix or "rtc")))
         state = load_state(path) if path.exists() else None
         if state is None and prefix is None:
             raise ValueError(f"no cluster state at {path}: pass --prefix to remove leftovers by name")

@@ -82,8 +82,12 @@ class DeviceRecord:
             return f"was killed: out of memory (limit {self.memory_bytes / 1e9:.1f} GB of a {self.profile})"
         return "is not running"
 
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log)
+
     def log_tail(self, lines: int = 5) -> str:
-        path = Path(self.log)
+        path = self.log_path
         return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) if path.is_file() else ""
 
 
@@ -159,3 +163,12 @@ def load_state(path: Path) -> ClusterState:
     except FileNotFoundError:
         raise ValueError(f"no cluster state at {path}: bring one up with `ringtune cluster up`") from None
     return ClusterState.from_json(text, str(path))
+
+
+def cluster_devices(control_urls: list[str]) -> list[DeviceRecord]:
+    """The devices among control_urls of the cluster `ringtune cluster exec` runs us in
+    ($RINGTUNE_CLUSTER_STATE), so the coordinator can say why one of them died (e.g. out of memory)."""
+    path = os.environ.get("RINGTUNE_CLUSTER_STATE")
+    if not path or not Path(path).is_file():
+        return []
+    return [device for device in load_state(Path(path)).devices if device.control_url in control_urls]
