@@ -34,7 +34,7 @@ from pathlib import Path
 from coordinator.cluster import ClusterState, down, up
 from device_profiles import resolve_device
 from ringtune.plan import Plan
-from memory import peak_rss, reset_peak_rss
+from peak_memory import peak_rss, reset_peak_rss
 from tdp_ring import TdpRun, launch, prepare
 
 RESULTS = Path(__file__).parent / "results"

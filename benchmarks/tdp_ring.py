@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from memory import peak_rss
+from peak_memory import peak_rss
 
 RANK_FILE = "rank{}.json"
 
