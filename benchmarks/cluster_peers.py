@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from coordinator.cluster import ClusterState, down, up
+from coordinator.cluster.cgroups import Cgroup
 from device_profiles import resolve_device
 from ringtune.plan import Plan
 from peak_memory import peak_rss, reset_peak_rss
@@ -64,6 +65,21 @@ def peak_rss_reset(state: ClusterState) -> None:
         reset_peak_rss(device.pid)
 
 
+def throttling(state: ClusterState) -> dict[str, tuple[int, int]]:
+    """Per device: CFS periods so far and how many of them hit the CPU quota (cgroup v1 cpu.stat)."""
+    counts = {}
+    for device in state.devices:
+        stat = dict(line.split() for line in (Cgroup(device.cgroup).path("cpu") / "cpu.stat").read_text().splitlines())
+        counts[device.name] = (int(stat["nr_periods"]), int(stat["nr_throttled"]))
+    return counts
+
+
+def throttled_share(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Share of the busy CFS periods in which a device used up its quota: near 1 when the quota is
+    what limits it, low when it waited for a core (the host's other load)."""
+    return {name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0]) for name in after}
+
+
 def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, plan: Path | None, out: Path) -> dict:
     owner = state.devices[0]
     argv = [sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--owner", owner.name,
@@ -83,9 +99,13 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     wire = (sum(measured[-1]["devices"][d]["bytes_sent"] for d in measured[-1]["devices"])
             - sum(metrics[0]["devices"][d]["bytes_sent"] for d in metrics[0]["devices"])) / len(measured)
     result = summarize([m["step_seconds"] for m in metrics], [m["tokens"] for m in metrics])
-    result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire,
+    # Where the step goes: the busiest device's compute (forward, backward, optimizer) over the step.
+    busy = {d: statistics.median(sum(m["devices"][d]["compute_seconds"].values()) / m["step_seconds"] for m in measured)
+            for d in measured[0]["devices"]}
+    result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire, busy_share=busy,
                   wire_bytes_per_token=wire / result["tokens_per_step"],
-                  peak_rss={d.name: peak_rss(d.pid) for d in state.devices})
+                  peak_rss={d.name: peak_rss(d.pid) for d in state.devices},
+                  rss_at_step_end={d: max(m["devices"][d]["rss"] for m in metrics) for d in metrics[0]["devices"]})
     return result
 
 
@@ -123,6 +143,13 @@ def run_whole(args, state: ClusterState, data: Path, micro_batches: int, out: Pa
     return result
 
 
+def measured(state: ClusterState, run) -> dict:
+    """run()'s result with the devices' CPU throttling and the host's load during it."""
+    before = throttling(state)
+    result = run()
+    return {**result, "throttled_share": throttled_share(before, throttling(state)), "load_average_1min": os.getloadavg()[0]}
+
+
 def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch: Path) -> dict:
     """Every system at one (device count, micro-batch count), on the 1F1B run's plan."""
     systems: dict[str, dict] = {}
@@ -133,16 +160,16 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
             plan_file = scratch / f"plan-{schedule}.json"
             plan_file.write_text(json.dumps({**plan.to_dict(), "schedule": schedule}))
         out = scratch / f"ringtune-{schedule}"
-        systems[schedule] = run_ringtune(args, state, schedule, micro_batches, plan_file, out)
+        systems[schedule] = measured(state, lambda: run_ringtune(args, state, schedule, micro_batches, plan_file, out))
         plan = plan or Plan.from_json((out / "plan.json").read_text())
         print(f"  ringtune {schedule}: {systems[schedule]['tokens_per_s']:.1f} tokens/s", flush=True)
     try:
-        systems["tdp_1f1b"] = run_tdp(args, state, data, plan, scratch / "tdp")
+        systems["tdp_1f1b"] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / "tdp"))
         print(f"  tdp 1f1b: {systems['tdp_1f1b']['tokens_per_s']:.1f} tokens/s", flush=True)
     except RuntimeError as error:  # recorded, not fatal: the harness stays for a re-run
         systems["tdp_1f1b"] = {"error": str(error)}
         print(f"  tdp 1f1b failed: {error}", flush=True)
-    systems["whole_model"] = run_whole(args, state, data, micro_batches, scratch / "whole.json")
+    systems["whole_model"] = measured(state, lambda: run_whole(args, state, data, micro_batches, scratch / "whole.json"))
     print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
     predicted = plan.predicted.get("step_seconds")
     for name, system in systems.items():
@@ -219,7 +246,32 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cluster_peers.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / "cluster_peers.png")
-    print(json.dumps([{k: p[k] for k in ("devices", "micro_batches", "ratios")} for p in points], indent=1))
+    print(markdown_table(result))
+
+
+SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
+                "tdp_1f1b": "torch.distributed.pipelining 1F1B", "whole_model": "whole model, one device"}
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: one row per (devices, micro-batches, system)."""
+    lines = ["| devices | micro-batches | system | tokens/s (min-max) | s/step | efficiency | wire bytes/token "
+             "| peak RSS per device (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for point in result["points"]:
+        for key, name in SYSTEM_NAMES.items():
+            system = point["systems"][key]
+            if "error" in system:
+                lines.append(f"| {point['devices']} | {point['micro_batches']} | {name} | failed: {system['error'][:80]} |||||")
+                continue
+            rss = ", ".join(f"{v / 1e6:.0f}" for v in system["peak_rss"].values())
+            lines.append(f"| {point['devices']} | {point['micro_batches']} | {name} | {system['tokens_per_s']:.1f} "
+                         f"({system['tokens_per_s_min']:.1f}-{system['tokens_per_s_max']:.1f}) | "
+                         f"{system['step_seconds']:.2f} | {system.get('efficiency', 0):.2f} | "
+                         f"{system['wire_bytes_per_token']:.0f} | {rss} |")
+        ratio = ", ".join(f"{k} {v:.2f}" for k, v in point["ratios"].items())
+        lines.append(f"| {point['devices']} | {point['micro_batches']} | predicted (planner) | - | "
+                     f"{point['predicted_step_seconds']:.2f} | 1 | - | ratios: {ratio} |")
+    return "\n".join(lines)
 
 
 def versions() -> dict:
