@@ -18,7 +18,7 @@ Step 1 of every run is warm-up; the others are the repetitions (median, min and 
 the non-pad tokens of a step. Bytes on the wire: ringtune's data-plane frames (from its metrics);
 for tdp the bytes its ranks' links sent during the measured steps (IP headers included). Peak
 RSS: each process's high-water mark (ringtune agents: VmHWM, reset before each run).
-Writes benchmarks/results/cluster_peers.json and cluster_peers.png.
+Writes benchmarks/results/cluster_peers.json and cluster_peers.png (--name changes the name).
 """
 from __future__ import annotations
 
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--profile", default="rpi4-4gb", help="device profile of every emulated device")
     parser.add_argument("--device-cores", type=float, default=0.45,
                         help="CPU quota of each device, in cores of this machine")
+    parser.add_argument("--name", default="cluster_peers", help="results/NAME.json and NAME.png")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ringtune-cluster-peers"),
                         help="working directory (runs, logs)")
     args = parser.parse_args()
@@ -244,8 +245,8 @@ def main() -> None:
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "versions": versions(), "load_average": os.getloadavg(), "points": points}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cluster_peers.json").write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / "cluster_peers.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / f"{args.name}.png")
     print(markdown_table(result))
 
 
