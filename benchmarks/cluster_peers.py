@@ -99,7 +99,7 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     wire = (sum(measured[-1]["devices"][d]["bytes_sent"] for d in measured[-1]["devices"])
             - sum(metrics[0]["devices"][d]["bytes_sent"] for d in metrics[0]["devices"])) / len(measured)
     result = summarize([m["step_seconds"] for m in metrics], [m["tokens"] for m in metrics])
-    # Where the step goes: the busiest device's compute (forward, backward, optimizer) over the step.
+    # Where the step goes: each device's compute (forward, backward, optimizer) over the step.
     busy = {d: statistics.median(sum(m["devices"][d]["compute_seconds"].values()) / m["step_seconds"] for m in measured)
             for d in measured[0]["devices"]}
     result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire, busy_share=busy,
@@ -115,7 +115,7 @@ def run_tdp(args, state: ClusterState, data: Path, plan: Plan, workdir: Path) ->
     ranks = [state.device(name) for name in plan.devices()]
     results = launch(workdir, len(ranks), f"{ranks[0].ip}:{GLOO_PORT}",
                      spawn=lambda rank, argv, env, **options: ranks[rank].spawn(argv, env=env, **options),
-                     threads=lambda rank: ranks[rank].threads, interface="eth0")
+                     threads=lambda rank: ranks[rank].threads, interface="eth0", timeout=900.0)
     owner = results[0]
     result = summarize(owner["step_seconds"], owner["tokens"])
     wire = statistics.median(sum(r["sent_bytes"][step] for r in results) for step in range(1, args.steps))
