@@ -194,9 +194,14 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
 
 
 def _sent_bytes() -> int:
-    """Bytes this host (network namespace) has sent on gloo's link, headers included."""
+    """Bytes this host (network namespace) has sent on gloo's link, headers included. From
+    /proc/net/dev, which always shows the reader's namespace (/sys/class/net need not)."""
     link = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-    return int(Path(f"/sys/class/net/{link}/statistics/tx_bytes").read_text())
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, counters = line.split(":", 1)
+        if name.strip() == link:
+            return int(counters.split()[8])  # receive: 8 fields, then transmit bytes
+    raise RuntimeError(f"no link {link!r} in /proc/net/dev")
 
 
 class NormedHidden(torch.nn.Module):
