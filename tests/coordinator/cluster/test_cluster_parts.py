@@ -70,7 +70,8 @@ def test_state_file_round_trip_is_private_and_versioned(tmp_path):
     assert stat.S_IMODE((tmp_path / "rtc.json").stat().st_mode) == 0o600  # it holds the token
     assert saved.device("pi-a").cgroup_paths == ("/sys/fs/cgroup/cpu/ringtune-rtc-pi-a",
                                                  "/sys/fs/cgroup/memory/ringtune-rtc-pi-a")
-    assert saved.coordinator_command(["ringtune", "devices"]) == ["ip", "netns", "exec", "rtc-coord", "ringtune", "devices"]
+    assert saved.coordinator_command(["ringtune", "devices"]) == [
+        "nsenter", "--net=/var/run/netns/rtc-coord", "--", "ringtune", "devices"]
     with pytest.raises(ValueError, match="no device 'pi-z'"):
         saved.device("pi-z")
     (tmp_path / "old.json").write_text('{"version": 0, "devices": []}')
