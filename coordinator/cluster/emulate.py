@@ -220,6 +220,8 @@ class DeviceStatus:
     """"running", or why it is not (e.g. "was killed: out of memory (limit 3.0 GB of a rpi4-4gb)")."""
     rss_bytes: int
     """Its agent's resident memory now (0 when not running)."""
+    peak_rss_bytes: int
+    """Its agent's peak resident memory (VmHWM; 0 when not running)."""
     peak_bytes: int
     """Most memory its cgroup has used, page cache included (0 on loopback)."""
     oom_kills: int
@@ -227,14 +229,22 @@ class DeviceStatus:
 
 
 def status(state: ClusterState) -> list[DeviceStatus]:
-    import psutil
-
     report = []
     for device in state.devices:
         group = cgroups.Cgroup(device.cgroup) if device.cgroup else None
-        running = device.running()
+        memory = _process_memory(device.pid) if device.running() else {}
         report.append(DeviceStatus(
-            name=device.name, state="running" if running else device.exit_status(),
-            rss_bytes=psutil.Process(device.pid).memory_info().rss if running else 0,
+            name=device.name, state="running" if memory else device.exit_status(),
+            rss_bytes=memory.get("VmRSS", 0), peak_rss_bytes=memory.get("VmHWM", 0),
             peak_bytes=group.memory_peak() if group else 0, oom_kills=group.oom_kills() if group else 0))
     return report
+
+
+def _process_memory(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, ... of /proc/PID/status in bytes ({} if it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines if line.startswith("Vm") and line.endswith("kB"))
+    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in fields}
