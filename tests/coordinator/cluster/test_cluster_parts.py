@@ -44,6 +44,8 @@ def test_device_records_name_devices_and_make_the_first_the_owner():
     assert records[1].profile == "rpi5-8gb" and records[1].cpu_cores == pytest.approx(0.6)
     assert records[0].memory_bytes == BUILTIN_PROFILES["rpi4-4gb"].ram_bytes
     assert records[0].link_bytes_per_s == BUILTIN_PROFILES["rpi4-4gb"].link_bytes_per_s
+    uncapped, scale = device_records(["rpi4-4gb", "rpi5-8gb"], None, 2, owner=False)
+    assert [r.cpu_cores for r in uncapped] == [None, None] and scale == 1.0 and not uncapped[0].owner
     with pytest.raises(ValueError, match="unique"):
         device_records(["rpi4-4gb:a", "rpi5-8gb:a"], 50.0, 2, owner=False)
     with pytest.raises(ValueError, match="not usable"):
