@@ -34,7 +34,7 @@ def matmul_gflops(tokens: int = BENCH_TOKENS, hidden: int = BENCH_HIDDEN, second
     return calls * flops_per_call / elapsed / 1e9
 
 
-def memory() -> tuple[int, int]:
+def usable_ram() -> tuple[int, int]:
     """(total, available) bytes of RAM this process may use: the machine's, or less when a cgroup
     limits it (a container, or a device of an emulated cluster)."""
     machine = psutil.virtual_memory()
@@ -82,7 +82,7 @@ def link_speed() -> tuple[float, str]:
 
 def measure(name: str | None = None, seconds: float = 1.0) -> DeviceProfile:
     """This device's profile, measured now."""
-    total, available = memory()
+    total, available = usable_ram()
     cores = torch.get_num_threads()
     link, link_source = link_speed()
     gflops = matmul_gflops(seconds=seconds)

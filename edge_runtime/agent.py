@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 import ringtune
-from device_profiles import live
-from device_profiles.live import matmul_gflops
+from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
@@ -180,7 +179,7 @@ class Agent:
         return self._gflops
 
     def _cmd_hello(self, _: dict, __: bytes) -> dict:
-        ram_total, ram_available = live.memory()  # a cgroup (container, emulated device) may cap it
+        ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,

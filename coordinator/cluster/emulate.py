@@ -36,7 +36,8 @@ def hosts_for(mode: str, prefix: str) -> Hosts:
 def device_records(specs: list[str | DeviceProfile], core_gflops: float | None, cores: int,
                    owner: bool) -> tuple[tuple[DeviceRecord, ...], float]:
     """Records (no place yet) for `PROFILE[:NAME]` specs or profiles, and the CPU scale factor.
-    Unnamed devices are called PROFILE-1, PROFILE-2, ...; the first device is the owner."""
+    Unnamed devices are called PROFILE-1, PROFILE-2, ...; the first device is the owner (if
+    `owner`). CPU quotas need this machine's per-core speed (core_gflops); None leaves them out."""
     profiles: list[tuple[str, DeviceProfile]] = []
     for index, spec in enumerate(specs):
         if isinstance(spec, DeviceProfile):
@@ -50,13 +51,15 @@ def device_records(specs: list[str | DeviceProfile], core_gflops: float | None, 
         raise ValueError(f"device names {bad} are not usable: letters, digits, '.', '_' and '-' (up to 40)")
     if len(set(names)) != len(names):
         raise ValueError(f"device names must be unique, got {names}: name them with --device PROFILE:NAME")
-    shares = cgroups.cpu_quotas([d.gflops for _, d in profiles], core_gflops or 1.0, cores)
+    # Without a per-core speed (loopback: nothing is capped) there are no quotas to compute.
+    shares = cgroups.cpu_quotas([d.gflops for _, d in profiles], core_gflops, cores) if core_gflops else None
+    quotas = shares.quotas if shares else (None,) * len(profiles)
     records = tuple(
         DeviceRecord(name=device.name, profile=profile, ip="", link_bytes_per_s=device.link_bytes_per_s,
-                     cpu_cores=round(cores_share, 4), memory_bytes=device.ram_bytes,
-                     threads=cgroups.threads_for(cores_share), owner=owner and index == 0)
-        for index, ((profile, device), cores_share) in enumerate(zip(profiles, shares.quotas)))
-    return records, shares.scale
+                     cpu_cores=round(share, 4) if share else None, memory_bytes=device.ram_bytes,
+                     threads=cgroups.threads_for(share) if share else 1, owner=owner and index == 0)
+        for index, ((profile, device), share) in enumerate(zip(profiles, quotas)))
+    return records, shares.scale if shares else 1.0
 
 
 def measure_core_gflops() -> float:
@@ -94,6 +97,7 @@ def up(devices: list[str | DeviceProfile], owner_data: Path | None = None, token
     mode = "loopback" if (loopback if loopback is not None else not cgroups.available()) else "netns"
     if mode == "loopback":
         say(f"warning: {WARNING}")
+        core_gflops = None  # nothing is capped
     elif core_gflops is None:
         core_gflops = measure_core_gflops()
     records, scale = device_records(devices, core_gflops, os.cpu_count() or 1, owner_data is not None)
@@ -220,6 +224,8 @@ class DeviceStatus:
     """"running", or why it is not (e.g. "was killed: out of memory (limit 3.0 GB of a rpi4-4gb)")."""
     rss_bytes: int
     """Its agent's resident memory now (0 when not running)."""
+    peak_rss_bytes: int
+    """Its agent's peak resident memory (VmHWM; 0 when not running)."""
     peak_bytes: int
     """Most memory its cgroup has used, page cache included (0 on loopback)."""
     oom_kills: int
@@ -227,14 +233,22 @@ class DeviceStatus:
 
 
 def status(state: ClusterState) -> list[DeviceStatus]:
-    import psutil
-
     report = []
     for device in state.devices:
         group = cgroups.Cgroup(device.cgroup) if device.cgroup else None
-        running = device.running()
+        memory = _process_memory(device.pid) if device.running() else {}
         report.append(DeviceStatus(
-            name=device.name, state="running" if running else device.exit_status(),
-            rss_bytes=psutil.Process(device.pid).memory_info().rss if running else 0,
+            name=device.name, state="running" if memory else device.exit_status(),
+            rss_bytes=memory.get("VmRSS", 0), peak_rss_bytes=memory.get("VmHWM", 0),
             peak_bytes=group.memory_peak() if group else 0, oom_kills=group.oom_kills() if group else 0))
     return report
+
+
+def _process_memory(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, ... of /proc/PID/status in bytes ({} if it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines if line.startswith("Vm") and line.endswith("kB"))
+    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in fields}

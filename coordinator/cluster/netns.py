@@ -41,6 +41,12 @@ def run(*argv: str, check: bool = True) -> str:
     return result.stdout
 
 
+def in_namespace(namespace: str, argv: list[str]) -> list[str]:
+    """argv run in the namespace's network only: unlike `ip netns exec`, nsenter does not remount
+    /sys, so /sys/fs/cgroup (an agent's memory limit, the cluster's OOM counters) stays visible."""
+    return ["nsenter", f"--net=/var/run/netns/{namespace}", "--", *argv]
+
+
 def namespaces(prefix: str) -> list[str]:
     """The existing namespaces named PREFIX-*."""
     listed = run("ip", "netns", "list", check=False).split("\n")

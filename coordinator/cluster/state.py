@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from coordinator.cluster.cgroups import Cgroup
+from coordinator.cluster.netns import in_namespace
 
 STATE_VERSION = 1
 
@@ -57,7 +58,7 @@ class DeviceRecord:
 
     def command(self, argv: list[str]) -> list[str]:
         """argv run inside this device's namespace (as is on loopback)."""
-        return ["ip", "netns", "exec", self.namespace, *argv] if self.namespace else list(argv)
+        return in_namespace(self.namespace, argv) if self.namespace else list(argv)
 
     def spawn(self, argv: list[str], env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
         """Start argv on this device: in its namespace and cgroup, so with its link, CPU and RAM."""
@@ -127,9 +128,7 @@ class ClusterState:
 
     def coordinator_command(self, argv: list[str]) -> list[str]:
         """argv run where the coordinator belongs: its namespace on the bridge (as is on loopback)."""
-        if self.coordinator_namespace:
-            return ["ip", "netns", "exec", self.coordinator_namespace, *argv]
-        return list(argv)
+        return in_namespace(self.coordinator_namespace, argv) if self.coordinator_namespace else list(argv)
 
     def to_json(self) -> str:
         data = asdict(self)

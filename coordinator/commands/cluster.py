@@ -86,7 +86,7 @@ def _status(args) -> int:
         return 0
     _print_state(state)
     for item in report:
-        memory = f", RSS {item.rss_bytes / 1e9:.2f} GB" if item.rss_bytes else ""
+        memory = f", RSS {item.rss_bytes / 1e9:.2f} GB (peak {item.peak_rss_bytes / 1e9:.2f})" if item.rss_bytes else ""
         peak = f", cgroup peak {item.peak_bytes / 1e9:.2f} GB" if item.peak_bytes else ""
         print(f"  {item.name}: {item.state}{memory}{peak}")
     return 0 if all(item.state == "running" for item in report) else 1

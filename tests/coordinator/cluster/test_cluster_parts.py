@@ -44,6 +44,8 @@ def test_device_records_name_devices_and_make_the_first_the_owner():
     assert records[1].profile == "rpi5-8gb" and records[1].cpu_cores == pytest.approx(0.6)
     assert records[0].memory_bytes == BUILTIN_PROFILES["rpi4-4gb"].ram_bytes
     assert records[0].link_bytes_per_s == BUILTIN_PROFILES["rpi4-4gb"].link_bytes_per_s
+    uncapped, scale = device_records(["rpi4-4gb", "rpi5-8gb"], None, 2, owner=False)
+    assert [r.cpu_cores for r in uncapped] == [None, None] and scale == 1.0 and not uncapped[0].owner
     with pytest.raises(ValueError, match="unique"):
         device_records(["rpi4-4gb:a", "rpi5-8gb:a"], 50.0, 2, owner=False)
     with pytest.raises(ValueError, match="not usable"):
@@ -70,7 +72,8 @@ def test_state_file_round_trip_is_private_and_versioned(tmp_path):
     assert stat.S_IMODE((tmp_path / "rtc.json").stat().st_mode) == 0o600  # it holds the token
     assert saved.device("pi-a").cgroup_paths == ("/sys/fs/cgroup/cpu/ringtune-rtc-pi-a",
                                                  "/sys/fs/cgroup/memory/ringtune-rtc-pi-a")
-    assert saved.coordinator_command(["ringtune", "devices"]) == ["ip", "netns", "exec", "rtc-coord", "ringtune", "devices"]
+    assert saved.coordinator_command(["ringtune", "devices"]) == [
+        "nsenter", "--net=/var/run/netns/rtc-coord", "--", "ringtune", "devices"]
     with pytest.raises(ValueError, match="no device 'pi-z'"):
         saved.device("pi-z")
     (tmp_path / "old.json").write_text('{"version": 0, "devices": []}')
