@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -33,6 +34,42 @@ def matmul_gflops(tokens: int = BENCH_TOKENS, hidden: int = BENCH_HIDDEN, second
     return calls * flops_per_call / elapsed / 1e9
 
 
+def usable_ram() -> tuple[int, int]:
+    """(total, available) bytes of RAM this process may use: the machine's, or less when a cgroup
+    limits it (a container, or a device of an emulated cluster)."""
+    machine = psutil.virtual_memory()
+    limit = _cgroup_memory()
+    if limit is None or limit[0] >= machine.total:
+        return machine.total, machine.available
+    total, used = limit
+    return total, max(0, min(machine.available, total - used))
+
+
+def _cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                   root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+    """(limit, usage) of this process's memory cgroup (v1 or v2), or None without a limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            files = (root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes")
+        elif controllers == "":
+            files = (root / path.lstrip("/"), "memory.max", "memory.current")
+        else:
+            continue
+        try:
+            limit = (files[0] / files[1]).read_text().strip()
+            usage = (files[0] / files[2]).read_text().strip()
+        except OSError:
+            continue
+        if limit != "max":
+            return int(limit), int(usage)
+    return None
+
+
 def link_speed() -> tuple[float, str]:
     """Bytes/s of the fastest up, non-loopback interface the OS reports a speed for, and the source."""
     stats = {name: s for name, s in psutil.net_if_stats().items()
@@ -45,15 +82,15 @@ def link_speed() -> tuple[float, str]:
 
 def measure(name: str | None = None, seconds: float = 1.0) -> DeviceProfile:
     """This device's profile, measured now."""
-    memory = psutil.virtual_memory()
+    total, available = usable_ram()
     cores = torch.get_num_threads()
     link, link_source = link_speed()
     gflops = matmul_gflops(seconds=seconds)
     return DeviceProfile(
-        name=name or socket.gethostname(), ram_bytes=int(memory.available * RAM_HEADROOM), cores=cores,
+        name=name or socket.gethostname(), ram_bytes=int(available * RAM_HEADROOM), cores=cores,
         gflops=round(gflops, 2), link_bytes_per_s=link,
-        sources={"ram_bytes": f"psutil: {RAM_HEADROOM:.0%} of available RAM "
-                              f"({memory.available / 1e9:.2f} of {memory.total / 1e9:.2f} GB total)",
+        sources={"ram_bytes": f"psutil and cgroup limit: {RAM_HEADROOM:.0%} of available RAM "
+                              f"({available / 1e9:.2f} of {total / 1e9:.2f} GB total)",
                  "cores": f"torch.get_num_threads() (os.cpu_count() = {os.cpu_count()})",
                  "gflops": f"measured: torch.matmul [{BENCH_TOKENS}x{BENCH_HIDDEN}] @ "
                            f"[{BENCH_HIDDEN}x{4 * BENCH_HIDDEN}] fp32 for {seconds:g} s",

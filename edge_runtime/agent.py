@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 import ringtune
-from device_profiles.live import matmul_gflops
+from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec
@@ -190,11 +190,11 @@ class Agent:
         return self._gflops
 
     def _cmd_hello(self, _: dict, __: bytes) -> dict:
-        memory = psutil.virtual_memory()
+        ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
-                "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": memory.total,
-                "ram_available": memory.available, "runtime": "torch", "gflops": self.gflops}
+                "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,
+                "ram_available": ram_available, "runtime": "torch", "gflops": self.gflops}
 
     def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
         return self.pairing.begin(str(msg["run"]))

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "edge_runtime.commands.profile",
     "coordinator.commands.plan",
     "coordinator.commands.devices",
+    "coordinator.commands.cluster",
     "exporters.commands",
     "audit.command",
 )

@@ -92,6 +92,7 @@ def settings_from_args(args, owner: str, token: str):
 
 def run(args) -> int:
     from coordinator.client import AgentClient
+    from coordinator.cluster.state import cluster_devices
     from coordinator.local import local_names, start_local_agents, stop_local_agents
     from coordinator.progress import progress_for_terminal
     from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
@@ -128,8 +129,10 @@ def run(args) -> int:
     if not token:
         raise ValueError("pass the agents' pairing token with --token TOKEN or RINGTUNE_TOKEN (each agent "
                          "prints it at its first start and keeps it in its state directory)")
+    watched = [*local, *cluster_devices(urls)]  # agents whose death we can explain
+
     def check_alive(names) -> None:
-        for agent in local:
+        for agent in watched:
             status = agent.exit_status()
             if status and agent.name in names:
                 raise AgentGone(agent.name, f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")

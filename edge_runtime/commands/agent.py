@@ -61,13 +61,14 @@ def run(args) -> int:
 def _advertise(agent, args):
     import psutil
     import ringtune
+    from device_profiles.live import usable_ram
     from edge_runtime.discovery.advert import AgentAdvert
     from edge_runtime.discovery.advertiser import Advertiser
     from edge_runtime.discovery.interfaces import parse_interfaces
 
     advert = AgentAdvert(agent_id=agent.pairing.agent_id, name=agent.name, version=ringtune.__version__,
                          control_url=agent.url, cores=psutil.cpu_count() or 1,
-                         ram_bytes=psutil.virtual_memory().total, gflops=round(agent.gflops, 1),
+                         ram_bytes=usable_ram()[0], gflops=round(agent.gflops, 1),
                          runtime="torch", has_data=agent.records is not None)
     return Advertiser(advert, interfaces=parse_interfaces(args.interface))
 

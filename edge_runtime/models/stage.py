@@ -46,7 +46,14 @@ class StageModule(nn.Module):
         """Summed next-token loss (tail/full). The LM head runs only where a label is scored: on
         prompt/completion data that is a few positions per sequence, and the head is the largest
         matmul of a small model."""
-        hidden = self.final_norm(self._blocks_forward(inputs))  # [B, T, d]
+        return self.scored_loss_sum(self.normed_hidden(inputs), labels)
+
+    def normed_hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [B, T, d] (tail/full): what the LM head reads."""
+        return self.final_norm(self._blocks_forward(inputs))
+
+    def scored_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token loss from the normed hidden [B, T, d] (tail/full)."""
         targets = labels[:, 1:]  # [B, T-1]
         scored = targets != IGNORE_INDEX
         logits = self.head(hidden[:, :-1][scored])  # [N, V]
