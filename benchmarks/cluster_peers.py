@@ -33,6 +33,7 @@ from pathlib import Path
 
 from coordinator.cluster import ClusterState, down, up
 from coordinator.cluster.cgroups import Cgroup
+from coordinator.training import step_records
 from device_profiles import resolve_device
 from ringtune.plan import Plan
 from peak_memory import peak_rss, reset_peak_rss
@@ -94,7 +95,7 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
                           env={**os.environ, "RINGTUNE_TOKEN": state.token})
     if done.returncode != 0:
         raise RuntimeError(f"ringtune {schedule} failed: {done.stderr.strip()[-2000:]}")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = step_records(out)
     measured = metrics[1:]
     wire = (sum(measured[-1]["devices"][d]["bytes_sent"] for d in measured[-1]["devices"])
             - sum(metrics[0]["devices"][d]["bytes_sent"] for d in metrics[0]["devices"])) / len(measured)

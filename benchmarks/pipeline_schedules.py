@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from coordinator.training import step_records
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("local1", 1, "1f1b"), ("1f1b", 3, "1f1b"), ("gpipe", 3, "gpipe"), ("sequential", 3, "sequential")]
 
@@ -29,7 +31,7 @@ def run_config(args, data: Path, agents: int, schedule: str, out: Path) -> dict:
                "--micro-batches", str(args.micro_batches), "--micro-batch-size", str(args.micro_batch_size),
                "--seq-len", str(args.seq_len), "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    metrics = step_records(out)[1:]
     step_seconds = statistics.median(m["step_seconds"] for m in metrics)
     tokens = statistics.median(m["tokens"] for m in metrics)
     wire = sum(d["bytes_sent"] for d in metrics[-1]["devices"].values()) / (len(metrics) + 1)

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from coordinator.local import local_names, start_local_agents, stop_local_agents
+from coordinator.training import step_records
 
 RESULTS = Path(__file__).parent / "results"
 CGROUP = Path("/sys/fs/cgroup/cpu")
@@ -47,7 +48,7 @@ def train(args, agents, split: str, out: Path) -> dict:
                "--steps", str(args.steps), "--micro-batches", str(args.micro_batches),
                "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len), "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    metrics = step_records(out)[1:]
     plan = json.loads((out / "plan.json").read_text())
     measured = statistics.median(m["step_seconds"] for m in metrics)
     predicted = plan["predicted"].get("step_seconds")

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from coordinator.training import step_records
 from peak_memory import peak_rss
 
 RANK_FILE = "rank{}.json"
@@ -272,12 +273,12 @@ def _loopback(args) -> None:
                      args.seq_len, args.steps, args.schedule)
         prepare(tmp / "tdp", run, plan)
         results = launch(tmp / "tdp", args.devices, f"127.0.0.1:{_free_port()}")
-        ring = subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--local",
+        subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--local",
                                str(args.devices), "--data", str(tmp / "data" / "train.jsonl"), "--split", "even",
                                "--schedule", args.schedule, "--steps", str(args.steps), "--micro-batches", str(args.micro_batches),
                                "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len),
                                "--out", str(tmp / "ring")], check=True, capture_output=True, text=True)
-        ring_losses = [json.loads(line)["loss"] for line in (tmp / "ring" / "metrics.jsonl").read_text().splitlines()]
+        ring_losses = [m["loss"] for m in step_records(tmp / "ring")]
     print(json.dumps({"torch": torch.__version__, "tdp_losses": results[0]["losses"],
                       "tdp_step_seconds": results[0]["step_seconds"], "ringtune_losses": ring_losses,
                       "max_loss_difference": max(abs(a - b) for a, b in zip(results[0]["losses"], ring_losses)),

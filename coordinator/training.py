@@ -293,6 +293,12 @@ class Trainer:
                 pass  # an agent that is gone has nothing left to stop
 
 
+def step_records(out: Path) -> list[dict]:
+    """The per-step lines of a run's metrics.jsonl (events such as checkpoints and recoveries left out)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "event" not in line]
+
+
 def log_metrics(metrics, record: dict) -> None:
     """One line of metrics.jsonl (a step, or an event such as a recovery), flushed at once."""
     metrics.write(json.dumps(record) + "\n")

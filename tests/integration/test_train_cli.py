@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
+from coordinator.training import step_records
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
@@ -57,7 +58,7 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft(name, schedule, data, 
     assert max_difference(ring, reference) < 1e-5
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [s["device"] for s in plan["stages"]] == ["owner", "node1", "node2", "owner"]
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = step_records(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["devices"]["node1"]["bytes_sent"] > 0 for m in metrics)
 

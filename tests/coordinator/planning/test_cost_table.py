@@ -1,7 +1,6 @@
 """The cost table from configs on the meta device, and planning a 7B model without weights."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
