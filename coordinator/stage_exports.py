@@ -37,6 +37,11 @@ class AgentExport:
     """Its stages' programs and initial LoRA tensors."""
 
 
+def runs_torch(hello: dict) -> bool:
+    """Agents from before runtimes existed run torch."""
+    return hello.get("runtime", "torch") == "torch"
+
+
 def needs_export(hello: dict) -> bool:
     """An agent that runs ExecuTorch and has not loaded its own export directory."""
     return hello.get("runtime") == RUNTIME and not hello.get("export_dir")

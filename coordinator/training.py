@@ -17,7 +17,7 @@ from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, plan_run
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
-from coordinator.stage_exports import AgentExport, agent_exports, needs_export
+from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
 from edge_runtime.models.registry import load_config
@@ -172,7 +172,7 @@ class Trainer:
         for name in plan.devices():
             client = self.clients[name]
             reply = self._call(name, "assign", **common,
-                               slice=None if name in exports else shipment.slices[name].sha256,
+                               slice=shipment.slices[name].sha256 if runs_torch(self.hellos[name]) else None,
                                export=exports[name].manifest.sha256 if name in exports else None,
                                tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None,
                                run_key=wrap_key(client.session_key, run_key))
@@ -200,12 +200,13 @@ class Trainer:
         """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached."""
         sizes = []
         for name in plan.devices():
-            own = [exports[name].manifest, *exports[name].files] if name in exports else [shipment.slices[name]]
+            own = ([exports[name].manifest, *exports[name].files] if name in exports
+                   else [shipment.slices[name]] if runs_torch(self.hellos[name]) else [])
             blobs = own + ([shipment.tokenizer] if name == plan.owner else [])
             for blob in blobs:
                 self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.data))
             sizes.append(f"{name} {sum(len(blob.data) for blob in own) / 1e6:.0f} MB"
-                         + (" of ExecuTorch programs" if name in exports else ""))
+                         + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs"))
         sizes = ", ".join(sizes)
         self.progress.event(f"slices ready on every agent ({sizes})")
 
