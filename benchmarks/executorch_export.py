@@ -1,8 +1,9 @@
 """Export time and program sizes: a whole model's plan lowered to ExecuTorch, serially or in parallel.
 
 Exports the even plan of ``--devices`` devices (the owner's share split into head and tail) with
-``export_plan`` and records the wall time, the CPU count, the machine's load average (other work
-on a shared machine slows lowering, which is single-threaded Python), and every file's size.
+``export_plan`` and records the wall time, the CPU seconds of this process and its lowering
+workers (the load-independent cost: other work on a shared machine stretches the wall time), the
+machine's load average, and every file's size.
 
     python benchmarks/executorch_export.py [--model smollm2-135m --devices 3 --workers 2 -B 4 -T 128]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ def main() -> int:
         manifest = export_plan(args.model, plan, Path(tmp), "executorch",
                                RunShape(args.micro_batch_size, args.seq_len), LoraSpec(), workers=args.workers)
         result["export_seconds"] = round(time.perf_counter() - started, 1)
+        result["cpu_seconds"] = round(sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                                          for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1)
         result["load_average_after"] = os.getloadavg()
         result["files_mb"] = {path: round((Path(tmp) / path).stat().st_size / 1e6, 1)
                               for stage in manifest.stages for path in stage.files.values()}
