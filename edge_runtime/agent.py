@@ -31,10 +31,10 @@ from edge_runtime.runners.base import OptimizerSpec, StageRunner
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.schedules import schedule_for
 from edge_runtime.slice_cache import SliceCache
-from exporters.manifest import ExportManifest, RunShape as ExportShape
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stage_step
+from exporters.manifest import ExportManifest, RunShape as ExportShape
 from ringtune import control
 from ringtune.plan import Plan
 from ringtune.security import AuthError, unwrap_key
