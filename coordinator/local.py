@@ -43,18 +43,20 @@ def local_names(count: int) -> list[str]:
 
 
 def start_local_agents(count: int, data: str, log_dir: Path, token: str, threads: int | None = None,
-                       extra_args: tuple[str, ...] = ()) -> list[LocalAgent]:
+                       extra_args: tuple[str, ...] = (), runtimes: tuple[str, ...] = ("torch",)) -> list[LocalAgent]:
     """The first agent is the data owner; each agent's log goes to log_dir/NAME.log.
-    Threads default to an even share of this machine's cores."""
+    Threads default to an even share of this machine's cores. ``runtimes``: one for every agent,
+    or one per agent in ring order (owner first)."""
+    runtimes = agent_runtimes(runtimes, count)
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // count)
     agents: list[LocalAgent] = []
     try:
-        for name in local_names(count):
+        for name, runtime in zip(local_names(count), runtimes):
             # Local agents never advertise on the network; the token goes through the environment
             # (not the command line, which other users can read).
             command = [sys.executable, "-m", "ringtune.cli", "agent", "--name", name, "--no-advertise",
-                       "--listen", "tcp://127.0.0.1:0", "--threads", str(threads), *extra_args]
+                       "--listen", "tcp://127.0.0.1:0", "--threads", str(threads), "--runtime", runtime, *extra_args]
             if name == "owner":
                 command += ["--data", data]
             log_path = log_dir / f"{name}.log"
@@ -68,6 +70,16 @@ def start_local_agents(count: int, data: str, log_dir: Path, token: str, threads
         stop_local_agents(agents)
         raise
     return agents
+
+
+def agent_runtimes(runtimes: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """One runtime per local agent: a single one is used for all."""
+    if len(runtimes) == 1:
+        return runtimes * count
+    if len(runtimes) != count:
+        raise ValueError(f"--runtime lists {len(runtimes)} runtimes for {count} local agents: give one, or one "
+                         f"per agent (owner first), e.g. torch,executorch,executorch")
+    return runtimes
 
 
 def _wait_ready(agent: LocalAgent) -> str:

@@ -17,10 +17,12 @@ from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, plan_run
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
+from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
 from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
+from exporters.manifest import RunShape as ExportShape
 from ringtune import control
 from ringtune.plan import Plan, even_plan, validate_plan
 from ringtune.privacy_spec import PrivacySpec
@@ -183,7 +185,8 @@ class Trainer:
     def _assign(self, plan: Plan) -> None:
         s = self.settings
         shipment = cut_model(s.model, s.lora, plan)
-        self._ship(plan, shipment)
+        exports = self._exports(plan)
+        self._ship(plan, shipment, exports)
         run_key = new_key()
         common = {"run": self.run_id, "plan": plan.to_dict(), "config": shipment.config,
                   "hidden_size": shipment.hidden_size,
@@ -192,7 +195,9 @@ class Trainer:
         listen: dict[int, str] = {}
         for name in plan.devices():
             client = self.clients[name]
-            reply = self._call(name, "assign", **common, slice=shipment.slices[name].sha256,
+            reply = self._call(name, "assign", **common,
+                               slice=shipment.slices[name].sha256 if runs_torch(self.hellos[name]) else None,
+                               export=exports[name].manifest.sha256 if name in exports else None,
                                tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None,
                                privacy=s.privacy.to_dict() if name == plan.owner else None,
                                run_key=wrap_key(client.session_key, run_key))
@@ -203,13 +208,31 @@ class Trainer:
         self.progress.event(f"loading stages on {', '.join(plan.devices())} ...")
         self._wait_all(plan, lambda st: st["state"] == "ready", s.load_timeout, "load its stages")
 
-    def _ship(self, plan: Plan, shipment: ModelShipment) -> None:
-        """Each agent gets only its own slice (and the owner the tokenizer), unless cached."""
+    def _exports(self, plan: Plan) -> dict[str, AgentExport]:
+        """ExecuTorch programs for the agents that run them (exported once per stage, then cached)."""
+        s = self.settings
+        names = [name for name in plan.devices() if needs_export(self.hellos[name])]
+        if not names:
+            return {}
+        self.progress.event(f"ExecuTorch stages for {', '.join(names)} (exported once, then cached) ...")
+        started = time.perf_counter()
+        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora)
+        self.progress.event(f"exported stages {exported} in {time.perf_counter() - started:.0f} s" if exported
+                            else "ExecuTorch stages found in the export cache")
+        return exports
+
+    def _ship(self, plan: Plan, shipment: ModelShipment, exports: dict[str, AgentExport]) -> None:
+        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached."""
+        sizes = []
         for name in plan.devices():
-            blobs = [shipment.slices[name]] + ([shipment.tokenizer] if name == plan.owner else [])
+            own = ([exports[name].manifest, *exports[name].files] if name in exports
+                   else [shipment.slices[name]] if runs_torch(self.hellos[name]) else [])
+            blobs = own + ([shipment.tokenizer] if name == plan.owner else [])
             for blob in blobs:
                 self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.data))
-        sizes = ", ".join(f"{name} {len(blob.data) / 1e6:.0f} MB" for name, blob in shipment.slices.items())
+            sizes.append(f"{name} {sum(len(blob.data) for blob in own) / 1e6:.0f} MB"
+                         + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs"))
+        sizes = ", ".join(sizes)
         self.progress.event(f"slices ready on every agent ({sizes})")
 
     def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:

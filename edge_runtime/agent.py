@@ -25,6 +25,7 @@ import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
@@ -39,6 +40,7 @@ from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stage_step
+from exporters.manifest import ExportManifest, RunShape as ExportShape
 from ringtune import control
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
@@ -58,8 +60,10 @@ class RunSettings:
     """The model's config (to build the skeleton its slice fills)."""
     hidden_size: int
     """Width of the hidden states on the ring."""
-    slice: str
-    """sha256 of this agent's slice blob in the cache."""
+    slice: str | None
+    """sha256 of this agent's slice blob in the cache (torch runtime)."""
+    export: str | None
+    """sha256 of the shipped ExecuTorch export manifest (executorch runtime without --export-dir)."""
     tokenizer: str | None
     """sha256 of the tokenizer blob (owner only)."""
     lora: LoraSpec
@@ -89,7 +93,7 @@ class RunSettings:
     def from_message(msg: dict, session_key: bytes) -> "RunSettings":
         return RunSettings(run=msg["run"], plan=Plan.from_dict(msg["plan"]), config=msg["config"],
                            hidden_size=int(msg["hidden_size"]),
-                           slice=msg["slice"], tokenizer=msg.get("tokenizer"),
+                           slice=msg.get("slice"), export=msg.get("export"), tokenizer=msg.get("tokenizer"),
                            lora=LoraSpec.from_dict(msg["lora"]), optimizer=OptimizerSpec(**msg["optimizer"]),
                            micro_batch_size=int(msg["micro_batch_size"]), seq_len=int(msg["seq_len"]),
                            seed=int(msg["seed"]), run_key=unwrap_key(session_key, bytes(msg["run_key"])),
@@ -113,8 +117,15 @@ class ActiveRun:
 
 class Agent:
     def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None) -> None:
         self.name = name
+        self.runtime = runtime
+        self.export_dir = export_dir
+        self.state_dir = state_dir
+        if runtime == "executorch":
+            require_executorch()
+            if export_dir is not None:
+                ExportManifest.read(export_dir)  # fail fast on a directory without an export
         self.records = read_records(data_path) if data_path else None  # fail fast on bad data
         if threads:
             torch.set_num_threads(threads)
@@ -194,7 +205,8 @@ class Agent:
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,
-                "ram_available": ram_available, "runtime": "torch", "gflops": self.gflops}
+                "ram_available": ram_available, "runtime": self.runtime, "export_dir": self.export_dir is not None,
+                "gflops": self.gflops}
 
     def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
         return self.pairing.begin(str(msg["run"]))
@@ -216,7 +228,8 @@ class Agent:
             raise ValueError(f"the plan has no stage for {self.name!r}")
         if self.name == settings.plan.owner and self.records is None:
             raise ValueError(f"{self.name!r} is the owner but was started without --data FILE")
-        missing = [d for d in filter(None, (settings.slice, settings.tokenizer)) if not self.cache.has(d)]
+        missing = [d for d in filter(None, (settings.slice, settings.export, settings.tokenizer))
+                   if not self.cache.has(d)]
         if missing:
             raise ValueError(f"blobs {[d[:12] for d in missing]} were not uploaded: send them before assign")
         self._stop_run()
@@ -302,10 +315,8 @@ class Agent:
     def _load(self, run: ActiveRun, indices: list[int]) -> None:
         try:
             s = run.settings
-            built = materialize(self.cache.read(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
             noise = NoiseStream(s.privacy.seed)  # the owner's: no seed given means one from the CSPRNG
-            run.runners = {i: privatize(TorchStageRunner(module, lora, s.optimizer), s.privacy, noise)
-                           for i, (module, lora) in built.items()}
+            run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
@@ -362,6 +373,17 @@ class Agent:
             run.state, run.error = "error", f"{self.name}: {error}"
 
     # --- helpers ------------------------------------------------------------------------
+    def _runners(self, s: RunSettings, indices: list[int]) -> dict[int, StageRunner]:
+        if self.runtime == "torch":
+            built = materialize(self.cache.read(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
+            return {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
+        if self.export_dir is None and s.export is None:
+            raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
+                             f"on the coordinator or start the agent with --export-dir DIR")
+        export_dir = self.export_dir or export_from_cache(self.cache, s.export, self.state_dir / "exports")
+        return executorch_runners(export_dir, s.plan, indices, ExportShape(s.micro_batch_size, s.seq_len),
+                                  s.lora, s.optimizer)
+
     def _edge_config(self, settings: RunSettings, stage: int, peer: int) -> EdgeConfig:
         return EdgeConfig.for_link(settings.run, settings.run_key, stage, peer, settings.edge_shape,
                                    settings.timeout, settings.encrypt)

@@ -27,6 +27,10 @@ class SliceCache:
     def has(self, digest: str) -> bool:
         return self._path(digest).is_file()
 
+    def path(self, digest: str) -> Path:
+        """Where a complete blob lives (check ``has`` first)."""
+        return self._path(digest)
+
     def read(self, digest: str) -> bytes:
         if not self.has(digest):
             raise UploadError(f"blob {digest[:12]} is not in the cache at {self.root}: upload it first")

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA.r, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=DEFAULT_LORA.alpha, help="LoRA alpha")
     parser.add_argument("--seed", type=int, default=DEFAULT_LORA.seed, help="seed of the LoRA initialisation")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes lowering ExecuTorch programs in parallel (one core each)")
     parser.set_defaults(run=run)
 
 
@@ -34,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.plan.is_file():
         raise ValueError(f"no plan file {args.plan}: write one (see `ringtune train --help`) or give its path")
-    if args.micro_batch_size < 1 or args.seq_len < 2:
-        raise ValueError("--micro-batch-size must be >= 1 and --seq-len >= 2")
+    if args.micro_batch_size < 1 or args.seq_len < 2 or args.workers < 1:
+        raise ValueError("--micro-batch-size and --workers must be >= 1 and --seq-len >= 2")
     plan = Plan.from_json(args.plan.read_text())
     started = time.perf_counter()
     manifest = export_plan(args.model or plan.model, plan, args.out, args.runtime,
                            RunShape(args.micro_batch_size, args.seq_len),
-                           LoraSpec(r=args.lora_r, alpha=args.lora_alpha, seed=args.seed))
+                           LoraSpec(r=args.lora_r, alpha=args.lora_alpha, seed=args.seed), workers=args.workers)
     for stage in manifest.stages:
         sizes = ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB" for path in stage.files.values())
         print(f"stage {stage.index} {stage.role} {list(stage.layers)} on {stage.device}: {sizes}")

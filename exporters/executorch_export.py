@@ -67,6 +67,11 @@ class _StageFunction(nn.Module):
         return (result,) if self.joint else result
 
 
+def stage_programs(spec: StageSpec, has_lora: bool) -> tuple[str, ...]:
+    """The programs a stage needs: a head with no blocks has nothing to differentiate."""
+    return ("forward", "vjp") if has_lora or spec.role != "head" else ("forward",)
+
+
 def export_executorch_stage(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
                             out_dir: Path) -> StageManifest:
     """Write ``stage{index}/{forward,vjp}.pte`` and ``lora.safetensors`` under out_dir.
@@ -74,25 +79,43 @@ def export_executorch_stage(peft_model: nn.Module, spec: StageSpec, index: int, 
     peft_model must use eager attention (``model.set_attn_implementation("eager")`` before
     ``apply_lora``): SDPA does not lower to XNNPACK.
     """
+    _, lora = build_stage(peft_model, spec.layers, spec.role)
+    for kind in stage_programs(spec, bool(lora)):
+        write_program(peft_model, spec, index, shape, out_dir, kind)
+    return write_stage_manifest(peft_model, spec, index, shape, out_dir)
+
+
+def write_program(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape, out_dir: Path,
+                  kind: str) -> None:
+    """Lower one of the stage's programs (``forward`` or ``vjp``) to ``stage{index}/{kind}.pte``."""
     if peft_model.config._attn_implementation != "eager":
         raise ExportError("export for ExecuTorch needs eager attention: call "
                           "model.set_attn_implementation('eager') before apply_lora")
     stage, lora = build_stage(peft_model, spec.layers, spec.role)
     relative = _relative_names(stage, lora)
     inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
-    lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
-    stage_dir = Path(out_dir) / f"stage{index}"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    files = {"lora": f"stage{index}/lora.safetensors", "forward": f"stage{index}/forward.pte"}
-    save_file({name: p.detach().contiguous() for name, p in lora.items()}, str(Path(out_dir) / files["lora"]))
     examples = _example_inputs(inputs, stage.config.vocab_size)
     lora_values = [p.detach().clone() for p in lora.values()]
+    path = Path(out_dir) / f"stage{index}" / f"{kind}.pte"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _frozen(stage):
-        (Path(out_dir) / files["forward"]).write_bytes(_lower_forward(stage, relative, examples, lora_values))
-        if lora or spec.role != "head":  # a head with no blocks has nothing to differentiate
-            files["vjp"] = f"stage{index}/vjp.pte"
+        if kind == "forward":
+            program = _lower_forward(stage, relative, examples, lora_values)
+        else:
             dy = [] if spec.role in LOSS_ROLES else _example_inputs(outputs, stage.config.vocab_size)
-            (Path(out_dir) / files["vjp"]).write_bytes(_lower_vjp(stage, relative, examples, dy, lora_values))
+            program = _lower_vjp(stage, relative, examples, dy, lora_values)
+    path.write_bytes(program)
+
+
+def write_stage_manifest(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
+                         out_dir: Path) -> StageManifest:
+    """Write the initial LoRA tensors and describe the stage (its programs must be written already)."""
+    stage, lora = build_stage(peft_model, spec.layers, spec.role)
+    inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
+    lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
+    files = {kind: f"stage{index}/{kind}.pte" for kind in stage_programs(spec, bool(lora))}
+    files["lora"] = f"stage{index}/lora.safetensors"
+    save_file({name: p.detach().contiguous() for name, p in lora.items()}, str(Path(out_dir) / files["lora"]))
     hashes = {path: sha256_file(Path(out_dir) / path) for path in files.values()}
     return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
                          sha256=hashes, inputs=inputs, outputs=outputs, lora=lora_specs)

@@ -94,24 +94,32 @@ class ExportManifest:
     """Bumped when the layout changes incompatibly."""
 
     def stage(self, index: int) -> StageManifest:
-        if not 0 <= index < len(self.stages):
-            raise ManifestError(f"the export has stages 0..{len(self.stages) - 1}, not stage {index}; "
-                                f"export again with the plan this run uses")
-        return self.stages[index]
+        for stage in self.stages:
+            if stage.index == index:
+                return stage
+        raise ManifestError(f"the export has stages {[s.index for s in self.stages]}, not stage {index}; "
+                            f"export again with the plan this run uses")
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
+        path.write_text(self.to_json())
         return path
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 
     @staticmethod
     def read(directory: Path) -> ExportManifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_NAME} in {directory}: run `ringtune export` into it first")
-        data = json.loads(path.read_text())
+        return ExportManifest.from_json(path.read_text(), str(path))
+
+    @staticmethod
+    def from_json(text: str, source: str = MANIFEST_NAME) -> ExportManifest:
+        data = json.loads(text)
         if data.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"{path} has format {data.get('format_version')}, this ringtune reads "
+            raise ManifestError(f"{source} has format {data.get('format_version')}, this ringtune reads "
                                 f"{FORMAT_VERSION}: export again with this ringtune")
         return ExportManifest(model=data["model"], runtime=data["runtime"],
                               micro_batch_size=int(data["micro_batch_size"]), seq_len=int(data["seq_len"]),

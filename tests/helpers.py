@@ -29,13 +29,13 @@ class AgentProcess:
 
     def __init__(self, name: str, state_dir: Path, *, data: Path | None = None, listen: str = "tcp://127.0.0.1:0",
                  interfaces: tuple[str, ...] = (), prefix: tuple[str, ...] = (), token: str = TOKEN,
-                 threads: int = 1) -> None:
+                 threads: int = 1, extra: tuple[str, ...] = ()) -> None:
         import os
         import re
         import subprocess
 
         command = [*prefix, *ringtune_command("agent", "--name", name, "--listen", listen, "--token", token,
-                                              "--state-dir", str(state_dir), "--threads", str(threads))]
+                                              "--state-dir", str(state_dir), "--threads", str(threads), *extra)]
         command += ["--data", str(data)] if data else []
         command += [a for ip in interfaces for a in ("--interface", ip)] if interfaces else ["--no-advertise"]
         self.name = name

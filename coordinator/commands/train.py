@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--link-mbit", type=float,
                         help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
+    parser.add_argument("--runtime", default="torch",
+                        help="with --local: torch or executorch for every agent, or one per agent (owner first), "
+                             "e.g. torch,executorch,executorch; remote agents choose with `ringtune agent --runtime`")
     parser.add_argument("--timeout", type=float, default=120.0, help="data-plane timeout in seconds")
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
                         help="seconds without an answer before an agent is declared gone")
@@ -117,8 +120,11 @@ def run(args) -> int:
         token = generate_token()
         owner = local_names(args.local)[0]
         print(f"starting {args.local} local agent(s) ...", flush=True)
-        local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads)
+        local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads,
+                                   runtimes=local_runtimes(args.runtime))
         urls = [agent.url for agent in local]
+    elif args.runtime != "torch":
+        raise ValueError("--runtime is for --local agents; start remote agents with `ringtune agent --runtime ...`")
     elif args.discover:
         owner, found = discover_agents(args)
         urls = [advert.control_url for advert in found]
@@ -154,6 +160,14 @@ def run(args) -> int:
     print(f"adapter: {result.adapter_dir} (load with peft.PeftModel.from_pretrained(base_model, "
           f"'{result.adapter_dir}'))")
     return 0
+
+
+def local_runtimes(text: str) -> tuple[str, ...]:
+    runtimes = tuple(r.strip() for r in text.split(","))
+    unknown = sorted(set(runtimes) - {"torch", "executorch"})
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown} in --runtime: use torch or executorch, or a comma list")
+    return runtimes
 
 
 def discover_agents(args) -> tuple[str, list]:

@@ -21,6 +21,12 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--token", default=os.environ.get("RINGTUNE_AGENT_TOKEN"),
                         help="pairing token (default: generated once, printed, kept in the state directory)")
+    parser.add_argument("--runtime", choices=("torch", "executorch"), default="torch",
+                        help="run stages in eager PyTorch, or through ExecuTorch programs (pip install "
+                             "'ringtune[executorch]'); the coordinator exports and ships them")
+    parser.add_argument("--export-dir", type=Path,
+                        help="with --runtime executorch: a local `ringtune export` directory to run instead of "
+                             "shipped programs (checked against its manifest hashes and the run's shape)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="token and slice cache")
     parser.add_argument("--interface", action="append", metavar="IP|IFACE",
                         help="advertise over mDNS only on these interfaces (repeatable; default: all)")
@@ -44,7 +50,10 @@ def run(args) -> int:
         token, created = load_or_create_token(args.state_dir)
         if created:
             print(f"pairing token (give it to the coordinator: ringtune train --token ...): {token}", flush=True)
-    agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads)
+    if args.export_dir and args.runtime != "executorch":
+        raise ValueError("--export-dir holds ExecuTorch programs: use it with --runtime executorch")
+    agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads,
+                  runtime=args.runtime, export_dir=args.export_dir)
     advertiser = None if args.no_advertise else _advertise(agent, args)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"ringtune agent {args.name} listening on {agent.url}", flush=True)
@@ -69,7 +78,7 @@ def _advertise(agent, args):
     advert = AgentAdvert(agent_id=agent.pairing.agent_id, name=agent.name, version=ringtune.__version__,
                          control_url=agent.url, cores=psutil.cpu_count() or 1,
                          ram_bytes=usable_ram()[0], gflops=round(agent.gflops, 1),
-                         runtime="torch", has_data=agent.records is not None)
+                         runtime=agent.runtime, has_data=agent.records is not None)
     return Advertiser(advert, interfaces=parse_interfaces(args.interface))
 
 

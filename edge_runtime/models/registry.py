@@ -40,7 +40,15 @@ def _tiny_gpt2_config() -> GPT2Config:
                       bos_token_id=ByteTokenizer.eos_token_id)
 
 
-TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config}
+def _two_blocks(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The smallest model a 3-device ring can split (ExecuTorch tests: lowering costs ~30 s a block)."""
+    config.num_hidden_layers = 2
+    return config
+
+
+TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config,
+                "tiny-llama-2l": lambda: _two_blocks(_tiny_llama_config()),
+                "tiny-gpt2-2l": lambda: _two_blocks(_tiny_gpt2_config())}
 BUILTIN_MODELS = (*TINY_CONFIGS, "smollm2-135m")
 
 
