@@ -105,6 +105,9 @@ class TrainResult:
 
 
 class Trainer:
+    """The steps of a run against paired agents: plan, assign and wire the ring, run a step, collect the
+    adapter. coordinator.recovery.ResilientTrainer drives them (checkpoints, failures, resume)."""
+
     def __init__(self, settings: TrainSettings, clients: list[AgentClient],
                  progress: Progress | None = None,
                  check_alive: Callable[[Iterable[str]], None] = lambda names: None) -> None:
@@ -153,16 +156,6 @@ class Trainer:
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule)
-
-    def run(self, plan: Plan | None = None) -> TrainResult:
-        plan = self._prepare(plan or self.make_plan())
-        try:
-            self._assign(plan)
-            losses, step_seconds, tokens = self._train(plan)
-            adapter = self._write_adapter(plan, losses)
-        finally:
-            self._stop_all()
-        return TrainResult(plan, losses, adapter, tokens / max(sum(step_seconds), 1e-9), step_seconds)
 
     def _prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
@@ -234,19 +227,6 @@ class Trainer:
                          + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs"))
         sizes = ", ".join(sizes)
         self.progress.event(f"slices ready on every agent ({sizes})")
-
-    def _train(self, plan: Plan) -> tuple[list[float], list[float], int]:
-        s = self.settings
-        losses, step_seconds, total_tokens = [], [], 0
-        with (s.out / "metrics.jsonl").open("w") as metrics:
-            for step in range(s.steps):
-                record = self._run_step(plan, step)
-                losses.append(record["loss"])
-                step_seconds.append(record["step_seconds"])
-                total_tokens += record["tokens"]
-                log_metrics(metrics, record)
-                self.progress.step(plan, record, s.steps)
-        return losses, step_seconds, total_tokens
 
     def _run_step(self, plan: Plan, step: int) -> dict:
         """Run one optimizer step on every stage; its metrics record."""
