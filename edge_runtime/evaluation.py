@@ -32,18 +32,25 @@ def label_set(records: list[Record]) -> list[str] | None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record], seq_len: int) -> EvalResult:
+def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record], seq_len: int,
+             records_per_batch: int = 8) -> EvalResult:
     labels = label_set(records)
     loss_sum, scored, correct = 0.0, 0, 0
-    for record in records:
-        candidates = labels if labels else [record.completion]
-        ids, targets = _batch([Record(record.prompt, c) for c in candidates], tokenizer, seq_len)
-        logits = model(input_ids=ids).logits  # [C, T, V]
-        per_candidate = torch.stack([token_loss_sum(logits[i:i + 1], targets[i:i + 1]) for i in range(len(candidates))])
-        truth = candidates.index(record.completion)
-        loss_sum += float(per_candidate[truth])
-        scored += int((targets[truth, 1:] != IGNORE_INDEX).sum())
-        correct += int(int(per_candidate.argmin()) == truth)
+    for start in range(0, len(records), records_per_batch):
+        chunk = records[start:start + records_per_batch]
+        candidates = [labels if labels else [r.completion] for r in chunk]
+        # One forward for every (record, candidate) row: right padding keeps each row's causal logits exact.
+        ids, targets = _batch([Record(r.prompt, c) for r, cs in zip(chunk, candidates) for c in cs], tokenizer, seq_len)
+        logits = model(input_ids=ids).logits  # [rows, T, V]
+        row = 0
+        for record, options in zip(chunk, candidates):
+            per_option = torch.stack([token_loss_sum(logits[i:i + 1], targets[i:i + 1])
+                                      for i in range(row, row + len(options))])
+            truth = options.index(record.completion)
+            loss_sum += float(per_option[truth])
+            scored += int((targets[row + truth, 1:] != IGNORE_INDEX).sum())
+            correct += int(int(per_option.argmin()) == truth)
+            row += len(options)
     return EvalResult(loss_sum / max(scored, 1), correct / len(records) if labels else None, len(records))
 
 

@@ -1,0 +1,38 @@
+"""Held-out evaluation: batching rows of several prompts changes nothing; accuracy follows the label losses."""
+import pytest
+import torch
+
+from helpers import ARCHITECTURES
+from edge_runtime.data.dataset import Record, encode_record
+from edge_runtime.evaluation import evaluate, label_set
+from edge_runtime.models.registry import load_model, load_tokenizer
+from edge_runtime.models.stage import IGNORE_INDEX, token_loss_sum
+
+LABELS = [" negative", " neutral", " positive"]
+RECORDS = [Record(f"Tweet: {'so ' * (i % 5)}good day {i}\nSentiment:", LABELS[i % 3]) for i in range(11)]
+
+
+def unbatched_label_losses(model, tokenizer, record: Record) -> list[float]:
+    """Each label scored alone, without padding: the definition the batched path must match."""
+    losses = []
+    for label in LABELS:
+        ids, targets = encode_record(Record(record.prompt, label), tokenizer, 64)
+        logits = model(input_ids=torch.tensor([ids])).logits
+        losses.append(float(token_loss_sum(logits, torch.tensor([targets]))))
+    return losses
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+@torch.no_grad()
+def test_batched_evaluation_equals_scoring_each_label_alone(model_name):
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    assert label_set(RECORDS) == LABELS
+    result = evaluate(model, tokenizer, RECORDS, seq_len=64, records_per_batch=4)
+    losses = [unbatched_label_losses(model, tokenizer, r) for r in RECORDS]
+    truth = [LABELS.index(r.completion) for r in RECORDS]
+    tokens = sum(int((torch.tensor(encode_record(r, tokenizer, 64)[1][1:]) != IGNORE_INDEX).sum()) for r in RECORDS)
+    expected_loss = sum(row[t] for row, t in zip(losses, truth)) / tokens
+    expected_accuracy = sum(min(range(3), key=row.__getitem__) == t for row, t in zip(losses, truth)) / len(RECORDS)
+    assert result.loss == pytest.approx(expected_loss, rel=1e-5)
+    assert result.accuracy == pytest.approx(expected_accuracy)
+    assert result.examples == len(RECORDS)
