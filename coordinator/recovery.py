@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def load_run(out: Path, token: str) -> tuple[TrainSettings, str]:
 
 class ResilientTrainer(Trainer):
     def __init__(self, settings: TrainSettings, clients: list[AgentClient], recovery: RecoverySettings,
-                 lineage: str | None = None, **kwargs) -> None:
-        """lineage: the id of the run being resumed (names the owner's checkpoint directory)."""
+                 lineage: str | None = None, find_agents: Callable[[], list[str]] | None = None, **kwargs) -> None:
+        """lineage: the id of the run being resumed (names the owner's checkpoint directory).
+        find_agents: the control URLs of the agents seen now (--discover); a paused run, or --rebalance at
+        a checkpoint, takes in new agents among them as well as agents that left and came back."""
         if recovery.checkpoint_every < 1:
             raise ValueError("--checkpoint-every must be at least 1")
         super().__init__(settings, clients, **kwargs)
@@ -83,6 +86,9 @@ class ResilientTrainer(Trainer):
         self.lineage = lineage or self.run_id
         self.store = CheckpointStore(settings.out / "checkpoints")
         self.departed: dict[str, AgentClient] = {}
+        self.find_agents = find_agents
+        self._opened: list[AgentClient] = []
+        """Clients of agents taken in during the run (closed when it ends)."""
         self._why_gone: dict[str, str] = {}
         self._last_answer: dict[str, float] = {}
         self._metrics = None
@@ -128,6 +134,8 @@ class ResilientTrainer(Trainer):
                 adapter = self._write_adapter(ring, losses)
             finally:
                 self._stop_all()
+                for client in self._opened:
+                    client.close()
         return TrainResult(ring, losses, adapter, tokens / max(sum(step_seconds), 1e-9), step_seconds)
 
     # --- the ring -----------------------------------------------------------------------
@@ -236,39 +244,70 @@ class ResilientTrainer(Trainer):
         """Wait until one of these departed agents answers again (then it is back in the run)."""
         timeout = self.recovery.pause_timeout
         log_metrics(self._metrics, {"event": "paused", "reason": reason, "waiting_for": waiting_for, "time": time.time()})
-        self.progress.event(f"paused: {reason}; waiting up to {timeout:.0f} s for {', '.join(waiting_for)} to come back")
+        awaited = ", ".join(waiting_for) + (" (or a new device found by discovery)" if self.find_agents else "")
+        self.progress.event(f"paused: {reason}; waiting up to {timeout:.0f} s for {awaited} to come back")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any([self._rejoin(name) for name in waiting_for]):
+            if any([self._rejoin(name) for name in waiting_for]) | self._take_in_new():
                 return
             time.sleep(REJOIN_POLL_SECONDS)
-        raise RunFailed(f"paused: {reason}, and {', '.join(waiting_for)} did not come back within {timeout:.0f} s. "
+        raise RunFailed(f"paused: {reason}, and {awaited} did not come back within {timeout:.0f} s. "
                         f"The last checkpoint is in {self.store.root}: restart the agents and continue with "
                         f"ringtune train --resume {self.settings.out}")
 
     def _take_back(self) -> bool:
-        """--rebalance: re-admit departed agents that answer again; True if any did."""
-        return any([self._rejoin(name) for name in sorted(self.departed)])
+        """--rebalance: re-admit departed agents that answer again, and new ones discovered; True if any."""
+        return any([self._rejoin(name) for name in sorted(self.departed)]) | self._take_in_new()
 
     def _rejoin(self, name: str) -> bool:
         client = self.departed[name]
-        try:
-            hello = client.hello(reply_timeout=REJOIN_POLL_SECONDS)
-            if hello["name"] != name:
-                return False
-            client.pair(self.settings.token, self.run_id)
-        except (AgentUnreachable, control.ControlError, PairingFailed):
+        if not self._admit(client, name):
             return False
-        self.hellos[name] = hello
         self.clients[name] = self.departed.pop(name)
         self._gone.discard(name)
         log_metrics(self._metrics, {"event": "rejoined", "agent": name, "time": time.time()})
         self.progress.event(f"{name} is back")
         return True
 
-    def _ship(self, plan: Plan, shipment) -> None:
+    def _take_in_new(self) -> bool:
+        """Pair the discovered agents not in the run at their address yet; True if any joined."""
+        if self.find_agents is None:
+            return False
+        known = {client.url for client in (*self.clients.values(), *self.departed.values())}
+        joined = False
+        for url in self.find_agents():
+            if url in known:
+                continue
+            client = AgentClient(url, timeout=self.settings.heartbeat_timeout)
+            if not self._admit(client, None):
+                client.close()
+                continue
+            self._opened.append(client)
+            self.departed.pop(client.name, None)  # an agent that left, back at a new address
+            self._gone.discard(client.name)
+            self.clients[client.name] = client
+            joined = True
+            log_metrics(self._metrics, {"event": "joined", "agent": client.name, "url": url, "time": time.time()})
+            self.progress.event(f"{client.name} ({url}) found by discovery: taking it in")
+        return joined
+
+    def _admit(self, client: AgentClient, name: str | None) -> bool:
+        """Hello and pair the departed agent name, or (name None) any agent not in the run; False if it cannot join."""
+        try:
+            hello = client.hello(reply_timeout=REJOIN_POLL_SECONDS)
+            unwanted = hello["name"] != name if name else hello["name"] in self.clients
+            if unwanted or hello["protocol"] != control.PROTOCOL_VERSION:
+                return False
+            client.name = hello["name"]
+            client.pair(self.settings.token, self.run_id)
+        except (AgentUnreachable, control.ControlError, PairingFailed):
+            return False
+        self.hellos[client.name] = hello
+        return True
+
+    def _ship(self, plan: Plan, shipment, exports) -> None:
         started = time.perf_counter()
-        super()._ship(plan, shipment)
+        super()._ship(plan, shipment, exports)
         self._ship_seconds = time.perf_counter() - started
 
     def _call(self, name: str, cmd: str, **payload) -> dict:

@@ -44,9 +44,10 @@ def devices_from_args(args) -> list:
     from device_profiles import DeviceProfile, ProfileError, load_profiles, resolve_device
 
     if args.discover:
-        from coordinator.commands.train import discover_agents
+        from coordinator.commands.train import discover_agents, open_discovery
 
-        owner, found = discover_agents(args)
+        with open_discovery(args) as discovery:
+            owner, found = discover_agents(args, discovery)
         args.owner = owner
         return [DeviceProfile(a.name, a.ram_bytes, a.cores, a.gflops, args.link_mbit * 1e6 / 8,
                               sources={"gflops": "advertised by the agent", "ram_bytes": "advertised (total)",

@@ -94,6 +94,13 @@ def settings_from_args(args, owner: str, token: str):
 
 
 def run(args) -> int:
+    if not args.discover:
+        return train(args, None)
+    with open_discovery(args) as discovery:  # kept open: a paused run takes in devices found later
+        return train(args, discovery)
+
+
+def train(args, discovery) -> int:
     from coordinator.client import AgentClient
     from coordinator.cluster.state import cluster_devices
     from coordinator.local import local_names, start_local_agents, stop_local_agents
@@ -126,7 +133,7 @@ def run(args) -> int:
     elif args.runtime != "torch":
         raise ValueError("--runtime is for --local agents; start remote agents with `ringtune agent --runtime ...`")
     elif args.discover:
-        owner, found = discover_agents(args)
+        owner, found = discover_agents(args, discovery)
         urls = [advert.control_url for advert in found]
     else:
         if not args.owner and not args.resume:
@@ -148,7 +155,9 @@ def run(args) -> int:
     try:
         settings, lineage = load_run(args.resume, token) if args.resume else (settings_from_args(args, owner, token), None)
         recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout, resume=bool(args.resume))
-        trainer = ResilientTrainer(settings, clients, recovery, lineage, progress=progress, check_alive=check_alive)
+        find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
+        trainer = ResilientTrainer(settings, clients, recovery, lineage, find_agents, progress=progress,
+                                   check_alive=check_alive)
         result = trainer.run(plan)
     finally:
         progress.close()
@@ -170,18 +179,19 @@ def local_runtimes(text: str) -> tuple[str, ...]:
     return runtimes
 
 
-def discover_agents(args) -> tuple[str, list]:
-    """The owner's name and the adverts of the agents found over mDNS (--discover, --interface)."""
+def open_discovery(args):
+    """An mDNS browser on the --interface(s); close it when done."""
     from coordinator.discovery.mdns import MdnsDiscovery
     from edge_runtime.discovery.interfaces import parse_interfaces
 
+    return MdnsDiscovery(interfaces=parse_interfaces(args.interface))
+
+
+def discover_agents(args, discovery) -> tuple[str, list]:
+    """The owner's name and the adverts of the agents found over mDNS (--discover)."""
     wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
-    discovery = MdnsDiscovery(interfaces=parse_interfaces(args.interface))
-    try:
-        print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
-        found = discovery.wait_for(wanted, args.discover_timeout)
-    finally:
-        discovery.close()
+    print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
+    found = discovery.wait_for(wanted, args.discover_timeout)
     if isinstance(wanted, int):
         found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
     owner = args.owner or _the_owner(found)
