@@ -1,31 +1,51 @@
 """`ringtune train --runtime executorch`: real agents running ExecuTorch programs the coordinator
-exported and shipped, against the torch runtime; mixed rings; refusals of bad programs and shapes.
+exported and shipped, against what torch trains; mixed rings; export determinism; refusals of bad
+programs and shapes.
 
 Lowering costs ~30 s a block here, so the models are the 2-block tiny variants on a plan that
-gives each helper one block and leaves the owner the embedding and the head (the fewest blocks a
-3-device ring takes), and one export cache serves the whole module.
+gives each helper one block and leaves the owner the embedding (head) and the norm + LM head
+(tail), the fewest blocks a 3-device ring takes, and one export cache serves the whole module:
+tiny-llama-2l runs all on ExecuTorch, then mixed on the cached stages; tiny-gpt2-2l runs mixed
+with only node2 on torch, which exports head, middle and tail but one block. The "full" role is
+tests/exporters/test_executorch_export.py's.
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from coordinator.stage_exports import STAGE_MANIFEST, stage_key
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora
+from edge_runtime.models.registry import load_model, load_tokenizer
+from edge_runtime.runners.base import OptimizerSpec
+from exporters.export import export_stages
+from exporters.manifest import RunShape, StageManifest
 from helpers import ARCHITECTURES, TOKEN, AgentProcess, ringtune_command, write_text_data
-from reference import max_difference
+from reference import max_difference, reference_adapter
+from ringtune.plan import Plan
 
 pytest.importorskip("executorch")
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-4
+STEPS, MICRO_BATCHES = 3, 4
+SHAPE = RunShape(micro_batch_size=2, seq_len=24)
+LORA = LoraSpec(r=4, alpha=8, seed=11)
+OPTIMIZER = OptimizerSpec(lr=0.01)
+# Per architecture: the runtimes of owner, node1, node2 in the ring checked against torch training.
+EXECUTORCH_RUNTIMES = {"tiny-llama": "executorch", "tiny-gpt2": "executorch,executorch,torch"}
 
 
-def run_args(seq_len: int = 24) -> list[str]:
-    return ["--steps", "3", "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", str(seq_len),
-            "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8", "--seed", "11"]
+def run_args(seq_len: int = SHAPE.seq_len) -> list[str]:
+    return ["--steps", str(STEPS), "--micro-batches", str(MICRO_BATCHES), "--micro-batch-size",
+            str(SHAPE.micro_batch_size), "--seq-len", str(seq_len), "--lr", str(OPTIMIZER.lr), "--lora-r", str(LORA.r),
+            "--lora-alpha", str(LORA.alpha), "--seed", str(LORA.seed)]
 
 
 def two_blocks(arch: str) -> str:
@@ -66,42 +86,52 @@ def plan_file(model: str, directory) -> str:
     return str(path)
 
 
-def local_ring(arch: str, runtime: str, data, out) -> dict:
+def local_ring(arch: str, runtimes: str, data, out) -> dict:
     model = two_blocks(arch)
-    result = train("--model", model, "--local", "3", "--runtime", runtime, "--data", str(data),
+    result = train("--model", model, "--local", "3", "--runtime", runtimes, "--data", str(data),
                    "--plan", plan_file(model, out.parent), "--out", str(out), *run_args())
     assert result.returncode == 0, result.stderr
-    assert "step 3/3" in result.stdout
+    assert f"step {STEPS}/{STEPS}" in result.stdout
     return {"adapter": load_file(out / "adapter_model.safetensors"), "stdout": result.stdout}
 
 
 @pytest.fixture(scope="module")
-def rings(tmp_path_factory, data):
-    """Per architecture: the torch ring (reference) and the all-ExecuTorch ring (exports the stages)."""
-    return {arch: {runtime: local_ring(arch, runtime, data, tmp_path_factory.mktemp(f"{arch}-{runtime}") / "run")
-                   for runtime in ("torch", "executorch")}
+def torch_adapters(data):
+    """Per architecture, the adapter a torch ring trains with these settings, computed in this
+    process by plain peft: tests/integration/test_train_cli.py holds torch rings to it within 1e-5
+    (same settings), so running a torch ring here would only add its four processes."""
+    return {arch: torch_adapter(two_blocks(arch), data) for arch in ARCHITECTURES}
+
+
+def torch_adapter(model: str, data):
+    owner_data = OwnerData(read_records(data), load_tokenizer(model), SHAPE.micro_batch_size, SHAPE.seq_len,
+                           MICRO_BATCHES, seed=LORA.seed)
+    return reference_adapter(model, LORA, OPTIMIZER, owner_data, STEPS)
+
+
+@pytest.fixture(scope="module")
+def executorch_rings(tmp_path_factory, data):
+    """Per architecture, the ring on EXECUTORCH_RUNTIMES (it exports the stages into the cache)."""
+    return {arch: local_ring(arch, EXECUTORCH_RUNTIMES[arch], data, tmp_path_factory.mktemp(arch) / "run")
             for arch in ARCHITECTURES}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_executorch_ring_matches_torch_ring(arch, rings):
-    torch_ring, executorch_ring = rings[arch]["torch"], rings[arch]["executorch"]
-    assert "exported stages [" in executorch_ring["stdout"]
-    assert "of ExecuTorch programs" in executorch_ring["stdout"]
-    assert max_difference(executorch_ring["adapter"], torch_ring["adapter"]) < TOLERANCE
-    assert max_difference(torch_ring["adapter"], initial_adapter(arch)) > 1e-3, "training changed nothing"
+def test_executorch_ring_matches_torch(arch, executorch_rings, torch_adapters):
+    ring = executorch_rings[arch]
+    assert "exported stages [" in ring["stdout"]
+    assert "of ExecuTorch programs" in ring["stdout"]
+    assert max_difference(ring["adapter"], torch_adapters[arch]) < TOLERANCE
+    assert max_difference(torch_adapters[arch], initial_adapter(arch)) > 1e-3, "training changed nothing"
 
 
 def initial_adapter(arch: str):
     """The untrained adapter (initial LoRA tensors), to show the runs moved the weights."""
-    from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora
-    from edge_runtime.models.registry import load_model
-
-    model = apply_lora(load_model(two_blocks(arch)), LoraSpec(4, 8, seed=11))
+    model = apply_lora(load_model(two_blocks(arch)), LORA)
     return {adapter_key(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_mixed_ring_reuses_the_cached_stages(rings, data, tmp_path):
+def test_mixed_ring_reuses_the_cached_stages(executorch_rings, torch_adapters, data, tmp_path):
     """Owner on ExecuTorch, node1 on torch, node2 on ExecuTorch: same adapter, nothing re-exported."""
     out = tmp_path / "run"
     model = two_blocks("tiny-llama")
@@ -110,10 +140,23 @@ def test_mixed_ring_reuses_the_cached_stages(rings, data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "found in the export cache" in result.stdout and "exported stages" not in result.stdout
     mixed = load_file(out / "adapter_model.safetensors")
-    assert max_difference(mixed, rings["tiny-llama"]["torch"]["adapter"]) < TOLERANCE
+    assert max_difference(mixed, torch_adapters["tiny-llama"]) < TOLERANCE
 
 
-def test_local_export_dir_is_checked_against_the_run(rings, data, tmp_path, isolated_state):
+def test_export_is_deterministic(executorch_rings, tmp_path, isolated_state):
+    """The owner's tail (the smallest stage with both programs) exported again, in this process,
+    has the bytes of the ring's export, lowered in a worker process and cached."""
+    model = two_blocks("tiny-llama")
+    plan = Plan.from_dict(json.loads(Path(plan_file(model, tmp_path)).read_text()))
+    tail = len(plan.stages) - 1
+    cached = isolated_state / "cache" / "exports" / stage_key(model, plan, tail, SHAPE, LORA)
+    (stage,) = export_stages(model, plan, [tail], tmp_path / "again", "executorch", SHAPE, LORA)
+    assert stage == StageManifest.from_dict(json.loads((cached / STAGE_MANIFEST).read_text()))
+    for relative in stage.files.values():
+        assert (tmp_path / "again" / relative).read_bytes() == (cached / relative).read_bytes(), relative
+
+
+def test_local_export_dir_is_checked_against_the_run(executorch_rings, data, tmp_path, isolated_state):
     """node1 runs a local export directory: a run of another shape, then a corrupted program, are
     refused with the stage and the file named, and the agent stays ready."""
     model = two_blocks("tiny-llama")
