@@ -34,12 +34,11 @@ from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
 from edge_runtime.runners.base import OptimizerSpec, StageRunner
 from edge_runtime.runners.torch_runner import TorchStageRunner
-from edge_runtime.schedules import schedule_for
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.pynng_edge import PynngEdge
-from edge_runtime.worker import LocalStage, run_stage_step
+from edge_runtime.worker import LocalStage, run_stages_step
 from exporters.manifest import ExportManifest, RunShape as ExportShape
 from ringtune import control
 from ringtune.plan import Plan
@@ -336,16 +335,9 @@ class Agent:
             batch = run.data.step_batch(step) if run.data is not None else None
             for _, _, edge in run.edges:
                 edge.begin_step(step)
-            results: dict[int, object] = {}
-            threads = [threading.Thread(target=self._run_stage, args=(run, stage, step, batch, results), daemon=True)
-                       for stage in run.stages.values()]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            errors = [r for r in results.values() if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
+            plan = run.settings.plan
+            results = run_stages_step(list(run.stages.values()), step, batch, plan.schedule, len(plan.stages),
+                                      plan.micro_batches, [edge for _, _, edge in run.edges])
             losses = [r.loss for r in results.values() if r.loss is not None]
             result = {"loss": losses[0] if losses else None,
                       "tokens": batch.tokens if batch is not None else 0,
@@ -356,16 +348,6 @@ class Agent:
                 run.result, run.state = result, "idle"
         except Exception as error:
             self._fail(run, error)
-
-    def _run_stage(self, run: ActiveRun, stage: LocalStage, step: int, batch, results: dict) -> None:
-        plan = run.settings.plan
-        actions = schedule_for(plan.schedule, len(plan.stages), stage.index, plan.micro_batches)
-        try:
-            results[stage.index] = run_stage_step(stage, step, actions, batch)
-        except Exception as error:
-            results[stage.index] = error
-            for _, _, edge in run.edges:  # unblock this agent's other stage thread
-                edge.abort()
 
     def _fail(self, run: ActiveRun, error: BaseException) -> None:
         log.error("run %s failed: %s", run.settings.run, traceback.format_exc())

@@ -2,7 +2,6 @@
 agents use, for simulations (``ringtune audit``) and exactness tests."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +13,9 @@ from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
 from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
-from edge_runtime.schedules import schedule_for
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.memory import InMemoryEdge
-from edge_runtime.worker import LocalStage, run_stage_step
+from edge_runtime.worker import LocalStage, run_stages_step
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import new_key
@@ -59,26 +57,7 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
 
 
 def _ring_step(stages: list[LocalStage], plan: Plan, step: int, data: OwnerData) -> float:
-    batch = data.step_batch(step)
-    results: dict[int, object] = {}
-
-    def work(stage: LocalStage) -> None:
-        actions = schedule_for(plan.schedule, len(stages), stage.index, plan.micro_batches)
-        try:
-            results[stage.index] = run_stage_step(stage, step, actions, batch)
-        except BaseException as error:  # report it and unblock the other stages
-            results[stage.index] = error
-            for other in stages:
-                for edge in (other.prev, other.next):
-                    if edge is not None:
-                        edge.abort()
-
-    threads = [threading.Thread(target=work, args=(stage,), daemon=True) for stage in stages]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    errors = [r for r in results.values() if isinstance(r, BaseException)]
-    if errors:
-        raise errors[0]
+    edges = [edge for stage in stages for edge in (stage.prev, stage.next) if edge is not None]
+    results = run_stages_step(stages, step, data.step_batch(step), plan.schedule, len(stages), plan.micro_batches,
+                              edges)
     return results[len(stages) - 1].loss

@@ -1,12 +1,13 @@
 """Run one stage through one optimizer step: follow its schedule, move frames, step the optimizer."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
 from edge_runtime.data.dataset import StepBatch
 from edge_runtime.runners.base import StageRunner
-from edge_runtime.schedules import Action
+from edge_runtime.schedules import Action, schedule_for
 from edge_runtime.transport.base import Edge
 
 
@@ -61,3 +62,29 @@ def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: S
     runner.step()
     compute += time.perf_counter() - t0
     return StageStepStats(loss if stage.next is None else None, compute, time.perf_counter() - started)
+
+
+def run_stages_step(stages: list[LocalStage], step: int, batch: StepBatch | None, schedule: str, num_stages: int,
+                    micro_batches: int, edges: list[Edge]) -> dict[int, StageStepStats]:
+    """One step of several stages held by one process, each in its own thread (they exchange frames with
+    each other). A failing stage aborts ``edges`` so the others stop waiting; its error is raised."""
+    results: dict[int, StageStepStats | BaseException] = {}
+
+    def work(stage: LocalStage) -> None:
+        actions = schedule_for(schedule, num_stages, stage.index, micro_batches)
+        try:
+            results[stage.index] = run_stage_step(stage, step, actions, batch)
+        except BaseException as error:
+            results[stage.index] = error
+            for edge in edges:
+                edge.abort()
+
+    threads = [threading.Thread(target=work, args=(stage,), daemon=True) for stage in stages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return results
