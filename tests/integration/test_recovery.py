@@ -113,7 +113,11 @@ def test_an_agent_restarted_at_step_6_leaves_and_is_taken_back_at_the_next_check
     the run goes on without it from checkpoint 4 and takes it back at checkpoint 8."""
     middle = AgentProcess("node1", tmp_path / "node1")
     url = middle.url
-    process = coordinator([agents["owner"].url, url, agents["node2"].url], tmp_path, "--rebalance")
+    # The coordinator stays frozen while node1 restarts (seconds under load): a status call pending across the
+    # freeze must not time out, or a healthy agent is declared gone too. node1's loss is seen at once anyway
+    # (its session is gone), not by a missed heartbeat.
+    process = coordinator([agents["owner"].url, url, agents["node2"].url], tmp_path, "--rebalance",
+                          "--heartbeat-timeout", "15")
     try:
         run_until_step(process, 6)
         middle.stop()
