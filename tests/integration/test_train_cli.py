@@ -145,3 +145,13 @@ def test_owner_killed_mid_run_pauses_the_run_then_stops_it_with_advice(tmp_path,
     assert detected_in < 30  # heartbeat (5 s) + pause (3 s) + stopping the others, on a loaded machine
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                 and "agent" in (p.info["cmdline"] or [])], "local agents were left running"
+
+
+def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
+    shape = SHAPE[:SHAPE.index("--split")]  # planned, not even
+    result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape)
+    assert result.returncode == 0, result.stderr
+    timed = next(line for line in result.stdout.splitlines() if "one block forward + backward:" in line)
+    assert "owner" in timed and "node1" in timed and " ms" in timed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["predicted"]["step_seconds"] > 0
