@@ -25,6 +25,13 @@ def test_long_prompt_is_cut_from_the_left_so_the_completion_survives():
     assert labels[-3:] == [97, 98, ByteTokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("seq_len", [13, 14, 20, 21, 40])
+def test_a_prompt_that_fits_is_kept_whole(seq_len):
+    # the room left after the completion is more than the prompt but less than twice it at 13..20
+    ids, _ = encode_record(Record("0123456789", "ab"), ByteTokenizer(), seq_len)
+    assert ByteTokenizer().decode(ids) == "0123456789ab"
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"data.jsonl:2: not valid JSON"),
     (json.dumps({"txt": "x"}), r"data.jsonl:2: expected an object with a non-empty 'text'"),
