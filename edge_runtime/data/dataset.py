@@ -78,6 +78,16 @@ def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[l
     return ids, labels
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading token ids every sequence shares (0 without sequences)."""
+    if not sequences:
+        return 0
+    first, length = sequences[0], min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        length = next((i for i, (a, b) in enumerate(zip(first[:length], other)) if a != b), length)
+    return length
+
+
 class OwnerData:
     """Deterministic micro-batches: epoch e visits records in a permutation seeded by (seed, e)."""
 
