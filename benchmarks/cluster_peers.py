@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/cluster_peers.py [--devices 2,3,4] [--micro-batches 4,8]
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
+        [--executorch]
 
 For each device count it brings up an emulated cluster (coordinator.cluster: a network namespace
 per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit per device) of
@@ -12,7 +13,11 @@ identical devices, and for each micro-batch count runs, on the same model, batch
 - torch.distributed.pipelining over gloo (benchmarks/tdp_ring.py), one rank per device, inside
   the same namespaces and cgroups, with the same per-stage 1F1B order;
 - the whole model in one process on the owner's device (benchmarks/whole_model.py);
-- the planner's predicted step time (the bound; efficiency = predicted / measured).
+- the planner's predicted step time (the bound; efficiency = predicted / measured);
+- with --executorch, ringtune 1F1B again on the same plan with every agent on the ExecuTorch runtime
+  (`ringtune agent --runtime executorch`, a second cluster of the same devices): the coordinator
+  exports the slices once (cached in $RINGTUNE_CACHE/exports; `setup_seconds` is the run's wall time
+  outside its steps, the export included on the first run only).
 
 Step 1 of every run is warm-up; the others are the repetitions (median, min and max). Tokens are
 the non-pad tokens of a step. Bytes on the wire: ringtune's data-plane frames (from its metrics);
@@ -23,6 +28,7 @@ Writes benchmarks/results/cluster_peers.json and cluster_peers.png (--name chang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -91,8 +97,10 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     if plan is not None:
         argv += ["--plan", str(plan)]
     peak_rss_reset(state)
+    started = time.perf_counter()
     done = subprocess.run(state.coordinator_command(argv), capture_output=True, text=True,
                           env={**os.environ, "RINGTUNE_TOKEN": state.token})
+    wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"ringtune {schedule} failed: {done.stderr.strip()[-2000:]}")
     metrics = step_records(out)
@@ -104,6 +112,7 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     busy = {d: statistics.median(sum(m["devices"][d]["compute_seconds"].values()) / m["step_seconds"] for m in measured)
             for d in measured[0]["devices"]}
     result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire, busy_share=busy,
+                  setup_seconds=wall - sum(m["step_seconds"] for m in metrics),
                   wire_bytes_per_token=wire / result["tokens_per_step"],
                   peak_rss={d.name: peak_rss(d.pid) for d in state.devices},
                   rss_at_step_end={d: max(m["devices"][d]["rss"] for m in metrics) for d in metrics[0]["devices"]})
@@ -172,13 +181,34 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         print(f"  tdp 1f1b failed: {error}", flush=True)
     systems["whole_model"] = measured(state, lambda: run_whole(args, state, data, micro_batches, scratch / "whole.json"))
     print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
-    predicted = plan.predicted.get("step_seconds")
-    for name, system in systems.items():
+    return {"plan": [[s.device, list(s.layers), s.role] for s in plan.stages], "plan_devices": plan.devices(),
+            "predicted_step_seconds": plan.predicted.get("step_seconds"),
+            "predicted_bottleneck": plan.predicted.get("bottleneck"), "systems": systems}
+
+
+def run_executorch(args, state: ClusterState, point: dict, scratch: Path) -> None:
+    """ringtune 1F1B with ExecuTorch agents on the point's 1F1B plan, added to its systems."""
+    out = scratch / "ringtune-1f1b-executorch"
+    point["systems"]["1f1b_executorch"] = measured(
+        state, lambda: run_ringtune(args, state, "1f1b", point["micro_batches"], scratch / "ringtune-1f1b" / "plan.json", out))
+    system = point["systems"]["1f1b_executorch"]
+    print(f"  ringtune 1f1b executorch: {system['tokens_per_s']:.1f} tokens/s "
+          f"(setup {system['setup_seconds']:.0f} s)", flush=True)
+
+
+def finish_point(point: dict) -> dict:
+    """Efficiency against the planner, the ratios, and whether the systems trained the same."""
+    systems, predicted = point["systems"], point["predicted_step_seconds"]
+    for system in systems.values():
         if "step_seconds" in system and predicted:
             system["efficiency"] = predicted / system["step_seconds"]
-    return {"plan": [[s.device, list(s.layers), s.role] for s in plan.stages], "plan_devices": plan.devices(),
-            "predicted_step_seconds": predicted, "predicted_bottleneck": plan.predicted.get("bottleneck"),
-            "systems": systems, "ratios": ratios(systems), "losses_match": losses_match(systems)}
+    torch_runs = {k: v for k, v in systems.items() if k != "1f1b_executorch"}
+    point.update(ratios=ratios(systems), losses_match=losses_match(torch_runs))
+    if "losses" in systems.get("1f1b_executorch", {}):
+        # XNNPACK sums in another order than eager torch: equal to float tolerance, not bit for bit.
+        point["executorch_max_loss_difference"] = max(
+            abs(a - b) for a, b in zip(systems["1f1b_executorch"]["losses"], systems["1f1b"]["losses"]))
+    return point
 
 
 def losses_match(systems: dict[str, dict]) -> bool:
@@ -190,8 +220,27 @@ def losses_match(systems: dict[str, dict]) -> bool:
 def ratios(systems: dict[str, dict]) -> dict[str, float]:
     rate = {name: s["tokens_per_s"] for name, s in systems.items() if "tokens_per_s" in s}
     pairs = {"1f1b_over_tdp": ("1f1b", "tdp_1f1b"), "1f1b_over_sequential": ("1f1b", "sequential"),
-             "1f1b_over_whole_model": ("1f1b", "whole_model"), "gpipe_over_tdp": ("gpipe", "tdp_1f1b")}
+             "1f1b_over_whole_model": ("1f1b", "whole_model"), "gpipe_over_tdp": ("gpipe", "tdp_1f1b"),
+             "1f1b_executorch_over_tdp": ("1f1b_executorch", "tdp_1f1b"),
+             "1f1b_executorch_over_sequential": ("1f1b_executorch", "sequential")}
     return {key: rate[a] / rate[b] for key, (a, b) in pairs.items() if a in rate and b in rate}
+
+
+@contextlib.contextmanager
+def cluster(args, profile, count: int, data: Path, agent_args: tuple[str, ...] = ()):
+    """An emulated cluster of count identical devices, removed afterwards."""
+    # core_gflops makes every device's quota exactly --device-cores of this machine's cores.
+    state = up([f"{args.profile}:{name}" for name in device_names(count)], owner_data=data, prefix=PREFIX,
+               state_path=args.scratch / "cluster" / f"{PREFIX}.json", core_gflops=profile.gflops / args.device_cores,
+               agent_args=agent_args, say=lambda line: print(line, flush=True))
+    try:
+        yield state
+    finally:
+        down(state)
+
+
+def scratch_dir(args, count: int, micro_batches: int, rep: int) -> Path:
+    return args.scratch / f"d{count}-m{micro_batches}-r{rep}"
 
 
 def make_data(scratch: Path) -> Path:
@@ -212,6 +261,8 @@ def main() -> None:
     parser.add_argument("--profile", default="rpi4-4gb", help="device profile of every emulated device")
     parser.add_argument("--device-cores", type=float, default=0.45,
                         help="CPU quota of each device, in cores of this machine")
+    parser.add_argument("--executorch", action="store_true",
+                        help="also run ringtune 1F1B with ExecuTorch agents (needs the executorch extra)")
     parser.add_argument("--name", default="cluster_peers", help="results/NAME.json and NAME.png")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ringtune-cluster-peers"),
                         help="working directory (runs, logs)")
@@ -226,21 +277,22 @@ def main() -> None:
     started = time.time()
     points = []
     for count in [int(c) for c in args.devices.split(",")]:
-        # core_gflops makes every device's quota exactly --device-cores of this machine's cores.
-        state = up([f"{args.profile}:{name}" for name in device_names(count)], owner_data=data, prefix=PREFIX,
-                   state_path=args.scratch / "cluster" / f"{PREFIX}.json", core_gflops=profile.gflops / args.device_cores,
-                   say=lambda line: print(line, flush=True))
-        try:
+        count_points = []
+        with cluster(args, profile, count, data) as state:
             for micro_batches in [int(m) for m in args.micro_batches.split(",")]:
                 for rep in range(args.reps):
                     print(f"{count} devices, {micro_batches} micro-batches, repetition {rep + 1}", flush=True)
-                    point = run_point(args, state, data, micro_batches,
-                                      args.scratch / f"d{count}-m{micro_batches}-r{rep}")
-                    points.append({"devices": count, "micro_batches": micro_batches, "rep": rep,
-                                   "device_memory_bytes": state.devices[0].memory_bytes,
-                                   "device_cpu_cores": state.devices[0].cpu_cores, **point})
-        finally:
-            down(state)
+                    point = run_point(args, state, data, micro_batches, scratch_dir(args, count, micro_batches, rep))
+                    count_points.append({"devices": count, "micro_batches": micro_batches, "rep": rep,
+                                         "device_memory_bytes": state.devices[0].memory_bytes,
+                                         "device_cpu_cores": state.devices[0].cpu_cores, **point})
+        if args.executorch:
+            with cluster(args, profile, count, data, ("--runtime", "executorch")) as state:
+                for point in count_points:
+                    print(f"{count} devices, {point['micro_batches']} micro-batches, repetition {point['rep'] + 1}, "
+                          f"ExecuTorch agents", flush=True)
+                    run_executorch(args, state, point, scratch_dir(args, count, point["micro_batches"], point["rep"]))
+        points += [finish_point(point) for point in count_points]
     result = {"benchmark": "cluster_peers", "date": time.strftime("%Y-%m-%d %H:%M"),
               "wall_seconds": round(time.time() - started), "command": " ".join(sys.argv),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -251,7 +303,8 @@ def main() -> None:
     print(markdown_table(result))
 
 
-SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
+SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
+                "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
                 "tdp_1f1b": "torch.distributed.pipelining 1F1B", "whole_model": "whole model, one device"}
 
 
@@ -261,6 +314,8 @@ def markdown_table(result: dict) -> str:
              "| peak RSS per device (MB) |", "|---|---|---|---|---|---|---|---|"]
     for point in result["points"]:
         for key, name in SYSTEM_NAMES.items():
+            if key not in point["systems"]:
+                continue
             system = point["systems"][key]
             if "error" in system:
                 lines.append(f"| {point['devices']} | {point['micro_batches']} | {name} | failed: {system['error'][:80]} |||||")
@@ -292,8 +347,9 @@ def plot(result: dict, path: Path) -> None:
     figure, axes = plt.subplots(2, len(counts), figsize=(5.5 * len(counts), 8), squeeze=False)
     for column, micro_batches in enumerate(counts):
         points = [p for p in result["points"] if p["micro_batches"] == micro_batches]
-        for system in ("1f1b", "gpipe", "sequential", "tdp_1f1b", "whole_model"):
-            rows = [(p["devices"], p["systems"][system]) for p in points if "tokens_per_s" in p["systems"][system]]
+        for system in SYSTEM_NAMES:
+            rows = [(p["devices"], p["systems"][system]) for p in points
+                    if "tokens_per_s" in p["systems"].get(system, {})]
             if not rows:
                 continue
             x = [d for d, _ in rows]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -14,7 +15,8 @@ from typing import Callable, Iterable
 from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentClient, AgentUnreachable
-from coordinator.planning import RunShape, plan_run
+from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.planning.calibration import calibrated_profile
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
@@ -31,6 +33,8 @@ from ringtune.security import new_key, wrap_key
 # Each status poll costs an agent CPU (about 3.6% of a core at 10 ms, measured on the emulated cluster):
 # a slow device's time matters more than up to 50 ms of latency at the end of a multi-second step.
 POLL_SECONDS = 0.05
+# A device builds one block of the model and times it before planning; a Pi may take a while.
+CALIBRATION_TIMEOUT = 120.0
 
 
 class RunFailed(RuntimeError):
@@ -118,6 +122,7 @@ class Trainer:
         self.check_alive = check_alive
         self.run_id = secrets.token_hex(8)
         self._gone: set[str] = set()
+        self._calibration: dict[str, float] = {}  # block seconds by agent, for the planner
         self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
@@ -146,16 +151,34 @@ class Trainer:
             return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
         profiles = [DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
                                   gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
-                                  sources={"gflops": "measured by the agent", "ram_bytes": "available now"})
+                                  sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
                     for name in devices]
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
-        plan = plan_run(s.model, profiles, s.owner, shape, s.lora, model_name=s.model)
+        table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
+        seconds = self._block_seconds(devices)
+        profiles = [calibrated_profile(p, table, shape, seconds[p.name]) if p.name in seconds else p
+                    for p in profiles]
+        plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule)
+
+    def _block_seconds(self, names: list[str]) -> dict[str, float]:
+        """Each torch agent's time for one block of the model at the run's shape, measured once per run
+        and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
+        s = self.settings
+        todo = [n for n in names if n not in self._calibration and runs_torch(self.hellos[n])]
+        request = {"config": load_config(s.model).to_dict(), "lora": s.lora.to_dict(),
+                   "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len}
+        timeout = max(s.heartbeat_timeout, CALIBRATION_TIMEOUT)
+        with ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:
+            replies = pool.map(lambda n: self._guard(n, lambda: self.clients[n].call(
+                "calibrate", reply_timeout=timeout, **request)), todo)
+            self._calibration.update({n: reply["block_seconds"] for n, reply in zip(todo, replies)})
+        return {n: self._calibration[n] for n in names if n in self._calibration}
 
     def _prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""

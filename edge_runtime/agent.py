@@ -7,6 +7,7 @@ on worker threads; the control loop keeps answering ``status``, the coordinator'
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
+from edge_runtime.calibration import block_seconds
 from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
@@ -135,6 +137,7 @@ class Agent:
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
         self._gflops: float | None = None
+        self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
         self._run: ActiveRun | None = None
         self._lock = threading.Lock()
         self._running = True
@@ -219,6 +222,14 @@ class Agent:
 
     def _cmd_upload(self, msg: dict, blob: bytes) -> dict:
         return {"complete": self.cache.append(msg["sha256"], int(msg["offset"]), int(msg["total"]), blob)}
+
+    def _cmd_calibrate(self, msg: dict, _: bytes) -> dict:
+        """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
+        key = json.dumps([msg["config"], msg["lora"], msg["micro_batch_size"], msg["seq_len"]], sort_keys=True)
+        if key not in self._block_seconds:
+            self._block_seconds[key] = block_seconds(msg["config"], LoraSpec.from_dict(msg["lora"]),
+                                                     int(msg["micro_batch_size"]), int(msg["seq_len"]))
+        return {"block_seconds": self._block_seconds[key]}
 
     def _cmd_assign(self, msg: dict, _: bytes) -> dict:
         settings = RunSettings.from_message(msg, self.pairing.session_key)

@@ -19,7 +19,7 @@ PUBLIC_COMMANDS = frozenset({"hello", "pair_begin", "pair_finish"})
 """Commands an agent answers without a paired session."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
 """Largest reply a coordinator accepts (LoRA tensors of a stage)."""
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ControlError(RuntimeError):

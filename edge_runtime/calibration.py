@@ -1,0 +1,51 @@
+"""Time one decoder block of the run's model, forward and backward, at the run's micro-batch shape.
+
+A matmul benchmark (device_profiles.live) measures what the CPU sustains on large products; a block
+at a small micro-batch (1 x 32 tokens) runs many small matmuls and elementwise ops with per-op
+overhead, and measured about half that here. The planner gets the block's real speed instead
+(Asteroid profiles layers on each device before planning for the same reason). The weights are
+random: the time does not depend on their values.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.stage import StageModule
+from edge_runtime.models.structure import find_parts
+
+# The block does not depend on the vocabulary: a tiny one keeps the embedding and head out of memory.
+CALIBRATION_VOCAB = 256
+
+
+def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int,
+                  min_seconds: float = 0.3, min_calls: int = 3) -> float:
+    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch."""
+    stage, hidden_size = _one_block_stage(config_dict, lora)
+    x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
+
+    def forward_backward() -> None:
+        out = stage(x)
+        out.backward(torch.ones_like(out))
+
+    forward_backward()  # warm-up: first-call allocations and kernel selection
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        forward_backward()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def _one_block_stage(config_dict: dict, lora: LoraSpec) -> tuple[StageModule, int]:
+    config = AutoConfig.for_model(**config_dict)
+    config.num_hidden_layers = 1
+    config.vocab_size = CALIBRATION_VOCAB
+    config.pad_token_id = None  # may lie outside the tiny vocabulary
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
+        model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32), lora)
+    return StageModule(find_parts(model), model.config, (0, 1), "middle"), config.hidden_size

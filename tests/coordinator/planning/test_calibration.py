@@ -1,0 +1,48 @@
+"""Calibrating a device's speed from a measured block time."""
+from __future__ import annotations
+
+import pytest
+
+from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.planning.calibration import calibrated_profile
+from device_profiles import DeviceProfile
+from edge_runtime.calibration import block_seconds
+from edge_runtime.models.registry import load_config
+from ringtune.lora_spec import LoraSpec
+
+SHAPE = RunShape(micro_batch_size=2, seq_len=16, micro_batches=4)
+
+
+def device(name: str, gflops: float = 100.0) -> DeviceProfile:
+    return DeviceProfile(name, ram_bytes=8_000_000_000, cores=1, gflops=gflops, link_bytes_per_s=1e9)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_calibrated_speed_predicts_the_measured_block_time(model):
+    table = model_cost_table(model, LoraSpec(), SHAPE.seq_len)
+    profile = calibrated_profile(device("a"), table, SHAPE, block_seconds=0.004)
+    flops = (table.block_forward_flops[0] + table.block_backward_flops[0]) * SHAPE.tokens
+    assert flops / (profile.gflops * 1e9) == pytest.approx(0.004)
+    assert "measured: one" in profile.sources["gflops"] and "2 x 16 tokens" in profile.sources["gflops"]
+    assert (profile.ram_bytes, profile.link_bytes_per_s) == (device("a").ram_bytes, device("a").link_bytes_per_s)
+
+
+def test_a_slower_measured_block_moves_blocks_to_the_faster_device():
+    table = model_cost_table("tiny-llama-2l", LoraSpec(), SHAPE.seq_len)
+    owner, helper = device("owner"), device("helper")
+    slow_helper = calibrated_profile(helper, table, SHAPE, block_seconds=10.0)
+    fast_owner = calibrated_profile(owner, table, SHAPE, block_seconds=0.001)
+    plan = partition(table, [fast_owner, slow_helper], "owner", SHAPE)
+    assert plan.devices() == ["owner"]  # a helper 10^4 x slower only makes the step longer
+
+
+def test_a_non_positive_block_time_is_refused():
+    table = model_cost_table("tiny-llama", LoraSpec(), SHAPE.seq_len)
+    with pytest.raises(ValueError, match="must be > 0"):
+        calibrated_profile(device("a"), table, SHAPE, block_seconds=0.0)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_block_seconds_times_a_real_block(model):
+    seconds = block_seconds(load_config(model).to_dict(), LoraSpec(), 2, 16, min_seconds=0.05)
+    assert 0 < seconds < 5
