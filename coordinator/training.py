@@ -158,6 +158,9 @@ class Trainer:
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
         table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
         seconds = self._block_seconds(devices)
+        if seconds:
+            self.progress.event("one block forward + backward: " + ", ".join(
+                f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
         profiles = [calibrated_profile(p, table, shape, seconds[p.name]) if p.name in seconds else p
                     for p in profiles]
         plan = partition(table, profiles, s.owner, shape)

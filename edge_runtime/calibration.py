@@ -23,8 +23,9 @@ CALIBRATION_VOCAB = 256
 
 
 def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int,
-                  min_seconds: float = 0.3, min_calls: int = 3) -> float:
-    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch."""
+                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100) -> float:
+    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch:
+    the mean over min_seconds, or over max_calls when those take less (a tiny model)."""
     stage, hidden_size = _one_block_stage(config_dict, lora)
     x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
 
@@ -33,8 +34,11 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
         out.backward(torch.ones_like(out))
 
     forward_backward()  # warm-up: first-call allocations and kernel selection
+    forward_backward()
+    # Wall time over a second or more: on a CPU quota (a cgroup, an emulated device) a shorter window
+    # lands on a few scheduler periods and can miss the device's average speed by a quarter.
     calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < min_seconds:
+    while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < max_calls):
         forward_backward()
         calls += 1
     return (time.perf_counter() - start) / calls
