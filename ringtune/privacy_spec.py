@@ -1,7 +1,8 @@
 """What the owner privatizes before hidden states and gradients leave it, as plain data (no torch).
 
 ``--privacy dchi:epsilon=E,clip=C`` | ``gaussian:sigma=S,clip=C[,delta=D]`` | ``off`` (add ``seed=N`` for
-reproducible noise) and ``--grad-privacy maxnorm|off`` parse into a ``PrivacySpec``.
+reproducible noise, ``public=N`` to send the first N positions, a fixed public prompt template, as they are)
+and ``--grad-privacy maxnorm|off`` parse into a ``PrivacySpec``.
 """
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from dataclasses import asdict, dataclass
 
 HIDDEN_MECHANISMS = ("off", "dchi", "gaussian")
 GRADIENT_MECHANISMS = ("off", "maxnorm")
-_KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed"}, "gaussian": {"sigma", "clip", "delta", "seed"}}
+_KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed", "public"},
+         "gaussian": {"sigma", "clip", "delta", "seed", "public"}}
+_INTEGER_KEYS = {"seed", "public"}
 PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
-                "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off; add seed=N for reproducible noise")
+                "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off; add seed=N for reproducible noise, "
+                "public=N when the first N tokens of every sequence are a fixed public prompt template "
+                "(sent unprivatized; checked to be identical in every sequence)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,8 @@ class PrivacySpec:
     """Mechanism on gradients leaving the owner's tail stage: off or maxnorm."""
     seed: int | None = None
     """Noise seed for reproducible runs (tests, audits); None: the owner draws one from its CSPRNG."""
+    public: int = 0
+    """Leading positions of every sequence that hold a shared public prompt prefix and travel unprivatized."""
 
     def __post_init__(self) -> None:
         if self.hidden not in HIDDEN_MECHANISMS:
@@ -45,6 +52,11 @@ class PrivacySpec:
             raise ValueError("--privacy gaussian needs sigma=S > 0")
         if self.hidden == "gaussian" and not 0 < self.delta < 1:
             raise ValueError("--privacy gaussian needs 0 < delta < 1")
+        if not isinstance(self.public, int) or self.public < 0:
+            raise ValueError(f"--privacy public={self.public!r}: give the number of leading public template "
+                             f"tokens as a whole number >= 0 (0: privatize every position)")
+        if self.public and self.hidden == "off":
+            raise ValueError("public=N only applies to a hidden-state mechanism: use it with dchi or gaussian")
 
     @property
     def active(self) -> bool:
@@ -63,17 +75,26 @@ class PrivacySpec:
         parts = {"off": "hidden states unprivatized",
                  "dchi": f"d_chi epsilon={self.epsilon:g}/unit, clip={self.clip:g}",
                  "gaussian": f"gaussian sigma={self.sigma:g}, clip={self.clip:g}"}[self.hidden]
+        if self.public:
+            parts += f", first {self.public} position{'s' if self.public > 1 else ''} public"
         if self.hidden != "off":
             delta = f", delta={self.delta:g}" if self.hidden == "gaussian" else ""
             parts += f" (per token epsilon={self.token_epsilon():.3g}{delta})"
         return parts + f"; gradients {self.gradient}"
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """ValueError when sequences of seq_len tokens would have no privatized position left."""
+        if self.public and seq_len <= self.public:
+            raise ValueError(f"--privacy public={self.public} leaves nothing to privatize in sequences of "
+                             f"{seq_len} tokens: lower public= or raise --seq-len")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        # public=0 is left out so that a spec without it serializes exactly as before it existed
+        return {k: v for k, v in asdict(self).items() if k != "public" or v}
 
     def public_dict(self) -> dict:
         """What may be recorded in the plan every agent sees: the mechanism, never the noise seed."""
-        return {k: v for k, v in asdict(self).items() if k != "seed"} if self.active else {}
+        return {k: v for k, v in self.to_dict().items() if k != "seed"} if self.active else {}
 
     @staticmethod
     def from_dict(data: dict | None) -> "PrivacySpec":
@@ -83,7 +104,7 @@ class PrivacySpec:
         return PrivacySpec(hidden=str(data.get("hidden", "off")), epsilon=float(data.get("epsilon", 0.0)),
                            sigma=float(data.get("sigma", 0.0)), clip=float(data.get("clip", 0.0)),
                            delta=float(data.get("delta", 1e-5)), gradient=str(data.get("gradient", "off")),
-                           seed=None if seed is None else int(seed))
+                           seed=None if seed is None else int(seed), public=int(data.get("public", 0)))
 
     @staticmethod
     def parse(hidden: str | None, gradient: str | None = None) -> "PrivacySpec":
@@ -98,9 +119,10 @@ class PrivacySpec:
                 raise ValueError(f"--privacy {hidden!r}: {item!r} is not one of "
                                  f"{sorted(_KEYS[name]) or 'nothing'}; expected {PRIVACY_HELP}")
             try:
-                values[key] = int(value) if key == "seed" else float(value)
+                values[key] = int(value) if key in _INTEGER_KEYS else float(value)
             except ValueError:
-                raise ValueError(f"--privacy {hidden!r}: {key} needs a number, got {value!r}") from None
+                kind = "a whole number" if key in _INTEGER_KEYS else "a number"
+                raise ValueError(f"--privacy {hidden!r}: {key} needs {kind}, got {value!r}") from None
         return PrivacySpec(hidden=name, gradient=(gradient or "off").strip(), **values)
 
 

@@ -17,7 +17,7 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
         from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
 
         privatize_reference_cuts(model, *cuts, hidden_mechanism(privacy), gradient_mechanism(privacy),
-                                 NoiseStream(privacy.seed), lambda: tuple(position))
+                                 NoiseStream(privacy.seed), lambda: tuple(position), privacy.public)
     params = [p for p in model.parameters() if p.requires_grad]
     adamw = torch.optim.AdamW(params, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                               weight_decay=optimizer.weight_decay)
@@ -37,17 +37,18 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def privatize_reference_cuts(model, head_end: int, tail_start: int, hidden, gradient, noise, position):
+def privatize_reference_cuts(model, head_end: int, tail_start: int, hidden, gradient, noise, position,
+                             public: int = 0):
     """Hooks on a (peft) model that apply the owner's mechanisms where its ring would cut: on the output
-    of block head_end - 1 (hidden) and on the gradient into block tail_start (gradient). position() gives
-    the current (step, micro-batch); noise is a NoiseStream with the ring's seed."""
+    of block head_end - 1 (hidden, positions < public untouched) and on the gradient into block tail_start
+    (gradient). position() gives the current (step, micro-batch); noise is a NoiseStream with the ring's seed."""
     from edge_runtime.models.structure import find_parts
 
     blocks = find_parts(model).blocks
 
     def on_head_output(_, __, output):
         hidden_out = output[0] if isinstance(output, tuple) else output
-        private = hidden.apply(hidden_out, noise.generator(*position(), "hidden"))
+        private = hidden.apply(hidden_out, noise.generator(*position(), "hidden"), public)
         return (private, *output[1:]) if isinstance(output, tuple) else private
 
     def on_tail_input(_, args, kwargs):

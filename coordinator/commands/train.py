@@ -117,7 +117,7 @@ def train(args, discovery) -> int:
         raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
     else:
         load_config(args.model)  # an unknown model fails here, before any agent starts
-        PrivacySpec.parse(args.privacy, args.grad_privacy)  # and so does a bad --privacy
+        PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []
     token = args.token

@@ -71,10 +71,21 @@ def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[l
     """Token ids and labels of one record, at most seq_len long; the prompt is cut from the left."""
     completion = (tokenizer.encode(record.completion) + [tokenizer.eos_token_id])[:seq_len]
     prompt = tokenizer.encode(record.prompt) if record.prompt else []
-    prompt = prompt[len(prompt) - (seq_len - len(completion)):] if seq_len > len(completion) else []
+    room = seq_len - len(completion)
+    prompt = prompt[-room:] if room > 0 else []  # the prompt's last `room` tokens (all of a shorter one)
     ids = prompt + completion
     labels = [IGNORE_INDEX] * len(prompt) + completion
     return ids, labels
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading token ids every sequence shares (0 without sequences)."""
+    if not sequences:
+        return 0
+    first, length = sequences[0], min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        length = next((i for i, (a, b) in enumerate(zip(first[:length], other)) if a != b), length)
+    return length
 
 
 class OwnerData:

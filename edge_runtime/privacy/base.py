@@ -18,9 +18,13 @@ class HiddenMechanism(ABC):
     def __init__(self, clip: float) -> None:
         self.clip = clip
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        clipped = clip_tokens(x, self.clip)
-        return clipped + self.noise(tuple(x.shape), generator).to(x.dtype)
+    def apply(self, x: torch.Tensor, generator: torch.Generator, public: int = 0) -> torch.Tensor:
+        """Positions < public (dim -2) pass untouched: under causal attention their states depend only on
+        the shared public prefix. The noise is drawn for the full shape and its positions < public are
+        dropped, so the noise a position gets does not depend on public."""
+        noise = self.noise(tuple(x.shape), generator).to(x.dtype)
+        private = clip_tokens(x[..., public:, :], self.clip) + noise[..., public:, :]
+        return torch.cat([x[..., :public, :], private], dim=-2) if public else private
 
     @abstractmethod
     def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -23,30 +23,56 @@ def gradient_mechanism(spec: PrivacySpec) -> GradientMechanism | None:
     return MaxNormMechanism() if spec.gradient == "maxnorm" else None
 
 
+def check_public_prefix(expected: torch.Tensor, ids: torch.Tensor, step: int, microbatch: int) -> None:
+    """ValueError unless every row of the token ids [B, T] starts with expected [N]: a position < N is sent
+    unprivatized, which is safe only while it holds the same public template token in every sequence."""
+    differs = (ids[:, :len(expected)] != expected).any(dim=1)  # [B]
+    if differs.any():
+        row = int(differs.nonzero()[0])
+        raise ValueError(
+            f"--privacy public={len(expected)}: step {step} micro-batch {microbatch} row {row} starts with token "
+            f"ids {ids[row, :len(expected)].tolist()}, not {expected.tolist()} like the run's first micro-batch, "
+            f"so those positions may hold private tokens: lower public= or put the fixed public prompt first "
+            f"(a prompt longer than --seq-len is cut from the left, which also causes this)")
+
+
 class PrivateStageRunner(StageRunner):
     """Wraps the owner's head or tail runner (any runtime). The head's output z = clip(y) + noise is what
     travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip.
-    The tail's gradient w.r.t. its input is privatized before it is returned (and sent)."""
+    The tail's gradient w.r.t. its input is privatized before it is returned (and sent). With spec.public
+    = N the head sends positions < N as they are, after checking that every sequence starts with the N
+    token ids of the run's first micro-batch."""
 
     def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> None:
         super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
         self.inner = inner
         self.role = inner.role
         self.noise = noise
+        self.spec = spec
+        self._prefix: torch.Tensor | None = None  # [N] token ids of the run's first sequence, with public=N
         self.hidden = hidden_mechanism(spec) if inner.role == "head" else None
         self.gradient = gradient_mechanism(spec) if inner.role == "tail" else None
         self._clip_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step = 0
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
+        if self.hidden is not None and self.spec.public:
+            self._check_prefix(microbatch, inputs)
         output = self.inner.forward(microbatch, inputs, labels, step_tokens)
         if self.hidden is None:
             return output
         plain = output.detach().requires_grad_(True)  # [B, T, d]
         with torch.enable_grad():
-            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, "hidden"))
+            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, "hidden"),
+                                        self.spec.public)
         self._clip_graph[microbatch] = (plain, private)
         return private.detach()
+
+    def _check_prefix(self, microbatch: int, ids: torch.Tensor) -> None:
+        self.spec.check_seq_len(ids.shape[1])
+        if self._prefix is None:
+            self._prefix = ids[0, :self.spec.public].clone()
+        check_public_prefix(self._prefix, ids, self._step, microbatch)
 
     def backward(self, microbatch, grad_output=None):
         if self.hidden is not None:

@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from audit.attacks import label_auc
 from ringtune.cli import main
+from ringtune.privacy_spec import PrivacySpec
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,6 @@ def test_audit_reports_recovery_falling_with_noise_and_utility(sentiment_files, 
 
 
 def test_label_auc_sees_separable_norms_and_not_equalized_ones():
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     positive = torch.tensor([True, False] * 8)
     separable = torch.randn(16, 4, generator=generator) * torch.where(positive, 10.0, 1.0)[:, None]
@@ -53,9 +53,62 @@ def test_label_auc_sees_separable_norms_and_not_equalized_ones():
     (["--owner-blocks", "a"], "comma-separated numbers"),
     (["--privacy", "dchi:epsilon=1"], "needs clip=C > 0"),
     (["--privacy", "laplace:b=1"], "expected dchi:epsilon=E,clip=C"),
+    (["--public-prefix", "8"], "the training records share only their first 7 token(s), so later positions may "
+                               "be private: use --public-prefix auto or at most 7"),
+    (["--public-prefix", "two"], "expected a whole number of leading positions, or auto"),
 ])
 def test_audit_refuses_bad_input_with_one_line(sentiment_files, tmp_path, capsys, args, message):
     code = main(["audit", "--model", "tiny-llama", "--data", str(sentiment_files / "train.jsonl"),
                  "--out", str(tmp_path), *args])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error
+
+
+def test_audit_with_public_prefix_auto_sends_the_template_and_counts_only_private_tokens(sentiment_files, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "audit"
+    code = main(["audit", "--model", "tiny-llama", "--data", str(sentiment_files / "train.jsonl"),
+                 "--owner-blocks", "1", "--seq-len", "48", "--dchi-ratios", "4", "--public-prefix", "auto",
+                 "--threads", "1", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    shared = len("Tweet: ")  # bytes: the tiny models' tokens
+    assert f"send the first {shared} position(s) unprivatized (public={shared})" in printed
+    off, noisy = json.loads((out / "audit.json").read_text())["rows"]
+    assert noisy["privacy"]["public"] == shared and "public" not in off["privacy"]
+    assert off["shared_prefix"] == noisy["shared_prefix"] == shared
+    assert f"the first {shared} token(s), shared by every attacked record" in (out / "audit.md").read_text()
+    assert noisy["learned_recovery"] < 0.5 * off["learned_recovery"]
+
+
+def test_token_recovery_leaves_out_the_prefix_every_attacked_record_shares():
+    from audit.simulation import AuditSettings, CutViews, _attack_row, _private_positions
+
+    embeddings = torch.eye(10)  # token t's state is its embedding: every attack recovers it ...
+    public_tokens = torch.arange(40).remainder(10).view(8, 5)
+    private_tokens = torch.tensor([[5, 5, 1, 2, 3], [5, 5, 4, 6, 9], [5, 5, 7, 8, 0]])
+    states = embeddings[private_tokens]
+    states[:, :2] = -embeddings[5]  # ... except at the shared prefix, where none would
+    shared, counted = _private_positions(private_tokens, torch.ones_like(private_tokens, dtype=torch.bool))
+    assert shared == 2 and not counted[:, :2].any() and counted[:, 2:].all()
+    view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None)
+    row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, embeddings, None, None)
+    assert (row.nn_recovery, row.learned_recovery, row.shared_prefix) == (1.0, 1.0, 2)
+
+
+def test_private_positions_refuse_records_with_nothing_private():
+    from audit.simulation import _private_positions
+
+    ids = torch.tensor([[1, 2, 0], [1, 2, 0]])
+    with pytest.raises(ValueError, match="raise --attack-records or audit records that differ"):
+        _private_positions(ids, ids > 0)
+
+
+def test_inference_privatization_leaves_public_positions_alone():
+    from audit.simulation import _privatize_output
+    from edge_runtime.privacy.dchi import DChiMechanism
+
+    hidden = torch.randn(2, 6, 8)
+    out, extra = _privatize_output((hidden, "cache"), DChiMechanism(5.0, 1.0), torch.Generator().manual_seed(0), 3)
+    assert extra == "cache" and torch.equal(out[:, :3], hidden[:, :3])
+    assert bool((out[:, 3:] != hidden[:, 3:]).all())

@@ -16,6 +16,30 @@ def test_parse_and_round_trip():
     assert spec.token_epsilon() == 2 * 10 * 50
 
 
+@pytest.mark.parametrize("text", ["dchi:epsilon=50,clip=10,public=2", "gaussian:sigma=0.5,clip=10,public=2"])
+def test_public_prefix_parses_round_trips_and_is_described(text):
+    spec = PrivacySpec.parse(text, "maxnorm")
+    assert spec.public == 2
+    assert PrivacySpec.from_dict(spec.to_dict()) == spec and spec.public_dict()["public"] == 2
+    assert ", first 2 positions public (" in spec.describe()
+    assert "first 1 position public" in PrivacySpec.parse(text.replace("public=2", "public=1")).describe()
+    assert PrivacySpec.parse(text.replace("public=2", "public=0")) == PrivacySpec.parse(text.replace(",public=2", ""))
+
+
+def test_without_public_the_serialized_form_is_as_before():
+    spec = PrivacySpec.parse("dchi:epsilon=50,clip=10,seed=3", "maxnorm")
+    assert list(spec.to_dict()) == ["hidden", "epsilon", "sigma", "clip", "delta", "gradient", "seed"]
+    assert "public" not in spec.public_dict() and "public" not in spec.describe()
+
+
+def test_public_must_leave_a_position_to_privatize():
+    spec = PrivacySpec.parse("dchi:epsilon=1,clip=1,public=8")
+    spec.check_seq_len(9)
+    with pytest.raises(ValueError, match="public=8 leaves nothing to privatize in sequences of 8 tokens: lower "
+                                         "public= or raise --seq-len"):
+        spec.check_seq_len(8)
+    PrivacySpec().check_seq_len(1)
+
 @pytest.mark.parametrize("text,gradient,message", [
     ("laplace:b=1", None, "expected dchi:epsilon=E,clip=C"),
     ("dchi:epsilon=1", None, "needs clip=C > 0"),
@@ -24,10 +48,19 @@ def test_parse_and_round_trip():
     ("gaussian:epsilon=1,clip=1", None, "'epsilon=1' is not one of"),
     ("gaussian:sigma=1,clip=1,delta=2", None, "0 < delta < 1"),
     ("off", "marvell", "unknown gradient privacy"),
+    ("dchi:epsilon=1,clip=1,public=1.5", None, "public needs a whole number, got '1.5'"),
+    ("dchi:epsilon=1,clip=1,public=-1", None, r"public=-1: give the number of leading public template tokens as a "
+                                              r"whole number >= 0"),
+    ("off:public=2", None, "'public=2' is not one of nothing"),
 ])
 def test_bad_input_says_what_to_do(text, gradient, message):
     with pytest.raises(ValueError, match=message):
         PrivacySpec.parse(text, gradient)
+
+
+def test_public_needs_a_hidden_mechanism():
+    with pytest.raises(ValueError, match="public=N only applies to a hidden-state mechanism: use it with dchi"):
+        PrivacySpec(public=2, gradient="maxnorm")
 
 
 def test_gaussian_epsilon_matches_the_classic_bound_where_it_holds():
@@ -46,4 +79,8 @@ def test_train_refuses_bad_privacy_before_any_agent_starts(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--privacy", "dchi:epsilon=1"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "needs clip=C > 0" in error and "\n" not in error
+    assert not (tmp_path / "out").exists()
+    code = main(["train", "--model", "tiny-llama", "--local", "2", "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "out"), "--seq-len", "16", "--privacy", "dchi:epsilon=1,clip=1,public=16"])
+    assert code == 2 and "lower public= or raise --seq-len" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

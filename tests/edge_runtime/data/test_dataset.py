@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from edge_runtime.data.dataset import DataError, OwnerData, Record, encode_record, read_records
+from edge_runtime.data.dataset import (DataError, OwnerData, Record, common_prefix_length, encode_record,
+                                      read_records)
 from edge_runtime.models.stage import IGNORE_INDEX
 from edge_runtime.models.tokenizer import ByteTokenizer
 
@@ -23,6 +24,29 @@ def test_long_prompt_is_cut_from_the_left_so_the_completion_survives():
     ids, labels = encode_record(Record("0123456789", "ab"), ByteTokenizer(), 6)
     assert ByteTokenizer().decode(ids) == "789ab"
     assert labels[-3:] == [97, 98, ByteTokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("seq_len", [13, 14, 20, 21, 40])
+def test_a_prompt_that_fits_is_kept_whole(seq_len):
+    # the room left after the completion is more than the prompt but less than twice it at 13..20
+    ids, _ = encode_record(Record("0123456789", "ab"), ByteTokenizer(), seq_len)
+    assert ByteTokenizer().decode(ids) == "0123456789ab"
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2, 3, 5]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 2  # a shorter sequence bounds it
+    assert common_prefix_length([[5, 1], [6, 1]]) == 0
+
+
+def test_a_prompt_cut_from_the_left_shortens_the_common_prefix():
+    tokenizer = ByteTokenizer()
+    records = [Record("Tweet: short\nSentiment:", " positive"), Record("Tweet: much longer\nSentiment:", " negative")]
+    ids = lambda seq_len: [encode_record(r, tokenizer, seq_len)[0] for r in records]
+    assert common_prefix_length(ids(64)) == len("Tweet: ")
+    assert common_prefix_length(ids(32)) == 0  # the longer prompt lost its template
 
 
 @pytest.mark.parametrize("line, message", [

@@ -96,3 +96,27 @@ def test_noise_stream_depends_on_step_microbatch_and_purpose_only():
     assert not torch.equal(draw(a, 1, 2, "hidden"), draw(a, 1, 3, "hidden"))
     assert not torch.equal(draw(a, 1, 2, "hidden"), draw(a, 1, 2, "gradient"))
     assert NoiseStream(None).seed != NoiseStream(None).seed  # from the CSPRNG
+
+
+@pytest.mark.parametrize("mechanism", [DChiMechanism(epsilon=5.0, clip=1.5), GaussianMechanism(0.5, clip=1.5)],
+                         ids=["dchi", "gaussian"])
+def test_public_positions_pass_untouched_and_the_rest_get_the_same_noise_as_without(mechanism):
+    x = torch.randn(2, 6, 8) * 3
+    everything = mechanism.apply(x, torch.Generator().manual_seed(9))
+    noise = mechanism.noise(tuple(x.shape), torch.Generator().manual_seed(9))
+    assert torch.equal(everything, clip_tokens(x, 1.5) + noise)  # public=0: exactly as before
+    out = mechanism.apply(x, torch.Generator().manual_seed(9), public=2)
+    assert torch.equal(out[:, :2], x[:, :2])  # bit-identical
+    assert torch.equal(out[:, 2:], everything[:, 2:])  # the noise of a position does not depend on public
+    assert bool((out[:, 2:] != x[:, 2:]).all(dim=-1).all())
+
+
+def test_backward_through_public_positions_is_the_identity_and_through_the_rest_the_clip():
+    mechanism = DChiMechanism(epsilon=5.0, clip=1.5)
+    x = (torch.randn(2, 6, 8) * 3).requires_grad_(True)
+    weight = torch.randn(2, 6, 8)
+    (mechanism.apply(x, torch.Generator().manual_seed(1), public=2) * weight).sum().backward()
+    clipped = x.detach().clone().requires_grad_(True)
+    (clip_tokens(clipped, 1.5) * weight).sum().backward()
+    assert torch.equal(x.grad[:, :2], weight[:, :2])
+    assert torch.allclose(x.grad[:, 2:], clipped.grad[:, 2:])

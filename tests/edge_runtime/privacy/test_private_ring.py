@@ -1,6 +1,11 @@
 """With privacy on, the ring trains exactly like one process that privatizes at the same cuts with the
 same noise; with privacy off nothing changes."""
+import json
+import math
+from dataclasses import replace
+
 import pytest
+import torch
 
 from helpers import ARCHITECTURES, write_text_data
 from edge_runtime.data.dataset import OwnerData, read_records
@@ -9,7 +14,7 @@ from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
-from edge_runtime.privacy.runner import privatize
+from edge_runtime.privacy.runner import check_public_prefix, privatize
 from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from reference import max_difference, reference_adapter
@@ -61,3 +66,63 @@ def test_privacy_off_leaves_the_runners_as_they_were(data_for):
     data = data_for("tiny-llama")
     adapter = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec())[1].adapter
     assert max_difference(adapter, reference_adapter("tiny-llama", LORA, OPTIMIZER, data, STEPS)) < 1e-5
+
+
+PUBLIC = len("Tweet: ")  # bytes: the tiny models' tokens
+PREFIXED = PrivacySpec("dchi", epsilon=40.0, clip=4.0, gradient="maxnorm", seed=11, public=PUBLIC)
+
+
+@pytest.fixture(scope="module")
+def prompt_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("p") / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"Tweet: {text} {i}\nSentiment:", "completion": f" {label}"})
+             for i, (text, label) in enumerate([("i love it", "positive"), ("awful day", "negative"),
+                                                ("so so", "neutral")] * 6)]
+    path.write_text("\n".join(lines) + "\n")
+    return OwnerData(read_records(path), load_tokenizer("tiny-llama"), B, 48, M, seed=5)  # no prompt is cut
+
+
+def test_check_public_prefix_names_the_micro_batch_row_and_both_prefixes():
+    expected = torch.tensor([1, 2, 3])
+    check_public_prefix(expected, torch.tensor([[1, 2, 3, 9], [1, 2, 3, 8]]), step=0, microbatch=0)
+    with pytest.raises(ValueError, match=r"public=3: step 4 micro-batch 1 row 1 starts with token ids \[1, 5, 3\], "
+                                         r"not \[1, 2, 3\] .* lower public= or put the fixed public prompt first "
+                                         r"\(a prompt longer than --seq-len is cut from the left"):
+        check_public_prefix(expected, torch.tensor([[1, 2, 3, 9], [1, 5, 3, 8]]), step=4, microbatch=1)
+
+
+def head_runner(spec):
+    runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
+    return privatize(runner, spec, NoiseStream(spec.seed))
+
+
+def test_the_head_sends_public_positions_as_they_are_and_refuses_another_prefix(prompt_data):
+    ids = prompt_data.step_batch(0).input_ids[0]  # [B, T]
+    plain = head_runner(PrivacySpec()).forward(0, ids)
+    private = head_runner(PREFIXED)
+    sent = private.forward(0, ids)
+    assert torch.equal(sent[:, :PUBLIC], plain[:, :PUBLIC])
+    assert bool((sent[:, PUBLIC:] != plain[:, PUBLIC:]).all(dim=-1).all())
+    assert private.backward(0, torch.ones_like(sent)) is None  # the head returns no input gradient
+    other = ids.clone()
+    other[1, 0] += 1
+    with pytest.raises(ValueError, match=r"micro-batch 1 row 1 starts with token ids \[85, "):
+        private.forward(1, other)
+    with pytest.raises(ValueError, match=f"public={PUBLIC} leaves nothing to privatize in sequences of {PUBLIC}"):
+        private.forward(1, ids[:, :PUBLIC])
+
+
+def test_a_ring_with_public_positions_trains_exactly_and_repeats_under_a_seed(prompt_data):
+    plan, result = ring("tiny-llama", ["a", "b"], "1f1b", prompt_data, PREFIXED)
+    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
+    reference = reference_adapter("tiny-llama", LORA, OPTIMIZER, prompt_data, STEPS, PREFIXED, cuts)
+    assert max_difference(result.adapter, reference) < 1e-5 and all(map(math.isfinite, result.losses))
+    again = ring("tiny-llama", ["a", "b"], "gpipe", prompt_data, PREFIXED)[1].adapter
+    assert max_difference(result.adapter, again) < 1e-6
+    everything = ring("tiny-llama", ["a", "b"], "1f1b", prompt_data, replace(PREFIXED, public=0))[1].adapter
+    assert max_difference(result.adapter, everything) > 1e-4, "public= changed nothing"
+
+
+def test_a_ring_refuses_public_positions_that_differ_between_sequences(data_for):
+    with pytest.raises(ValueError, match="lower public= or put the fixed public prompt first"):
+        ring("tiny-llama", ["a", "b"], "1f1b", data_for("tiny-llama"), replace(PREFIXED, public=3))
