@@ -123,6 +123,7 @@ class Trainer:
         self.run_id = secrets.token_hex(8)
         self._gone: set[str] = set()
         self._calibration: dict[str, float] = {}  # block seconds by agent, for the planner
+        self._cost_table = None  # the model's cost table, built at the first plan
         self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
@@ -149,20 +150,22 @@ class Trainer:
         if s.split == "even":
             num_layers = load_config(s.model).num_hidden_layers
             return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
-        profiles = [DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
-                                  gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
-                                  sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
-                    for name in devices]
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
-        table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
+        if self._cost_table is None:  # re-plans after a device leaves reuse it
+            self._cost_table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
+        table = self._cost_table
         seconds = self._block_seconds(devices)
         if seconds:
             self.progress.event("one block forward + backward: " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
-        profiles = [calibrated_profile(p, table, shape, seconds[p.name]) if p.name in seconds else p
-                    for p in profiles]
+        profiles = []
+        for name in devices:
+            measured = DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
+                                     gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
+                                     sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
+            profiles.append(calibrated_profile(measured, table, shape, seconds[name]) if name in seconds else measured)
         plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
