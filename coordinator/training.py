@@ -17,6 +17,7 @@ from safetensors.torch import load as load_tensors
 from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, model_cost_table, partition
 from coordinator.planning.calibration import calibrated_profile
+from coordinator.planning.memory import check_fits
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
@@ -153,24 +154,39 @@ class Trainer:
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
-        if self._cost_table is None:  # re-plans after a device leaves reuse it
-            self._cost_table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
-        table = self._cost_table
+        table = self._table()
         seconds = self._block_seconds(devices)
         if seconds:
             self.progress.event("one block forward + backward: " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
-        profiles = []
-        for name in devices:
-            measured = DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
-                                     gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
-                                     sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
-            profiles.append(calibrated_profile(measured, table, shape, seconds[name]) if name in seconds else measured)
+        profiles = [calibrated_profile(p, table, shape, seconds[p.name]) if p.name in seconds else p
+                    for p in self._profiles(devices)]
         plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule)
+
+    def _table(self):
+        """The model's cost table, built once (re-plans after a device leaves reuse it)."""
+        if self._cost_table is None:
+            s = self.settings
+            self._cost_table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
+        return self._cost_table
+
+    def _profiles(self, names: list[str]) -> list[DeviceProfile]:
+        """The agents as their hellos describe them: the RAM their process may grow into (available
+        now plus what it holds), their runtime's own memory, their matmul speed."""
+        profiles = []
+        for name in names:
+            hello = self.hellos[name]
+            ram = min(hello["ram_bytes"], hello["ram_available"] + hello["rss"])
+            profiles.append(DeviceProfile(
+                name, ram_bytes=ram, cores=hello["threads"], gflops=hello["gflops"],
+                link_bytes_per_s=self.settings.link_bytes_per_s, baseline_bytes=hello["baseline_bytes"],
+                sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now + the agent's RSS",
+                         "baseline_bytes": "measured by the agent"}))
+        return profiles
 
     def _block_seconds(self, names: list[str]) -> dict[str, float]:
         """Each torch agent's time for one block of the model at the run's shape, measured once per run
@@ -195,6 +211,12 @@ class Trainer:
         if unknown:
             raise RunFailed(f"the plan names devices {unknown} but the agents are {sorted(self.clients)}: "
                             f"start those agents or make a plan for these (ringtune plan --discover)")
+        # Whoever made the plan (the planner, --split even, a --plan file), it must fit as it will run:
+        # its schedule, its micro-batches, this run's micro-batch shape, these agents' memory.
+        shape = RunShape(s.micro_batch_size, s.seq_len, plan.micro_batches, plan.schedule)
+        memory = check_fits(self._table(), shape, plan, self._profiles(plan.devices()))
+        plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},
+                                        "memory": {n: f.to_dict() for n, f in memory.items()}})
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})" for st in plan.stages)
                     + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
         s.out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +291,8 @@ class Trainer:
         return {"step": step + 1, "loss": owner["loss"], "tokens": owner["tokens"],
                 "tokens_per_s": owner["tokens"] / elapsed, "step_seconds": elapsed,
                 "devices": {name: {"compute_seconds": st["result"]["compute_seconds"],
-                                   "bytes_sent": st["result"]["bytes_sent"], "rss": st["rss"]}
+                                   "bytes_sent": st["result"]["bytes_sent"], "rss": st["rss"],
+                                   "peak_rss": st["peak_rss"]}
                             for name, st in results.items()}}
 
     def _wait_all(self, plan: Plan, done: Callable[[dict], bool], timeout: float | None, what: str) -> dict[str, dict]:

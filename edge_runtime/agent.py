@@ -24,9 +24,10 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
-from edge_runtime.calibration import block_seconds
+from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.memory import peak_rss, release_free_memory, rss
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
@@ -137,6 +138,7 @@ class Agent:
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
         self._gflops: float | None = None
+        self._baseline: int | None = None
         self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
         self._run: ActiveRun | None = None
         self._lock = threading.Lock()
@@ -202,13 +204,21 @@ class Agent:
             self._gflops = matmul_gflops(seconds=0.3)
         return self._gflops
 
+    @property
+    def baseline_bytes(self) -> int:
+        """Resident bytes of this agent with the training runtime warmed up and no run, measured once."""
+        if self._baseline is None:
+            self._baseline = runtime_baseline()
+        return self._baseline
+
     def _cmd_hello(self, _: dict, __: bytes) -> dict:
+        gflops, baseline = self.gflops, self.baseline_bytes
         ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,
-                "ram_available": ram_available, "runtime": self.runtime, "export_dir": self.export_dir is not None,
-                "gflops": self.gflops}
+                "ram_available": ram_available, "rss": rss(), "baseline_bytes": baseline, "runtime": self.runtime,
+                "export_dir": self.export_dir is not None, "gflops": gflops}
 
     def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
         return self.pairing.begin(str(msg["run"]))
@@ -221,7 +231,10 @@ class Agent:
         return {"missing": [d for d in msg["digests"] if not self.cache.has(d)]}
 
     def _cmd_upload(self, msg: dict, blob: bytes) -> dict:
-        return {"complete": self.cache.append(msg["sha256"], int(msg["offset"]), int(msg["total"]), blob)}
+        complete = self.cache.append(msg["sha256"], int(msg["offset"]), int(msg["total"]), blob)
+        if complete:
+            release_free_memory()  # the chunks' buffers
+        return {"complete": complete}
 
     def _cmd_calibrate(self, msg: dict, _: bytes) -> dict:
         """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
@@ -229,6 +242,7 @@ class Agent:
         if key not in self._block_seconds:
             self._block_seconds[key] = block_seconds(msg["config"], LoraSpec.from_dict(msg["lora"]),
                                                      int(msg["micro_batch_size"]), int(msg["seq_len"]))
+            release_free_memory()  # the calibration block
         return {"block_seconds": self._block_seconds[key]}
 
     def _cmd_assign(self, msg: dict, _: bytes) -> dict:
@@ -274,7 +288,7 @@ class Agent:
 
     def _cmd_status(self, _: dict, __: bytes) -> dict:
         run = self._run
-        status = {"rss": psutil.Process().memory_info().rss, "refused_control": self.pairing.refused}
+        status = {"rss": rss(), "peak_rss": peak_rss(), "refused_control": self.pairing.refused}
         if run is None:
             return {**status, "state": "free"}
         refused: dict[str, int] = {}
@@ -331,6 +345,7 @@ class Agent:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
                                      s.plan.micro_batches, s.seed)
+            release_free_memory()
             with self._lock:
                 if run.state == "loading":
                     run.state = "ready"
@@ -355,6 +370,7 @@ class Agent:
                       "compute_seconds": {i: r.compute_seconds for i, r in results.items()},
                       "wall_seconds": {i: r.wall_seconds for i, r in results.items()},
                       "bytes_sent": sum(edge.bytes_sent for _, _, edge in run.edges)}
+            release_free_memory()  # what the step freed goes back before the next one
             with self._lock:
                 run.result, run.state = result, "idle"
         except Exception as error:

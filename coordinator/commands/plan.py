@@ -84,13 +84,20 @@ def format_plan(plan, devices: list) -> str:
     """The plan as a table: one row per stage, then the predicted step time and throughput."""
     ram = {d.name: d.ram_bytes for d in devices}
     p = plan.predicted
-    rows = [("stage", "device", "role", "layers", "memory used / available", "compute s", "link s")]
+    rows = [("stage", "device", "role", "layers", "compute s", "link s")]
     for i, stage in enumerate(plan.stages):
-        memory = f"{p['memory_bytes'][stage.device] / 1e9:.2f} / {ram[stage.device] / 1e9:.2f} GB"
-        rows.append((str(i), stage.device, stage.role, f"[{stage.layers[0]}, {stage.layers[1]})", memory,
+        rows.append((str(i), stage.device, stage.role, f"[{stage.layers[0]}, {stage.layers[1]})",
                      f"{p['stage_compute_seconds'][i]:.3f}", f"{p['stage_link_seconds'][i]:.3f}"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = _table(rows)
+    lines.append("")
+    memory = [("device", "predicted peak / RAM", "runtime", "weights", "LoRA+AdamW", "activations", "workspace",
+               "frames")]
+    for name in plan.devices():
+        f = p["memory"][name]
+        memory.append((name, f"{f['total'] / 1e9:.2f} / {ram[name] / 1e9:.2f} GB",
+                       *(f"{f[k] / 1e9:.3f}" for k in ("baseline", "weights", "trainable", "activations",
+                                                        "workspace", "buffers"))))
+    lines += _table(memory)
     lines.append(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
                  f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
                  f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
@@ -98,3 +105,8 @@ def format_plan(plan, devices: list) -> str:
     if unused:
         lines.append(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")
     return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -41,6 +41,9 @@ def run(args) -> int:
     if args.print_systemd_unit:
         print(systemd_unit(args))
         return 0
+    from edge_runtime.memory import configure_allocator
+
+    configure_allocator()  # before the imports below allocate
     from edge_runtime.agent import Agent
     from ringtune.security import check_token, load_or_create_token
 

@@ -1,0 +1,27 @@
+"""The shape of a run: what one optimizer step processes, and how (planning and memory need it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Schedule = Literal["1f1b", "gpipe", "sequential"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunShape:
+    """What one optimizer step processes, and how."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch (B)."""
+    seq_len: int = 64
+    """Tokens per sequence (T)."""
+    micro_batches: int = 4
+    """Micro-batches per optimizer step (M)."""
+    schedule: Schedule = "1f1b"
+    """Pipeline schedule: 1f1b (S - s micro-batches in flight on stage s), gpipe (all M) or sequential
+    (one; the planner plans it as 1f1b)."""
+    min_owner_blocks: int = 1
+    """Blocks the owner keeps at each end (its head and its tail), so raw embeddings never leave it."""
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
