@@ -214,11 +214,14 @@ class Trainer:
         # Whoever made the plan (the planner, --split even, a --plan file), it must fit as it will run:
         # its schedule, its micro-batches, this run's micro-batch shape, these agents' memory.
         shape = RunShape(s.micro_batch_size, s.seq_len, plan.micro_batches, plan.schedule)
-        memory = check_fits(self._table(), shape, plan, self._profiles(plan.devices()))
+        profiles = self._profiles(plan.devices())
+        memory = check_fits(self._table(), shape, plan, profiles)
+        step = f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if "step_seconds" in plan.predicted else ""
         plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},
                                         "memory": {n: f.to_dict() for n, f in memory.items()}})
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})" for st in plan.stages)
-                    + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
+                            + step + "; memory " + ", ".join(f"{p.name} {memory[p.name].total / 1e9:.2f} of "
+                                                             f"{p.ram_bytes / 1e9:.1f} GB" for p in profiles))
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
         if s.privacy.active:

@@ -119,8 +119,12 @@ class ActiveRun:
 
 class Agent:
     def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
-                 threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None) -> None:
+                 threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None,
+                 max_memory: int | None = None) -> None:
+        """max_memory: bytes this agent's process may use for a run, its runtime included (default: what
+        the machine, or its cgroup, has)."""
         self.name = name
+        self.max_memory = max_memory
         self.runtime = runtime
         self.export_dir = export_dir
         self.state_dir = state_dir
@@ -211,9 +215,17 @@ class Agent:
             self._baseline = runtime_baseline()
         return self._baseline
 
+    def ram(self) -> tuple[int, int]:
+        """(total, available now) bytes of RAM for this agent: the machine's or its cgroup's, capped by
+        --max-memory (which counts the agent's own resident memory as used)."""
+        total, available = usable_ram()  # a cgroup (container, emulated device) may cap it
+        if self.max_memory is None:
+            return total, available
+        return min(total, self.max_memory), max(0, min(available, self.max_memory - rss()))
+
     def _cmd_hello(self, _: dict, __: bytes) -> dict:
         gflops, baseline = self.gflops, self.baseline_bytes
-        ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
+        ram_total, ram_available = self.ram()
         return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
                 "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
                 "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,

@@ -154,12 +154,12 @@ def describe(footprint: Footprint) -> str:
     terms = {"weights": footprint.weights, "activations": footprint.activations, "runtime": footprint.baseline,
              "workspace": footprint.workspace, "LoRA + AdamW": footprint.trainable, "frames": footprint.buffers}
     return ", ".join(f"{name} {gb(value)}" for name, value in sorted(terms.items(), key=lambda t: -t[1])
-                     if value >= 0.005 * GB)
+                     if value >= 0.01 * footprint.running)
 
 
 def _remedies(shape: RunShape, plan: Plan, over: list[tuple[str, Footprint]]) -> str:
     hints = []
-    if shape.schedule == "gpipe" and len(plan.stages) > 1:
+    if shape.schedule == "gpipe" and shape.micro_batches > 1:
         hints.append("use --schedule 1f1b (GPipe keeps every micro-batch in flight on every stage)")
     if plan.predicted:
         hints.append("plan again for these devices and this shape (without --plan)")
