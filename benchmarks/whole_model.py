@@ -23,7 +23,7 @@ from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
-from peak_memory import peak_rss
+from edge_runtime.memory import peak_rss
 
 
 def main() -> None:

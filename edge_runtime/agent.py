@@ -208,6 +208,10 @@ class Agent:
             self._gflops = matmul_gflops(seconds=0.3)
         return self._gflops
 
+    def measure(self) -> None:
+        """Measure what hello reports (matmul speed, the runtime's own memory) now, not on the first hello."""
+        _ = self.gflops, self.baseline_bytes
+
     @property
     def baseline_bytes(self) -> int:
         """Resident bytes of this agent with the training runtime warmed up and no run, measured once."""

@@ -63,6 +63,7 @@ def run(args) -> int:
     agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads,
                   runtime=args.runtime, export_dir=args.export_dir,
                   max_memory=None if args.max_memory is None else int(args.max_memory * 1e9))
+    agent.measure()  # before it answers: hello must be quick
     advertiser = None if args.no_advertise else _advertise(agent, args)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"ringtune agent {args.name} listening on {agent.url}", flush=True)
