@@ -7,7 +7,8 @@ from edge_runtime.privacy.base import GradientMechanism, HiddenMechanism, NoiseS
 from edge_runtime.privacy.dchi import DChiMechanism
 from edge_runtime.privacy.gaussian import GaussianMechanism
 from edge_runtime.privacy.maxnorm import MaxNormMechanism
-from edge_runtime.runners.base import OptimizerSpec, StageRunner
+from edge_runtime.runners.base import StageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.privacy_spec import PrivacySpec
 
 
@@ -41,19 +42,25 @@ class PrivateStageRunner(StageRunner):
     travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip.
     The tail's gradient w.r.t. its input is privatized before it is returned (and sent). With spec.public
     = N the head sends positions < N as they are, after checking that every sequence starts with the N
-    token ids of the run's first micro-batch."""
+    token ids of the run's first micro-batch. Noise is keyed by (seed, global step, micro-batch, stage), so a
+    step replayed after a restore draws the same noise; the training state is the inner runner's."""
 
-    def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> None:
+    def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream, stage: int) -> None:
         super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
         self.inner = inner
         self.role = inner.role
         self.noise = noise
         self.spec = spec
+        self.stage = stage
         self._prefix: torch.Tensor | None = None  # [N] token ids of the run's first sequence, with public=N
         self.hidden = hidden_mechanism(spec) if inner.role == "head" else None
         self.gradient = gradient_mechanism(spec) if inner.role == "tail" else None
         self._clip_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._step = 0
+        self._step = 0  # the global step being run (begin_step)
+
+    def begin_step(self, step):
+        self._step = step
+        self.inner.begin_step(step)
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
         if self.hidden is not None and self.spec.public:
@@ -63,7 +70,7 @@ class PrivateStageRunner(StageRunner):
             return output
         plain = output.detach().requires_grad_(True)  # [B, T, d]
         with torch.enable_grad():
-            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, "hidden"),
+            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, self.stage, "hidden"),
                                         self.spec.public)
         self._clip_graph[microbatch] = (plain, private)
         return private.detach()
@@ -81,12 +88,11 @@ class PrivateStageRunner(StageRunner):
         grad_input = self.inner.backward(microbatch, grad_output)
         if self.gradient is None or grad_input is None:
             return grad_input
-        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, "gradient"))
+        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, self.stage, "gradient"))
 
     def step(self):
         assert not self._clip_graph, f"micro-batches {sorted(self._clip_graph)} were never backpropagated"
         self.inner.step()
-        self._step += 1
 
     def lora_state(self):
         return self.inner.lora_state()
@@ -94,9 +100,16 @@ class PrivateStageRunner(StageRunner):
     def load_lora_state(self, state):
         self.inner.load_lora_state(state)
 
+    def training_state(self):
+        return self.inner.training_state()
 
-def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> StageRunner:
-    """The runner as is when nothing of it leaves privatized (privacy off, or a middle/full stage)."""
+    def load_training_state(self, state):
+        self.inner.load_training_state(state)
+
+
+def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream, stage: int) -> StageRunner:
+    """The runner as is when nothing of it leaves privatized (privacy off, or a middle/full stage); stage is
+    its index in the ring (part of the noise's key)."""
     if (runner.role == "head" and spec.hidden != "off") or (runner.role == "tail" and spec.gradient != "off"):
-        return PrivateStageRunner(runner, spec, noise)
+        return PrivateStageRunner(runner, spec, noise, stage)
     return runner

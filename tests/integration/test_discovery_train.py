@@ -6,7 +6,7 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
+from helpers import TOKEN, AgentProcess, files_holding, ringtune_command, write_text_data
 from reference import max_difference
 
 pytestmark = pytest.mark.slow
@@ -53,6 +53,9 @@ def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
                           load_file(tmp_path / "given" / "adapter_model.safetensors")) == 0.0
     # the second run found every slice in the agents' caches
     assert owner.alive() and helper.alive()
+    # nothing either run wrote holds the token: not the adapter, run.json, metrics, plan, checkpoints nor logs
+    assert (tmp_path / "given" / "run.json").exists() and (tmp_path / "given" / "ringtune.json").exists()
+    assert files_holding(tmp_path, TOKEN) == []
 
 
 def test_plan_over_discovered_agents(loopback_agents):
@@ -107,6 +110,7 @@ def test_ctrl_c_stops_the_run_and_leaves_agents_ready(loopback_agents, tmp_path)
     import signal
 
     from coordinator.client import AgentClient
+    from ringtune.protocol import Status
 
     owner, helper = loopback_agents
     process = subprocess.Popen(ringtune_command("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
@@ -122,15 +126,26 @@ def test_ctrl_c_stops_the_run_and_leaves_agents_ready(loopback_agents, tmp_path)
     for agent in (owner, helper):
         client = AgentClient(agent.url)
         client.pair(TOKEN, "after-ctrl-c")
-        assert client.call("status")["state"] == "free"
+        assert client.request(Status()).state == "free"
     again = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
                 "--out", str(tmp_path / "again"), *TRAIN)
     assert again.returncode == 0, again.stderr
 
 
-def test_systemd_unit_runs_the_same_agent_command(tmp_path):
-    result = run("agent", "--name", "pi-kitchen", "--token", TOKEN, "--interface", "eth0", "--print-systemd-unit")
-    assert result.returncode == 0
+def test_systemd_unit_runs_the_same_agent_command_and_reads_the_token_from_the_state_dir(tmp_path):
+    import os
+    import stat
+
+    state = tmp_path / "state"
+    result = run("agent", "--name", "pi-kitchen", "--token", TOKEN, "--interface", "eth0", "--state-dir", str(state),
+                 "--print-systemd-unit")
+    assert result.returncode == 0, result.stderr
     exec_line = next(line for line in result.stdout.splitlines() if line.startswith("ExecStart="))
     assert "agent --name pi-kitchen" in exec_line and "--interface eth0" in exec_line
     assert "--print-systemd-unit" not in exec_line and "WantedBy=multi-user.target" in result.stdout
+    assert TOKEN not in result.stdout and "--token" not in exec_line and f"--state-dir {state}" in exec_line
+    assert (state / "token").read_text().strip() == TOKEN
+    assert stat.S_IMODE(os.stat(state / "token").st_mode) == 0o600
+    again = run("agent", "--name", "pi-kitchen", "--token", "another-token-0123456789", "--state-dir", str(state),
+                "--print-systemd-unit")
+    assert again.returncode != 0 and "holds another token" in again.stderr

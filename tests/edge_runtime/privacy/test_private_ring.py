@@ -15,7 +15,7 @@ from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import check_public_prefix, privatize
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
@@ -45,8 +45,7 @@ def ring(model_name, devices, schedule, data, privacy):
 def test_private_ring_equals_single_process_with_the_same_cuts_and_noise(model_name, privacy, data_for):
     data = data_for(model_name)
     plan, result = ring(model_name, ["a", "b"], "1f1b", data, privacy)
-    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
-    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, cuts)
+    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, plan)
     assert max_difference(result.adapter, reference) < 1e-5
     plain = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)
     assert max_difference(result.adapter, plain) > 1e-4, "the noise changed nothing"
@@ -61,8 +60,8 @@ def test_private_runs_repeat_under_a_seed_and_schedule_does_not_matter(data_for)
 
 def test_privacy_off_leaves_the_runners_as_they_were(data_for):
     runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
-    assert privatize(runner, PrivacySpec(), NoiseStream(0)) is runner  # not a single operation added
-    assert privatize(runner, PrivacySpec(gradient="maxnorm"), NoiseStream(0)) is runner  # the head sends no gradient
+    assert privatize(runner, PrivacySpec(), NoiseStream(0), 0) is runner  # not a single operation added
+    assert privatize(runner, PrivacySpec(gradient="maxnorm"), NoiseStream(0), 0) is runner  # the head sends no gradient
     data = data_for("tiny-llama")
     adapter = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec())[1].adapter
     assert max_difference(adapter, reference_adapter("tiny-llama", LORA, OPTIMIZER, data, STEPS)) < 1e-5
@@ -93,7 +92,7 @@ def test_check_public_prefix_names_the_micro_batch_row_and_both_prefixes():
 
 def head_runner(spec):
     runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
-    return privatize(runner, spec, NoiseStream(spec.seed))
+    return privatize(runner, spec, NoiseStream(spec.seed), 0)
 
 
 def test_the_head_sends_public_positions_as_they_are_and_refuses_another_prefix(prompt_data):
@@ -114,8 +113,7 @@ def test_the_head_sends_public_positions_as_they_are_and_refuses_another_prefix(
 
 def test_a_ring_with_public_positions_trains_exactly_and_repeats_under_a_seed(prompt_data):
     plan, result = ring("tiny-llama", ["a", "b"], "1f1b", prompt_data, PREFIXED)
-    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
-    reference = reference_adapter("tiny-llama", LORA, OPTIMIZER, prompt_data, STEPS, PREFIXED, cuts)
+    reference = reference_adapter("tiny-llama", LORA, OPTIMIZER, prompt_data, STEPS, PREFIXED, plan)
     assert max_difference(result.adapter, reference) < 1e-5 and all(map(math.isfinite, result.losses))
     again = ring("tiny-llama", ["a", "b"], "gpipe", prompt_data, PREFIXED)[1].adapter
     assert max_difference(result.adapter, again) < 1e-6
