@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.progress import Progress
 from coordinator.run_store import RunStore
@@ -67,9 +68,11 @@ class _Failure:
 
 class ResilientTrainer:
     def __init__(self, settings: TrainSettings, recovery: RecoverySettings, members: Membership, store: RunStore,
-                 progress: Progress, find_agents: Callable[[], list[str]] | None = None) -> None:
+                 progress: Progress, find_agents: Callable[[], list[str]] | None = None,
+                 interrupt: Interrupt | None = None) -> None:
         """find_agents: the control URLs of the agents seen now (--discover): a paused run, or --rebalance at a
-        checkpoint, may take in new agents among them (the membership decides which may join)."""
+        checkpoint, may take in new agents among them (the membership decides which may join). interrupt: where
+        Ctrl-C is seen (the run stops at the next command with KeyboardInterrupt)."""
         if recovery.checkpoint_every < 1:
             raise ValueError("--checkpoint-every must be at least 1")
         self.settings = settings
@@ -78,7 +81,8 @@ class ResilientTrainer:
         self.store = store
         self.progress = progress
         self.find_agents = find_agents
-        self.session = RingSession(settings, members, store, progress)
+        self.interrupt = interrupt or Interrupt()
+        self.session = RingSession(settings, members, store, progress, self.interrupt)
 
     def run(self, plan: Plan | None = None) -> TrainResult:
         s = self.settings
@@ -206,7 +210,7 @@ class ResilientTrainer:
         while time.monotonic() < deadline:
             if any([self._rejoin(name) for name in waiting_for]) | self._take_in_new():
                 return
-            time.sleep(REJOIN_POLL_SECONDS)
+            self.interrupt.sleep(REJOIN_POLL_SECONDS)
         raise RunFailed(f"paused: {reason}, and {awaited} did not come back within {timeout:.0f} s. "
                         f"The last checkpoint is in {self.store.checkpoints.root}: restart the agents and continue "
                         f"with ringtune train --resume {self.settings.out}")

@@ -17,6 +17,7 @@ from typing import Callable
 from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentUnreachable
+from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.planning import RunShape, model_cost_table, partition
 from coordinator.planning.calibration import calibrated_profile
@@ -55,8 +56,10 @@ class Assigned:
 
 
 class RingSession:
-    def __init__(self, settings: TrainSettings, members: Membership, store: RunStore, progress: Progress) -> None:
+    def __init__(self, settings: TrainSettings, members: Membership, store: RunStore, progress: Progress,
+                 interrupt: Interrupt) -> None:
         self.settings = settings
+        self.interrupt = interrupt
         self.members = members
         self.store = store
         self.progress = progress
@@ -211,7 +214,7 @@ class RingSession:
             if deadline is not None and time.monotonic() > deadline:
                 raise RunFailed(f"agents {sorted(pending)} did not {what} within {timeout:.0f} s")
             if pending:
-                time.sleep(POLL_SECONDS)
+                self.interrupt.sleep(POLL_SECONDS)
         return results
 
     def _blame(self, plan: Plan, name: str, status: protocol.StatusReply) -> None:
@@ -272,6 +275,7 @@ class RingSession:
         self._guard(name, lambda: self.members.client(name).upload(digest, blob))
 
     def _guard(self, name: str, action: Callable):
+        self.interrupt.check()
         try:
             reply = action()
         except (AgentUnreachable, protocol.SessionLost) as error:

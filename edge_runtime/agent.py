@@ -75,8 +75,8 @@ class ActiveRun:
 class Agent:
     def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
                  threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None,
-                 on_busy: Callable[[bool], None] = lambda busy: None) -> None:
-        """on_busy(busy) is called (from the control loop) when the agent takes a run or drops it."""
+                 on_busy: Callable[[str | None], None] = lambda lineage: None) -> None:
+        """on_busy(lineage) is called (from the control loop) when what ``busy`` says changes."""
         self.name = name
         self.on_busy = on_busy
         self.runtime = runtime
@@ -100,6 +100,7 @@ class Agent:
         self._run: ActiveRun | None = None
         self._retired: threading.Thread | None = None  # the worker of the last stopped run, maybe still ending
         self._last_sealed = 0.0  # when the paired coordinator was last heard from (monotonic)
+        self._announced: str | None = None  # what on_busy was last told
         self._lock = threading.Lock()
         self._running = True
 
@@ -111,6 +112,7 @@ class Agent:
                     message = self._socket.recv_msg()
                     raw, peer = message.bytes, _peer_host(message)
                 except pynng.Timeout:
+                    self._announce()
                     continue
                 except pynng.NNGException:
                     raise
@@ -121,6 +123,7 @@ class Agent:
                     self._socket.send(reply)
                 except pynng.Timeout:
                     log.error("coordinator did not take the reply")
+                self._announce()
         finally:
             self._stop_run()
             self._socket.close()
@@ -180,6 +183,12 @@ class Agent:
             return None
         return run.settings.lineage
 
+    def _announce(self) -> None:
+        busy = self.busy
+        if busy != self._announced:
+            self._announced = busy
+            self.on_busy(busy)
+
     def _cmd_hello(self, _: protocol.Hello, __: str) -> protocol.HelloReply:
         ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
         return protocol.HelloReply(
@@ -230,7 +239,6 @@ class Agent:
         self._run = run
         run.worker = threading.Thread(target=self._load, args=(run, indices, self._retired), daemon=True)
         run.worker.start()
-        self.on_busy(True)
         return protocol.AssignReply(listen=listen)
 
     def _cmd_connect(self, msg: protocol.Connect) -> protocol.Done:
@@ -398,7 +406,6 @@ class Agent:
             edge.abort()
             edge.close()  # also ends a send blocked on a neighbour that is gone
         self._retired = run.worker
-        self.on_busy(False)
 
 
 def _peer_host(message: pynng.Message) -> str:

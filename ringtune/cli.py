@@ -6,9 +6,11 @@ A command's ``run(args) -> int`` returns the exit code; errors meant for the use
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:
         _quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (a hang's where)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:

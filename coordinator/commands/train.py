@@ -105,6 +105,7 @@ def train(args, discovery) -> int:
 
     from coordinator.client import AgentClient
     from coordinator.cluster.state import cluster_devices
+    from coordinator.interrupt import Interrupt
     from coordinator.local import local_names, start_local_agents, stop_local_agents
     from coordinator.membership import AgentGone, Membership
     from coordinator.progress import progress_for_terminal
@@ -140,7 +141,7 @@ def train(args, discovery) -> int:
     elif args.runtime != "torch":
         raise ValueError("--runtime is for --local agents; start remote agents with `ringtune agent --runtime ...`")
     elif args.discover:
-        owner, found = discover_agents(args, discovery)
+        owner, found = discover_agents(args, discovery, resumed[1] if resumed else "")
         urls = [advert.control_url for advert in found]
         names = None if args.discover.isdigit() else frozenset(a.name for a in found)
     else:
@@ -163,11 +164,14 @@ def train(args, discovery) -> int:
     clients = [AgentClient(url, timeouts) for url in urls]
     members = Membership(token, secrets.token_hex(8), lineage, timeouts, names, check_alive)
     progress = progress_for_terminal()
+    interrupt = Interrupt()
     try:
-        members.join_all(clients, settings.owner)
-        recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout, resume=bool(args.resume))
-        find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
-        result = ResilientTrainer(settings, recovery, members, store, progress, find_agents).run(plan)
+        with interrupt.installed():
+            members.join_all(clients, settings.owner)
+            recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout,
+                                        resume=bool(args.resume))
+            find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
+            result = ResilientTrainer(settings, recovery, members, store, progress, find_agents, interrupt).run(plan)
     finally:
         progress.close()
         members.close()
@@ -197,11 +201,12 @@ def open_discovery(args):
     return MdnsDiscovery(interfaces=parse_interfaces(args.interface))
 
 
-def discover_agents(args, discovery) -> tuple[str, list]:
-    """The owner's name and the adverts of the agents found over mDNS (--discover)."""
+def discover_agents(args, discovery, lineage: str = "") -> tuple[str, list]:
+    """The owner's name and the adverts of the agents found over mDNS (--discover); lineage: the run being
+    resumed (agents busy with it count as free)."""
     wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
     print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
-    found = discovery.wait_for(wanted, args.discover_timeout)
+    found = discovery.wait_for(wanted, args.discover_timeout, lineage)
     if isinstance(wanted, int):
         found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
     owner = args.owner or _the_owner(found)

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_STATE = Path(os.environ.get("RINGTUNE_STATE", Path.home() / ".local" / "state" / "ringtune"))
@@ -55,6 +56,8 @@ def run(args) -> int:
     agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads,
                   runtime=args.runtime, export_dir=args.export_dir)
     advertiser = None if args.no_advertise else _advertise(agent, args)
+    if advertiser is not None:  # say busy/free on the network, off the control loop (mDNS takes a moment)
+        agent.on_busy = lambda lineage: threading.Thread(target=advertiser.set_busy, args=(lineage,), daemon=True).start()
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"ringtune agent {args.name} listening on {agent.url}", flush=True)
     try:

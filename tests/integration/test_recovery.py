@@ -73,17 +73,28 @@ class Uninterrupted:
     """The owner's copy of its checkpoints."""
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(agents, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
+def run_uninterrupted(agents, out, *extra) -> Uninterrupted:
     middle = AgentProcess("node1", out / "node1")
     try:
-        finish(coordinator([agents["owner"].url, middle.url, agents["node2"].url], out))
+        finish(coordinator([agents["owner"].url, middle.url, agents["node2"].url], out, *extra))
     finally:
         middle.stop()
     lineage = json.loads((out / "run.json").read_text())["lineage"]
     return Uninterrupted(load_file(out / "adapter_model.safetensors"), out,
                          agents["owner"].log.parent / "checkpoints" / lineage)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(agents, tmp_path_factory):
+    return run_uninterrupted(agents, tmp_path_factory.mktemp("uninterrupted"))
+
+
+PRIVATE = ["--privacy", "dchi:epsilon=2,clip=50,seed=7", "--grad-privacy", "maxnorm"]
+
+
+@pytest.fixture(scope="module")
+def private_uninterrupted(agents, tmp_path_factory):
+    return run_uninterrupted(agents, tmp_path_factory.mktemp("private"), *PRIVATE)
 
 
 def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(agents, uninterrupted, tmp_path):
@@ -203,3 +214,36 @@ def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(agents, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint of step 4" in resumed.stdout, resumed.stdout
     assert max_difference(load_file(out / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
+
+
+def test_a_private_run_with_a_middle_agent_killed_then_its_coordinator_killed_and_resumed_ends_exactly(
+        agents, private_uninterrupted, uninterrupted, tmp_path):
+    """Private runs restore exactly: checkpoints hold the owner's AdamW state, and the noise is keyed by (seed,
+    step, micro-batch, stage), so the steps replayed after node1 is killed at step 6 (from checkpoint 4), and
+    after the coordinator is killed at step 10 and resumed (from checkpoint 8, without the seed: run.json does
+    not hold it, the owner kept it), draw the noise the uninterrupted private run drew."""
+    middle = AgentProcess("node1", tmp_path / "node1")
+    urls = [agents["owner"].url, middle.url, agents["node2"].url]
+    process = coordinator(urls, tmp_path, *PRIVATE)
+    try:
+        run_until_step(process, 6)
+        middle.process.kill()
+        middle.process.wait()
+        os.kill(process.pid, signal.SIGCONT)
+        run_until_step(process, 10)
+        process.kill()
+        process.wait()
+        assert '"seed"' not in json.dumps(json.loads((tmp_path / "run.json").read_text())["settings"]["privacy"])
+        resumed = subprocess.run(ringtune_command("train", "--resume", str(tmp_path), "--agents",
+                                                  f"{agents['owner'].url},{agents['node2'].url}", "--token", TOKEN),
+                                 capture_output=True, text=True, timeout=240)
+    finally:
+        process.kill()
+        middle.stop()
+    assert resumed.returncode == 0, resumed.stderr
+    failed, = events(tmp_path, "failed")
+    assert failed["agent"] == "node1" and failed["steps_replayed"] == 2
+    assert "resuming from the checkpoint of step 8" in resumed.stdout and "step 12/12" in resumed.stdout
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    assert max_difference(adapter, private_uninterrupted.adapter) < 1e-5
+    assert max_difference(private_uninterrupted.adapter, uninterrupted.adapter) > 1e-4, "the noise changed nothing"
