@@ -20,7 +20,12 @@ class Interrupt:
 
     @contextlib.contextmanager
     def installed(self):
-        """Route SIGINT to this flag (main thread only) until the block ends."""
+        """Route SIGINT to this flag (main thread only) until the block ends. A process started with SIGINT
+        ignored (a background job of a non-interactive shell, nohup) keeps ignoring it, as Python does."""
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield self
+            return
+
         def on_sigint(signum, frame) -> None:
             self._event.set()
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once

@@ -30,14 +30,12 @@ from edge_runtime.calibration import block_seconds
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
-from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
 from edge_runtime.runners.base import StageRunner
-from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state

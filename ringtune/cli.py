@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:
         _quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (a hang's where)
+    if sys.__stderr__ is not None:  # `kill -USR1 PID` prints every thread's stack (where a hang is)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:

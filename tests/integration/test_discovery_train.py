@@ -126,7 +126,9 @@ def cpu_hog():
 def interrupted_at_step_2(command: list[str]) -> subprocess.CompletedProcess:
     """Start a run, send SIGINT once step 2 is done; the coordinator's exit. If it does not exit within 60 s,
     its threads' stacks (faulthandler, SIGUSR1) are in the failure message: where SIGINT landed."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as from a terminal: a test run in the background (a shell's `&`) inherits it ignored
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("step 2/"):
             break

@@ -15,8 +15,8 @@ from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import check_public_prefix, privatize
-from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
 from ringtune.privacy_spec import PrivacySpec
