@@ -6,6 +6,10 @@ needs (``Request.reply_seconds``): heartbeats stay short, uploads scale with the
 """
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+from pathlib import Path
+
 import pynng
 
 from ringtune import control, protocol
@@ -75,13 +79,18 @@ class AgentClient:
             raise AgentUnreachable(f"agent {self.name} at {self.url} did not answer {cmd!r} within "
                                    f"{seconds:g} s (is it running and reachable?)") from None
 
-    def upload(self, digest: str, blob: bytes) -> None:
-        """Send a blob in chunks unless the agent has it cached already."""
+    def upload(self, digest: str, blob: bytes | Path, on_chunk: Callable[[int], None] = lambda size: None) -> None:
+        """Send a blob (bytes, or a file read a chunk at a time) in chunks unless the agent has it cached
+        already; on_chunk(bytes) after each chunk the agent took."""
         if not self.request(Have(digests=[digest])).missing:
             return
-        for offset in range(0, len(blob), CHUNK_BYTES):
-            self.request(Upload(sha256=digest, offset=offset, total=len(blob),
-                                data=blob[offset:offset + CHUNK_BYTES]))
+        with (io.BytesIO(blob) if isinstance(blob, bytes) else Path(blob).open("rb")) as source:
+            total = source.seek(0, io.SEEK_END)
+            source.seek(0)
+            for offset in range(0, total, CHUNK_BYTES):
+                chunk = source.read(CHUNK_BYTES)
+                self.request(Upload(sha256=digest, offset=offset, total=total, data=chunk))
+                on_chunk(len(chunk))
 
     def close(self) -> None:
         self._socket.close()

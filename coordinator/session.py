@@ -12,6 +12,7 @@ import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import load as load_tensors
@@ -176,8 +177,8 @@ class RingSession:
             own = ([exports[name].manifest, *exports[name].files] if name in exports
                    else [shipment.slices[name]] if torch_agent else [])
             for blob in own + ([shipment.tokenizer] if name == plan.owner else []):
-                self.upload(name, blob.sha256, blob.data)
-            sizes.append(f"{name} {sum(len(blob.data) for blob in own) / 1e6:.0f} MB"
+                self.upload(name, blob.sha256, blob.path)
+            sizes.append(f"{name} {sum(blob.size for blob in own) / 1e6:.0f} MB"
                          + ("" if torch_agent else " of ExecuTorch programs"))
         self.progress.event(f"slices ready on every agent ({', '.join(sizes)})")
 
@@ -271,7 +272,7 @@ class RingSession:
         """One command to an agent; an agent that does not answer (or lost its session) is AgentGone."""
         return self._guard(name, lambda: self.members.client(name).request(request))
 
-    def upload(self, name: str, digest: str, blob: bytes) -> None:
+    def upload(self, name: str, digest: str, blob: bytes | Path) -> None:
         self._guard(name, lambda: self.members.client(name).upload(digest, blob))
 
     def _guard(self, name: str, action: Callable):

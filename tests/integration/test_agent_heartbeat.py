@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from coordinator.client import AgentClient
 from coordinator.cluster import cgroups
 from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.slices import pack_slice, sha256
+from edge_runtime.models.slices import write_slice
 from edge_runtime.models.stage import build_stage
 from ringtune import protocol
 from ringtune.optimizer_spec import OptimizerSpec
@@ -46,10 +46,11 @@ def slow_agent(tmp_path):
     group.remove()
 
 
-def middle_slice() -> bytes:
+def middle_slice(path) -> str:
+    """Write the helper's slice to path; its sha256."""
     torch.manual_seed(0)
     model = apply_lora(AutoModelForCausalLM.from_config(CONFIG), LORA)
-    return pack_slice({1: build_stage(model, PLAN.stages[1].layers, "middle")[0]})
+    return write_slice({1: build_stage(model, PLAN.stages[1].layers, "middle")[0]}, path)
 
 
 def timed_status(client: AgentClient, latencies: list[float]) -> protocol.StatusReply:
@@ -59,9 +60,9 @@ def timed_status(client: AgentClient, latencies: list[float]) -> protocol.Status
     return status
 
 
-def test_an_agent_on_a_third_of_a_core_answers_heartbeats_while_it_takes_and_loads_a_500_mb_slice(slow_agent):
-    blob = middle_slice()
-    digest = sha256(blob)
+def test_an_agent_on_a_third_of_a_core_answers_heartbeats_while_it_takes_and_loads_a_500_mb_slice(slow_agent, tmp_path):
+    digest = middle_slice(tmp_path / "slice.safetensors")
+    blob = (tmp_path / "slice.safetensors").read_bytes()
     assert len(blob) > 500e6
     client = AgentClient(slow_agent.url, protocol.Timeouts(heartbeat=HEARTBEAT))
     client.pair(TOKEN, "heartbeat-run")
