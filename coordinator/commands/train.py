@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                         help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
     parser.add_argument("--encrypt", action="store_true",
                         help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
-    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
                                         "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
