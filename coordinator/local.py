@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
-START_TIMEOUT = 120.0
+START_TIMEOUT = 300.0
+"""Seconds a local agent may take to start (imports torch and transformers: over 2 min on a loaded 2-core machine)."""
 
 
 class LocalAgentError(RuntimeError):
