@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.planning.cost_table import CostTable
+from coordinator.planning.costs import CostTable
 from device_profiles.profile import DeviceProfile
 from ringtune.plan import Plan, PlanError, Schedule, StageSpec, validate_plan
 
