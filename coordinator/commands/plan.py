@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCHEDULES = ("1f1b", "gpipe")
+from ringtune.plan import PLANNED_SCHEDULES
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
+    parser.add_argument("--schedule", choices=PLANNED_SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end of the model")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
