@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edge_runtime.commands.data",
     "edge_runtime.commands.evaluate",
     "edge_runtime.commands.profile",
+    "edge_runtime.commands.doctor",
     "coordinator.commands.plan",
     "coordinator.commands.devices",
     "coordinator.commands.cluster",

@@ -106,3 +106,30 @@ def test_without_root_the_agents_run_on_loopback_and_say_nothing_is_emulated(any
     assert [s.state for s in cluster.status(state)] == ["running", "running"]
     cluster.down(state)
     assert not any(device.running() for device in state.devices)
+
+
+@pytest.mark.root
+def test_doctor_inside_an_emulated_device_sees_its_caps(prefix, tmp_path):
+    state = cluster.up(["rpi5-8gb:doc"], prefix=prefix, core_gflops=CORE_GFLOPS, start_agents=False,
+                       say=lambda _: None)
+    device = state.device("doc")
+    clock_url = f"tcp://{state.coordinator_ip}:7731"
+    server = subprocess.Popen(state.coordinator_command(ringtune_command("doctor", "--serve-clock", clock_url)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving the time" in server.stdout.readline()
+        doctor = device.spawn(ringtune_command("doctor", "--json", "--interface", device.ip, "--profile", "rpi5-8gb",
+                                               "--threads", "1", "--seconds", "0.5", "--state-dir",
+                                               str(tmp_path / "state"), "--coordinator", clock_url),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = doctor.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(10)
+    found = {f["check"]: f for f in json.loads(out)}
+    assert "7.00 GB (cgroup limit" in found["cgroup limit"]["detail"], err  # the device's RAM, not this machine's
+    interface = next(check for check in found if check.startswith("mDNS "))
+    assert found[interface]["status"] == "ok" and device.ip in found[interface]["detail"]
+    assert "of the rpi5-8gb profile's 30" in found["matmul speed"]["detail"]
+    assert found["clock"]["status"] == "ok" and clock_url in found["clock"]["detail"]
+    assert found[f"port 7720"]["status"] == "ok" and device.ip in found["port 7720"]["detail"]
