@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="plan the split of a model over devices (no weights needed)",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    model.add_argument("--model", help="tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     model.add_argument("--model-config", type=Path, metavar="FILE", help="a Hugging Face config.json")
     parser.add_argument("--device", action="append", default=[], metavar="PROFILE[:NAME]",
                         help="a device in the ring: a built-in profile or one from --device-file, "

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                         help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
     parser.add_argument("--encrypt", action="store_true",
                         help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
-    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
                                         "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
@@ -108,6 +108,7 @@ def train(args, discovery) -> int:
     from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
     from coordinator.training import AgentGone
     from edge_runtime.models.registry import load_config
+    from edge_runtime.models.structure import sliceable_meta_model
     from ringtune.plan import Plan
     from ringtune.security import generate_token
 
@@ -116,7 +117,7 @@ def train(args, discovery) -> int:
     elif not args.model or not args.out:
         raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
     else:
-        load_config(args.model)  # an unknown model fails here, before any agent starts
+        sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []
