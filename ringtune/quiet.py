@@ -23,6 +23,8 @@ HARMLESS_WARNINGS = (
 HARMLESS_LOGS = {
     # torchao's wheel ships CUDA kernels (_C_mxfp8, _C_cutlass_90a): they cannot load on a CPU.
     "torchao": re.compile(r"Failed to load .*_C_\w*\..*so"),
+    # torchao's int8 matmul kernels have a triton (GPU) variant; CPU-only torch has no triton.
+    "torchao.kernel.intmm": re.compile(r"Warning: Detected no triton"),
     # torchao registers Enums with torch's pytree, which torch 2.13 deprecates.
     "torch.utils._pytree": re.compile(r".* is an Enum subclass and is now natively supported"),
 }
