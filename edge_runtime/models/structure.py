@@ -89,8 +89,8 @@ def find_parts(model: nn.Module) -> DecoderParts:
         raise refuse("no input embedding and output head to put on the owner")
     num_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(num_layers, int):
-        raise refuse("its config has no num_hidden_layers (a multimodal or encoder-decoder config; "
-                     "give the text decoder's own config)")
+        raise refuse("its config has no num_hidden_layers (a multimodal or encoder-decoder config), where a "
+                     "text decoder's config is expected")
     blocks_path, blocks = _find_block_list(causal_lm, num_layers, refuse)
     decoder = causal_lm.get_submodule(blocks_path.rsplit(".", 1)[0]) if "." in blocks_path else causal_lm
     rotaries = [m for _, m in decoder.named_children() if "rotary" in type(m).__name__.lower()]

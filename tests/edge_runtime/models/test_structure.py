@@ -51,7 +51,7 @@ def test_a_made_up_architecture_is_refused_naming_what_is_missing(config, missin
 def test_a_multimodal_gemma3_config_is_refused():
     from transformers import Gemma3Config
 
-    with pytest.raises(UnsupportedModelError, match="'gemma3'.*no num_hidden_layers.*text decoder's own config"):
+    with pytest.raises(UnsupportedModelError, match="'gemma3'.*no num_hidden_layers.*text decoder's config"):
         sliceable_meta_model(Gemma3Config())
 
 
