@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import sys
-import warnings
+
+from ringtune.quiet import quiet_libraries
 
 COMMAND_MODULES = (
     "edge_runtime.commands.agent",
@@ -21,6 +22,7 @@ COMMAND_MODULES = (
     "edge_runtime.commands.data",
     "edge_runtime.commands.evaluate",
     "edge_runtime.commands.profile",
+    "edge_runtime.commands.doctor",
     "coordinator.commands.plan",
     "coordinator.commands.devices",
     "coordinator.commands.cluster",
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
     if not verbose:
-        _quiet_libraries()  # before anything imports torch
+        quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
     if sys.__stderr__ is not None:  # `kill -USR1 PID` prints every thread's stack (where a hang is)
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)
@@ -71,19 +73,6 @@ def entry() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _quiet_libraries() -> None:
-    """Library deprecation notes and progress bars are noise for ringtune's users."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # torchao (pulled in by the executorch extra, imported by peft) warns about GPU kernels and
-    # deprecated torch APIs on every start; torch reads TORCH_LOGS when it is first imported.
-    os.environ.setdefault("TORCH_LOGS", "-all")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge_runtime.schedules import SCHEDULES
+from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
 
 
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b", help="pipeline schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

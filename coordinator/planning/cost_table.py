@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from coordinator.planning.costs import CostTable, EndCost
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import StageModule, token_loss_sum
@@ -30,50 +30,6 @@ TRAINABLE_COPIES = 4
 
 class ModelConfigError(ValueError):
     """The model config file cannot be read; the message says how to fix it."""
-
-
-@dataclass(frozen=True, slots=True)
-class EndCost:
-    """Cost of one part of the model: a block, or one of the owner's ends (embedding; norm + LM head + loss)."""
-    param_bytes: int
-    """Frozen and trainable parameter bytes (a tied embedding is counted on the head end only)."""
-    trainable_bytes: int
-    """LoRA tensors + their gradients + AdamW state."""
-    activation_bytes: float
-    """Bytes kept for backward per token."""
-    forward_flops: float
-    """Forward FLOPs per token."""
-    backward_flops: float
-    """Backward FLOPs per token."""
-
-
-@dataclass(frozen=True, slots=True)
-class CostTable:
-    """Per-block and per-end costs of one model under one LoRA spec, at one sequence length."""
-    model: str
-    """Model name or path, as the plan records it."""
-    seq_len: int
-    """Sequence length the per-token numbers were traced at (attention grows with it)."""
-    block_param_bytes: tuple[int, ...]
-    """Parameter bytes of each block (frozen base weights + LoRA)."""
-    block_trainable_bytes: tuple[int, ...]
-    """LoRA tensors + gradients + AdamW state of each block."""
-    block_activation_bytes: tuple[float, ...]
-    """Bytes each block keeps for backward, per token of a micro-batch."""
-    block_forward_flops: tuple[float, ...]
-    """Forward FLOPs per token of each block."""
-    block_backward_flops: tuple[float, ...]
-    """Backward FLOPs per token of each block (input gradients + LoRA gradients)."""
-    cut_bytes: float
-    """Bytes per token of the hidden state that crosses a cut (the same for its gradient)."""
-    head_end: EndCost
-    """Embedding (and learned position embedding) on the owner's first stage."""
-    tail_end: EndCost
-    """Final norm, LM head and loss on the owner's last stage."""
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.block_param_bytes)
 
 
 def config_from_file(path: str | Path) -> PreTrainedConfig:
