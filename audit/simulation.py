@@ -165,8 +165,8 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
     mechanism = hidden_mechanism(spec)
     public, private = view.public, view.private
     if mechanism is not None:  # whole sequences, so positions < spec.public pass as in the run
-        public = mechanism.apply(public, noise.generator(0, 0, 0, "audit-public"), spec.public)
-        private = mechanism.apply(private, noise.generator(0, 0, 0, "audit-private"), spec.public)
+        public = mechanism.apply(public, noise.generator(0, 0, "head", "audit-public"), spec.public)
+        private = mechanism.apply(private, noise.generator(0, 0, "head", "audit-private"), spec.public)
     inverter = LinearInverter(public.flatten(0, 1), view.public_tokens.flatten(), embeddings)
     private, tokens = private[view.counted], view.private_tokens[view.counted]  # [n', d], [n']
     aucs = {"norm_auc": None, "direction_auc": None}
@@ -186,7 +186,7 @@ def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: 
     if mechanism is None:
         return gradients
     groups = gradients.split(settings.micro_batch_size)  # the tail privatizes one micro-batch at a time
-    return torch.cat([mechanism.apply(g, noise.generator(0, i, 0, "audit-gradient")) for i, g in enumerate(groups)])
+    return torch.cat([mechanism.apply(g, noise.generator(0, i, "tail", "audit-gradient")) for i, g in enumerate(groups)])
 
 
 def _labelled(settings: AuditSettings) -> tuple[list[Record], torch.Tensor] | None:

@@ -313,7 +313,7 @@ class Agent:
                 previous.join()
             s = run.settings
             noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
-            run.runners = {i: privatize(runner, s.privacy, noise, i) for i, runner in self._runners(s, indices).items()}
+            run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,

@@ -37,8 +37,8 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
     """Train peft_model's LoRA in place over plan's stages for ``steps`` (a count, or the step indices to run,
     e.g. a replay from a checkpoint); ``restore`` is a training state to start from."""
     noise = NoiseStream(privacy.seed)
-    runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise, i)
-               for i, s in enumerate(plan.stages)]
+    runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise)
+               for s in plan.stages]
     for runner in runners if restore is not None else []:
         runner.load_training_state(restore)
     shape = (data.micro_batch_size, data.seq_len, peft_model.config.hidden_size)

@@ -41,20 +41,20 @@ def privatize_reference_cuts(model, plan, hidden, gradient, noise, position, pub
     """Hooks on a (peft) model that apply the owner's mechanisms where plan's ring cuts: on the output of
     its head's last block (hidden, positions < public untouched) and on the gradient into its tail's first
     block (gradient). position() gives the current (step, micro-batch); noise is a NoiseStream with the
-    ring's seed (keyed by the stage, as the ring's is)."""
+    ring's seed (keyed by the owner's role, as the ring's is)."""
     from edge_runtime.models.structure import find_parts
 
     blocks = find_parts(model).blocks
-    head_end, tail_start, tail = plan.stages[0].layers[1], plan.stages[-1].layers[0], len(plan.stages) - 1
+    head_end, tail_start = plan.stages[0].layers[1], plan.stages[-1].layers[0]
 
     def on_head_output(_, __, output):
         hidden_out = output[0] if isinstance(output, tuple) else output
-        private = hidden.apply(hidden_out, noise.generator(*position(), 0, "hidden"), public)
+        private = hidden.apply(hidden_out, noise.generator(*position(), "head", "hidden"), public)
         return (private, *output[1:]) if isinstance(output, tuple) else private
 
     def on_tail_input(_, args, kwargs):
         tensor = args[0] if args else kwargs["hidden_states"]
-        tensor.register_hook(lambda grad: gradient.apply(grad, noise.generator(*position(), tail, "gradient")))
+        tensor.register_hook(lambda grad: gradient.apply(grad, noise.generator(*position(), "tail", "gradient")))
 
     handles = []
     if hidden is not None:

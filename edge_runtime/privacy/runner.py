@@ -42,16 +42,17 @@ class PrivateStageRunner(StageRunner):
     travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip.
     The tail's gradient w.r.t. its input is privatized before it is returned (and sent). With spec.public
     = N the head sends positions < N as they are, after checking that every sequence starts with the N
-    token ids of the run's first micro-batch. Noise is keyed by (seed, global step, micro-batch, stage), so a
-    step replayed after a restore draws the same noise; the training state is the inner runner's."""
+    token ids of the run's first micro-batch. Noise is keyed by (seed, global step, micro-batch, stage), the
+    stage being the owner's role (head or tail: its ring index changes when a re-plan adds or drops
+    devices), so a step replayed after a restore, on any split, draws the same noise; the training state is
+    the inner runner's."""
 
-    def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream, stage: int) -> None:
+    def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> None:
         super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
         self.inner = inner
         self.role = inner.role
         self.noise = noise
         self.spec = spec
-        self.stage = stage
         self._prefix: torch.Tensor | None = None  # [N] token ids of the run's first sequence, with public=N
         self.hidden = hidden_mechanism(spec) if inner.role == "head" else None
         self.gradient = gradient_mechanism(spec) if inner.role == "tail" else None
@@ -70,7 +71,7 @@ class PrivateStageRunner(StageRunner):
             return output
         plain = output.detach().requires_grad_(True)  # [B, T, d]
         with torch.enable_grad():
-            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, self.stage, "hidden"),
+            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, self.role, "hidden"),
                                         self.spec.public)
         self._clip_graph[microbatch] = (plain, private)
         return private.detach()
@@ -88,7 +89,7 @@ class PrivateStageRunner(StageRunner):
         grad_input = self.inner.backward(microbatch, grad_output)
         if self.gradient is None or grad_input is None:
             return grad_input
-        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, self.stage, "gradient"))
+        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, self.role, "gradient"))
 
     def step(self):
         assert not self._clip_graph, f"micro-batches {sorted(self._clip_graph)} were never backpropagated"
@@ -107,9 +108,8 @@ class PrivateStageRunner(StageRunner):
         self.inner.load_training_state(state)
 
 
-def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream, stage: int) -> StageRunner:
-    """The runner as is when nothing of it leaves privatized (privacy off, or a middle/full stage); stage is
-    its index in the ring (part of the noise's key)."""
+def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> StageRunner:
+    """The runner as is when nothing of it leaves privatized (privacy off, or a middle/full stage)."""
     if (runner.role == "head" and spec.hidden != "off") or (runner.role == "tail" and spec.gradient != "off"):
-        return PrivateStageRunner(runner, spec, noise, stage)
+        return PrivateStageRunner(runner, spec, noise)
     return runner

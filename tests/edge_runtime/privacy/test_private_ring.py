@@ -60,8 +60,8 @@ def test_private_runs_repeat_under_a_seed_and_schedule_does_not_matter(data_for)
 
 def test_privacy_off_leaves_the_runners_as_they_were(data_for):
     runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
-    assert privatize(runner, PrivacySpec(), NoiseStream(0), 0) is runner  # not a single operation added
-    assert privatize(runner, PrivacySpec(gradient="maxnorm"), NoiseStream(0), 0) is runner  # the head sends no gradient
+    assert privatize(runner, PrivacySpec(), NoiseStream(0)) is runner  # not a single operation added
+    assert privatize(runner, PrivacySpec(gradient="maxnorm"), NoiseStream(0)) is runner  # the head sends no gradient
     data = data_for("tiny-llama")
     adapter = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec())[1].adapter
     assert max_difference(adapter, reference_adapter("tiny-llama", LORA, OPTIMIZER, data, STEPS)) < 1e-5
@@ -92,7 +92,7 @@ def test_check_public_prefix_names_the_micro_batch_row_and_both_prefixes():
 
 def head_runner(spec):
     runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
-    return privatize(runner, spec, NoiseStream(spec.seed), 0)
+    return privatize(runner, spec, NoiseStream(spec.seed))
 
 
 def test_the_head_sends_public_positions_as_they_are_and_refuses_another_prefix(prompt_data):
@@ -124,3 +124,16 @@ def test_a_ring_with_public_positions_trains_exactly_and_repeats_under_a_seed(pr
 def test_a_ring_refuses_public_positions_that_differ_between_sequences(data_for):
     with pytest.raises(ValueError, match="lower public= or put the fixed public prompt first"):
         ring("tiny-llama", ["a", "b"], "1f1b", data_for("tiny-llama"), replace(PREFIXED, public=3))
+
+
+def test_a_private_ring_restored_on_another_split_replays_the_same_noise(data_for):
+    """What recovery does: the state of step 2 taken on a 3-device ring, restored on a 2-device ring (the tail's
+    ring index changes), steps 2 and 3 replayed: the adapter equals the uninterrupted 3-device ring's."""
+    data, spec = data_for("tiny-llama"), PRIVACY[0]
+    plan_of = lambda devices: even_plan("tiny-llama", 4, devices, devices[0], "1f1b", M)
+    three, two = plan_of(["a", "b", "c"]), plan_of(["a", "c"])
+    whole = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), three, data, OPTIMIZER, 4, spec).adapter
+    first = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), three, data, OPTIMIZER, 2, spec)
+    rest = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), two, data, OPTIMIZER, range(2, 4), spec,
+                                 restore=first.training_state)
+    assert max_difference(rest.adapter, whole) < 1e-6
