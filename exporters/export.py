@@ -15,6 +15,7 @@ from pathlib import Path
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from exporters.manifest import ExportManifest, RunShape, StageManifest, toolchain_versions
+from ringtune.quiet import quiet_libraries
 from ringtune.plan import Plan, validate_plan
 
 RUNTIMES = ("executorch", "torch")
@@ -71,7 +72,8 @@ def export_stages(model_name: str, plan: Plan, indices, out_dir: Path, runtime: 
     jobs.sort(key=lambda job: -(plan.stages[job[0]].num_layers + 1) * (2 if job[1] == "vjp" else 1))
     if workers > 1 and len(jobs) > 1:
         context = multiprocessing.get_context("spawn")  # no forked torch/executorch state
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                 initializer=quiet_libraries) as pool:
             futures = [pool.submit(_write_program_job, model_name, lora_spec.to_dict(), plan.to_dict(), i, shape,
                                    str(out_dir), kind) for i, kind in jobs]
             for future in futures:

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-Schedule = Literal["1f1b", "gpipe", "sequential"]
+from ringtune.plan import Schedule
 
 
 @dataclass(frozen=True, slots=True)

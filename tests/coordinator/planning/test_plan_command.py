@@ -24,8 +24,8 @@ def test_plan_table():
     assert "pi-0" in lines[1] and "head" in lines[1]
     assert "predicted step:" in result.stdout and "tokens/s" in result.stdout
     # per device: the predicted peak against its RAM, and what makes it up
-    memory = lines[lines.index("") + 1:]
-    assert memory[0].split()[:2] == ["device", "predicted"] and "runtime" in memory[0]
+    memory = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["device", "predicted"]):]
+    assert "runtime" in memory[0] and "activations" in memory[0]
     rows = {line.split()[0]: line.split() for line in memory[1:] if line.startswith("pi-")}
     assert set(rows) == {f"pi-{i}" for i in range(8)}
     for row in rows.values():
@@ -45,6 +45,15 @@ def test_plan_json_and_device_file(tmp_path):
     validate_plan(plan, 4)
     assert plan.owner == "pi-a" and plan.model == "tiny-llama" and plan.micro_batches == 8
     assert plan.predicted["step_seconds"] > 0
+
+
+def test_plan_over_tiny_gemma3():
+    result = ringtune("plan", "--model", "tiny-gemma3", "--device", "rpi4-4gb:pi-a", "--device", "rpi4-4gb:pi-b",
+                      "--json", "--seq-len", "24")
+    assert result.returncode == 0, result.stderr
+    plan = Plan.from_json(result.stdout)
+    validate_plan(plan, 4)
+    assert plan.model == "tiny-gemma3" and plan.predicted["step_seconds"] > 0
 
 
 def test_plan_that_does_not_fit_exits_2_with_one_line():
