@@ -16,14 +16,17 @@ from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
+from edge_runtime.models.quantization import BASE_DTYPES
 from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
+from exporters.export import check_executorch_dtype
 from exporters.manifest import RunShape as ExportShape
 from ringtune import control
 from ringtune.plan import Plan, even_plan, validate_plan
@@ -92,6 +95,9 @@ class TrainSettings:
     """Blocks the owner keeps at each end (planned split)."""
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     """What the owner privatizes before hidden states and gradients leave it."""
+    base_dtype: str = "auto"
+    """Storage of the frozen base weights on the devices: auto (fp32 if it fits, else the widest dtype that
+    fits), fp32, bf16, int8 or int4."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +128,8 @@ class Trainer:
         self.check_alive = check_alive
         self.run_id = secrets.token_hex(8)
         self._gone: set[str] = set()
-        self._calibration: dict[str, float] = {}  # block seconds by agent, for the planner
-        self._cost_table = None  # the model's cost table, built at the first plan
+        self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
+        self._cost_tables: dict[str, object] = {}  # the model's cost table by base dtype, built when first needed
         self.clients = self._by_name(clients)
 
     def _by_name(self, clients: list[AgentClient]) -> dict[str, AgentClient]:
@@ -147,49 +153,64 @@ class Trainer:
     def make_plan(self) -> Plan:
         s = self.settings
         devices = [s.owner] + [n for n in self.clients if n != s.owner]
+        dtypes = BASE_DTYPES if all(runs_torch(self.hellos[n]) for n in devices) else ("fp32",)  # ExecuTorch: fp32
         if s.split == "even":
             num_layers = load_config(s.model).num_hidden_layers
-            return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
+            dtype = "fp32" if s.base_dtype == "auto" else s.base_dtype
+            if dtype not in dtypes:
+                check_executorch_dtype(dtype)
+            return replace(even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches),
+                           base_dtype=dtype, base_dtype_reason=f"--split even with --base-dtype {s.base_dtype}")
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
-        if self._cost_table is None:  # re-plans after a device leaves reuse it
-            self._cost_table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
-        table = self._cost_table
-        seconds = self._block_seconds(devices)
+        measured = {name: DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"],
+                                        cores=self.hellos[name]["threads"], gflops=self.hellos[name]["gflops"],
+                                        link_bytes_per_s=s.link_bytes_per_s,
+                                        sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
+                    for name in devices}
+        dtype, why = choose_base_dtype(s.base_dtype, self._table, list(measured.values()), s.owner, shape, dtypes)
+        table = self._table(dtype)
+        seconds = self._block_seconds(devices, dtype)
         if seconds:
-            self.progress.event("one block forward + backward: " + ", ".join(
+            self.progress.event(f"one block forward + backward ({dtype} weights): " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
-        profiles = []
-        for name in devices:
-            measured = DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
-                                     gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
-                                     sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
-            profiles.append(calibrated_profile(measured, table, shape, seconds[name]) if name in seconds else measured)
+        profiles = [calibrated_profile(measured[n], table, shape, seconds[n]) if n in seconds else measured[n]
+                    for n in devices]
         plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
-        return replace(plan, schedule=s.schedule)
+        return replace(plan, schedule=s.schedule, base_dtype=dtype, base_dtype_reason=why)
 
-    def _block_seconds(self, names: list[str]) -> dict[str, float]:
-        """Each torch agent's time for one block of the model at the run's shape, measured once per run
-        and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
+    def _table(self, base_dtype: str):
+        """The model's cost table at a base dtype, built once (re-plans after a device leaves reuse it)."""
         s = self.settings
-        todo = [n for n in names if n not in self._calibration and runs_torch(self.hellos[n])]
-        request = {"config": load_config(s.model).to_dict(), "lora": s.lora.to_dict(),
+        if base_dtype not in self._cost_tables:
+            self._cost_tables[base_dtype] = model_cost_table(s.model, s.lora, s.seq_len, s.model, base_dtype)
+        return self._cost_tables[base_dtype]
+
+    def _block_seconds(self, names: list[str], base_dtype: str) -> dict[str, float]:
+        """Each torch agent's time for one block of the model at the run's shape and base dtype, measured once
+        per run and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
+        s = self.settings
+        todo = [n for n in names if (n, base_dtype) not in self._calibration and runs_torch(self.hellos[n])]
+        request = {"config": load_config(s.model).to_dict(), "lora": s.lora.to_dict(), "base_dtype": base_dtype,
                    "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len}
         timeout = max(s.heartbeat_timeout, CALIBRATION_TIMEOUT)
         with ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:
             replies = pool.map(lambda n: self._guard(n, lambda: self.clients[n].call(
                 "calibrate", reply_timeout=timeout, **request)), todo)
-            self._calibration.update({n: reply["block_seconds"] for n, reply in zip(todo, replies)})
-        return {n: self._calibration[n] for n in names if n in self._calibration}
+            self._calibration.update({(n, base_dtype): reply["block_seconds"] for n, reply in zip(todo, replies)})
+        return {n: self._calibration[n, base_dtype] for n in names if (n, base_dtype) in self._calibration}
 
     def _prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
         plan = replace(plan, privacy=s.privacy.public_dict())
+        if s.base_dtype not in ("auto", plan.base_dtype):  # a saved plan run at another dtype
+            plan = replace(plan, base_dtype=s.base_dtype,
+                           base_dtype_reason=f"asked for with --base-dtype {s.base_dtype} (the plan had {plan.base_dtype})")
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         unknown = sorted(set(plan.devices()) - set(self.clients))
         if unknown:
@@ -197,6 +218,8 @@ class Trainer:
                             f"start those agents or make a plan for these (ringtune plan --discover)")
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})" for st in plan.stages)
                     + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
+        self.progress.event(f"base weights: {plan.base_dtype}"
+                            + (f" ({plan.base_dtype_reason})" if plan.base_dtype_reason else ""))
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
         if s.privacy.active:
@@ -206,7 +229,8 @@ class Trainer:
 
     def _assign(self, plan: Plan) -> None:
         s = self.settings
-        shipment = cut_model(s.model, s.lora, plan)
+        shipment = cut_model(s.model, s.lora, plan, self.progress,
+                             [name for name in plan.devices() if runs_torch(self.hellos[name])])
         exports = self._exports(plan)
         self._ship(plan, shipment, exports)
         run_key = new_key()
@@ -238,23 +262,33 @@ class Trainer:
             return {}
         self.progress.event(f"ExecuTorch stages for {', '.join(names)} (exported once, then cached) ...")
         started = time.perf_counter()
-        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora)
+        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora,
+                                          progress=self.progress)
         self.progress.event(f"exported stages {exported} in {time.perf_counter() - started:.0f} s" if exported
                             else "ExecuTorch stages found in the export cache")
         return exports
 
     def _ship(self, plan: Plan, shipment: ModelShipment, exports: dict[str, AgentExport]) -> None:
-        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached."""
-        sizes = []
-        for name in plan.devices():
-            own = ([exports[name].manifest, *exports[name].files] if name in exports
-                   else [shipment.slices[name]] if runs_torch(self.hellos[name]) else [])
-            blobs = own + ([shipment.tokenizer] if name == plan.owner else [])
-            for blob in blobs:
-                self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.path))
-            sizes.append(f"{name} {sum(blob.size for blob in own) / 1e6:.0f} MB"
-                         + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs"))
-        sizes = ", ".join(sizes)
+        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached; the agents
+        are sent to in parallel (each over its own link)."""
+        own = {name: [exports[name].manifest, *exports[name].files] if name in exports
+               else [shipment.slices[name]] if runs_torch(self.hellos[name]) else [] for name in plan.devices()}
+        blobs = {name: own[name] + ([shipment.tokenizer] if name == plan.owner else []) for name in plan.devices()}
+        missing = {name: [b for b in blobs[name] if b.sha256 in self._call(name, "have", digests=[b.sha256 for b in
+                                                                                         blobs[name]])["missing"]]
+                   for name in plan.devices()}
+
+        def ship(name: str) -> None:
+            total = sum(blob.size for blob in missing[name])
+            if total:
+                with self.progress.task(f"shipping to {name}", total, "bytes") as task:
+                    for blob in missing[name]:
+                        self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.path, task.advance))
+
+        with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
+            list(pool.map(ship, blobs))
+        sizes = ", ".join(f"{name} {sum(blob.size for blob in own[name]) / 1e6:.0f} MB"
+                          + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs") for name in own)
         self.progress.event(f"slices ready on every agent ({sizes})")
 
     def _run_step(self, plan: Plan, step: int) -> dict:

@@ -29,6 +29,7 @@ from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.quantization import check_base_dtype
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
@@ -225,10 +226,12 @@ class Agent:
 
     def _cmd_calibrate(self, msg: dict, _: bytes) -> dict:
         """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
-        key = json.dumps([msg["config"], msg["lora"], msg["micro_batch_size"], msg["seq_len"]], sort_keys=True)
+        base_dtype = check_base_dtype(msg.get("base_dtype", "fp32"))
+        key = json.dumps([msg["config"], msg["lora"], msg["micro_batch_size"], msg["seq_len"], base_dtype],
+                         sort_keys=True)
         if key not in self._block_seconds:
             self._block_seconds[key] = block_seconds(msg["config"], LoraSpec.from_dict(msg["lora"]),
-                                                     int(msg["micro_batch_size"]), int(msg["seq_len"]))
+                                                     int(msg["micro_batch_size"]), int(msg["seq_len"]), base_dtype)
         return {"block_seconds": self._block_seconds[key]}
 
     def _cmd_assign(self, msg: dict, _: bytes) -> dict:

@@ -8,9 +8,11 @@ from edge_runtime.runners.base import OptimizerSpec
 
 
 def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec, data: OwnerData,
-                      steps: int, privacy=None, cuts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """privacy (a PrivacySpec) is applied at cuts = (end of the owner's head, start of its tail)."""
-    model = apply_lora(load_model(model_name), lora)
+                      steps: int, privacy=None, cuts: tuple[int, int] | None = None,
+                      base_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """privacy (a PrivacySpec) is applied at cuts = (end of the owner's head, start of its tail). base_dtype: the
+    frozen weights hold the values a compact model of that dtype computes with (plain fp32 modules)."""
+    model = apply_lora(dequantized_model(load_model(model_name), base_dtype), lora)
     position = [0, 0]
     if privacy is not None:
         from edge_runtime.privacy.base import NoiseStream
@@ -30,6 +32,24 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
         adamw.step()
         adamw.zero_grad()
     return {adapter_key(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def dequantized_model(model, base_dtype: str):
+    """model with every weight that ringtune stores compactly replaced by the fp32 values it computes with."""
+    from transformers.pytorch_utils import Conv1D
+
+    from edge_runtime.models.quantization import dequantized
+
+    done = set()  # a tied weight once
+    with torch.no_grad():
+        for module in model.modules():
+            compact = isinstance(module, (Conv1D, torch.nn.Linear)) or type(module) is torch.nn.Embedding
+            if compact and id(module.weight) not in done:
+                done.add(id(module.weight))
+                transposed = isinstance(module, Conv1D)  # stored [in, out], quantized per output
+                values = dequantized(module.weight.T if transposed else module.weight, base_dtype)
+                module.weight.copy_(values.T if transposed else values)
+    return model
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

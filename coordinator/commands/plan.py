@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ringtune.base_dtype import BASE_DTYPE_CHOICES
+
 SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                        help="how devices store the frozen base weights (priced in memory and time): auto is fp32 "
+                             "when the model fits at fp32, else the widest dtype that fits")
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -75,7 +80,8 @@ def run(args) -> int:
         model, name = config_from_file(path), str(path.parent if path.name == "config.json" else path)
     else:
         model, name = args.model, args.model
-    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets), name)
+    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets), name,
+                    args.base_dtype)
     print(plan.to_json() if args.json else format_plan(plan, devices))
     return 0
 
@@ -94,6 +100,7 @@ def format_plan(plan, devices: list) -> str:
     lines.append(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
                  f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
                  f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
+    lines.append(f"base weights: {plan.base_dtype} ({plan.base_dtype_reason})")
     unused = [d.name for d in devices if d.name not in plan.devices()]
     if unused:
         lines.append(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import token_loss_sum
 from edge_runtime.models.structure import DecoderParts, find_parts
@@ -68,6 +69,8 @@ class CostTable:
     """Embedding (and learned position embedding) on the owner's first stage."""
     tail_end: EndCost
     """Final norm, LM head and loss on the owner's last stage."""
+    base_dtype: str = "fp32"
+    """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
 
     @property
     def num_blocks(self) -> int:
@@ -86,20 +89,23 @@ def config_from_file(path: str | Path) -> PreTrainedConfig:
 
 
 def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(), seq_len: int = 64,
-                     name: str | None = None) -> CostTable:
-    """The cost table of a built-in model name, a local model directory, or a config."""
+                     name: str | None = None, base_dtype: str = "fp32") -> CostTable:
+    """The cost table of a built-in model name, a local model directory, or a config, with its frozen
+    weights stored as base_dtype (compact layers as on the devices: their bytes are priced as stored;
+    their FLOPs are those of the fp32 matmuls they compute with)."""
     config = load_config(model) if isinstance(model, str) else model
     name = name or (model if isinstance(model, str) else config.name_or_path or config.model_type)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
         causal_lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         peft_model = apply_lora(causal_lm, lora)
+        compact_model(peft_model, base_dtype)
     parts = find_parts(peft_model)
     blocks = [_block_cost(parts, i, seq_len) for i in _distinct_blocks(parts.blocks)]
     per_block = [blocks[j] for j in _block_kinds(parts.blocks)]
     head_modules = [parts.embed] + ([parts.position_embed] if parts.position_embed is not None else [])
     return CostTable(
-        model=name, seq_len=seq_len,
+        model=name, base_dtype=base_dtype, seq_len=seq_len,
         block_param_bytes=tuple(b.param_bytes for b in per_block),
         block_trainable_bytes=tuple(b.trainable_bytes for b in per_block),
         block_activation_bytes=tuple(b.activation_bytes for b in per_block),
@@ -111,7 +117,8 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
 
 
 def _signature(block: nn.Module) -> tuple:
-    return type(block).__name__, tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
+    return type(block).__name__, tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                       (*block.named_parameters(), *block.named_buffers()))
 
 
 def _block_kinds(blocks: nn.ModuleList) -> list[int]:
@@ -132,12 +139,17 @@ def _distinct_blocks(blocks: nn.ModuleList) -> list[int]:
     return [kinds.index(k) for k in range(max(kinds) + 1)]
 
 
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers: compact weights are buffers."""
+    return [*module.parameters(), *module.buffers()]
+
+
 def _param_bytes(modules: list[nn.Module], exclude: list[nn.Module] = ()) -> tuple[int, int]:
-    """(parameter bytes, trainable bytes) of the distinct parameters of the modules."""
-    excluded = {id(p) for m in exclude for p in m.parameters()}
-    params = {id(p): p for m in modules for p in m.parameters() if id(p) not in excluded}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+    """(bytes of the distinct parameters and buffers of the modules, trainable bytes with their training state)."""
+    excluded = {id(t) for m in exclude for t in _tensors(m)}
+    tensors = {id(t): t for m in modules for t in _tensors(m) if id(t) not in excluded}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    trainable = sum(t.numel() * t.element_size() for t in tensors.values() if t.requires_grad)
     return total, trainable * TRAINABLE_COPIES
 
 
@@ -175,7 +187,7 @@ def _block_cost(parts: DecoderParts, index: int, seq_len: int) -> EndCost:
         out = block(x, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    forward_flops, backward_flops, saved = _trace(forward, hidden, {id(p) for p in block.parameters()})
+    forward_flops, backward_flops, saved = _trace(forward, hidden, {id(t) for t in _tensors(block)})
     param_bytes, trainable_bytes = _param_bytes([block])
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
                    backward_flops / seq_len)
@@ -185,7 +197,7 @@ def _tail_cost(parts: DecoderParts, seq_len: int, exclude: list[nn.Module]) -> E
     hidden = torch.empty(1, seq_len, parts.embed.embedding_dim, device="meta", requires_grad=True)
     labels = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     modules = [parts.final_norm, parts.head]
-    params = {id(p) for m in modules for p in m.parameters()}
+    params = {id(t) for m in modules for t in _tensors(m)}
     forward_flops, backward_flops, saved = _trace(
         lambda x: token_loss_sum(parts.head(parts.final_norm(x)), labels), hidden, params)
     param_bytes, trainable_bytes = _param_bytes(modules, exclude)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from edge_runtime.models.quantization import CompactEmbedding
+
 
 class UnsupportedModelError(ValueError):
     """The model does not have the decoder-only structure ringtune slices."""
@@ -54,7 +56,8 @@ def find_parts(model: nn.Module) -> DecoderParts:
     decoder = causal_lm.get_submodule(blocks_path.rsplit(".", 1)[0]) if "." in blocks_path else causal_lm
     rotary = next((m for n, m in decoder.named_children() if "rotary" in type(m).__name__.lower()), None)
     position_embed = next(
-        (m for _, m in decoder.named_children() if isinstance(m, nn.Embedding) and m is not embed), None)
+        (m for _, m in decoder.named_children() if isinstance(m, (nn.Embedding, CompactEmbedding)) and m is not embed),
+        None)
     norms = [m for _, m in decoder.named_children() if _is_norm(m)]
     if head is None or embed is None or len(norms) != 1:
         raise UnsupportedModelError(

@@ -89,7 +89,7 @@ def test_bad_and_fuzzed_data_plane_frames_are_dropped_and_counted(agent):
     plan = even_plan("tiny-llama", 4, ["owner", "guarded"], "owner")  # guarded runs stage 1
     lora = LoraSpec(r=2, alpha=4)
     shipment = cut_model("tiny-llama", lora, plan)
-    client.upload(shipment.slices["guarded"].sha256, shipment.slices["guarded"].data)
+    client.upload(shipment.slices["guarded"].sha256, shipment.slices["guarded"].path)
     shape = (1, 8, 64)
     reply = client.call("assign", run=run, plan=plan.to_dict(), config=shipment.config, hidden_size=shipment.hidden_size,
                         slice=shipment.slices["guarded"].sha256, tokenizer=None, lora=lora.to_dict(),
