@@ -61,7 +61,9 @@ def summary_line(record: dict, total_steps: int, started: float) -> str:
 
 
 def amount_text(amount: float, unit: str) -> str:
-    return f"{amount / MB:.0f} MB" if unit == "bytes" else f"{amount:g} {unit}"
+    if unit == "bytes":
+        return f"{amount / MB:.{0 if amount >= 10 * MB else 1}f} MB"
+    return f"{amount:g} {unit}"
 
 
 class PlainTask:

@@ -66,7 +66,7 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan, progress: Progress | None 
     progress = progress or PlainProgress()
     config = load_config(model)
     root = _directory("slices")
-    keys = {device: slice_key(model, lora, plan, device) for device in devices or plan.devices()}
+    keys = {device: slice_key(model, lora, plan, device) for device in (plan.devices() if devices is None else devices)}
     todo = [device for device, key in keys.items()
             if not ((root / f"{key}.safetensors").is_file() and (root / f"{key}.sha256").is_file())]
     if todo:

@@ -29,6 +29,8 @@ GROUP = 32
 """Inputs per int4 scale."""
 TILE_ELEMENTS = 1 << 18
 """Weight elements dequantized at once (1 MB of fp32: stays in cache next to the matmul)."""
+QUANTIZE_ELEMENTS = 1 << 22
+"""Weight elements quantized at once (16 MB of fp32 temporaries)."""
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 """Bytes per weight element, scales left out (they add 4 / in_features for int8, 2 / 32 for int4)."""
 
@@ -55,7 +57,18 @@ def compact_layout(rows: int, columns: int, dtype: str) -> dict[str, tuple[tuple
 
 
 def quantize(weight: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
-    """weight [rows, columns] (fp32) -> its compact tensors (``compact_layout``'s names)."""
+    """weight [rows, columns] (fp32) -> its compact tensors (``compact_layout``'s names). Rows are quantized
+    a block at a time (every scale is per row), so the temporaries stay small next to a large embedding."""
+    rows, columns = weight.shape
+    out = {name: torch.empty(shape, dtype=dt) for name, (shape, dt) in compact_layout(rows, columns, dtype).items()}
+    step = max(1, QUANTIZE_ELEMENTS // columns)
+    for start in range(0, rows, step):
+        for name, part in _quantize_rows(weight[start:start + step], dtype).items():
+            out[name][start:start + step] = part
+    return out
+
+
+def _quantize_rows(weight: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     weight = weight.detach().to(torch.float32)
     if dtype == "bf16":
         return {"weight": weight.to(torch.bfloat16)}

@@ -64,7 +64,7 @@ def load_config(name: str) -> PreTrainedConfig:
     """The model's config, without weights."""
     if name in TINY_CONFIGS:
         return TINY_CONFIGS[name]()
-    return AutoConfig.from_pretrained(_resolve_dir(name), local_files_only=True)
+    return AutoConfig.from_pretrained(model_dir(name), local_files_only=True)
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -73,7 +73,7 @@ def load_model(name: str) -> torch.nn.Module:
         with _seeded(TINY_SEED):
             model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(_resolve_dir(name), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32,
                                                      local_files_only=True)
     model.requires_grad_(False)
     return model.eval()
@@ -83,10 +83,11 @@ def load_tokenizer(name: str) -> Tokenizer:
     if name in TINY_CONFIGS:
         return ByteTokenizer()
     from transformers import AutoTokenizer
-    return HFTokenizer(AutoTokenizer.from_pretrained(_resolve_dir(name), local_files_only=True))
+    return HFTokenizer(AutoTokenizer.from_pretrained(model_dir(name), local_files_only=True))
 
 
-def _resolve_dir(name: str) -> Path:
+def model_dir(name: str) -> Path:
+    """The Hugging Face directory of smollm2-135m (converted once) or of a local model."""
     if name == "smollm2-135m":
         return _smollm2_dir()
     path = Path(name).expanduser()
@@ -118,7 +119,7 @@ def weight_source(name: str) -> WeightSource:
     """The model's weights, read one tensor at a time (the tiny test models are built in memory)."""
     if name in TINY_CONFIGS:
         return InMemoryWeights(load_model(name).state_dict(), name)
-    return SafetensorsDir(_resolve_dir(name))
+    return SafetensorsDir(model_dir(name))
 
 
 def model_identity(name: str) -> dict:
@@ -126,7 +127,7 @@ def model_identity(name: str) -> dict:
     names, sizes and times of a model directory's files (new weights mean new slices)."""
     if name in TINY_CONFIGS:
         return {"tiny": TINY_CONFIGS[name]().to_dict(), "seed": TINY_SEED, "torch": torch.__version__}
-    directory = _resolve_dir(name)
+    directory = model_dir(name)
     return {"files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns]
                             for f in directory.iterdir() if f.is_file())}
 
