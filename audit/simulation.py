@@ -17,12 +17,12 @@ import torch
 
 from audit.attacks import LinearInverter, label_auc, nearest_neighbour_recovery
 from audit.public_text import public_token_batches
-from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, encode_record
+from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, pad_records
 from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.models.stage import IGNORE_INDEX, StageModule
+from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
@@ -250,13 +250,8 @@ def _head_states(model, ids: torch.Tensor, ks: list[int]) -> dict[int, torch.Ten
 
 def _encoded(records: list[Record], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [n, T] and the mask of real tokens [n, T]."""
-    ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    real = torch.zeros((len(records), seq_len), dtype=torch.bool)
-    for row, record in enumerate(records):
-        token_ids, _ = encode_record(record, tokenizer, seq_len)
-        ids[row, :len(token_ids)] = torch.tensor(token_ids)
-        real[row, :len(token_ids)] = True
-    return ids, real
+    ids, _, lengths = pad_records(records, tokenizer, seq_len)
+    return ids, torch.arange(seq_len) < lengths[:, None]
 
 
 def _cut_gradients(model, tokenizer, records: list[Record], seq_len: int, starts: list[int]) -> dict[int, torch.Tensor]:
@@ -268,11 +263,7 @@ def _cut_gradients(model, tokenizer, records: list[Record], seq_len: int, starts
     tail = StageModule(parts, model.config, (first, len(parts.blocks)), "tail")
     grads: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
     for chunk in [records[i:i + 8] for i in range(0, len(records), 8)]:
-        ids, _ = _encoded(chunk, tokenizer, seq_len)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, record in enumerate(chunk):
-            _, token_labels = encode_record(record, tokenizer, seq_len)
-            labels[row, :len(token_labels)] = torch.tensor(token_labels)
+        ids, labels, _ = pad_records(chunk, tokenizer, seq_len)
         with torch.no_grad():
             hidden = head(ids)  # [B, T, d]
         inputs: dict[int, torch.Tensor] = {}

@@ -38,14 +38,14 @@ def usable_ram() -> tuple[int, int]:
     """(total, available) bytes of RAM this process may use: the machine's, or less when a cgroup
     limits it (a container, or a device of an emulated cluster)."""
     machine = psutil.virtual_memory()
-    limit = _cgroup_memory()
+    limit = cgroup_memory()
     if limit is None or limit[0] >= machine.total:
         return machine.total, machine.available
     total, used = limit
     return total, max(0, min(machine.available, total - used))
 
 
-def _cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
+def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
                    root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
     """(limit, usage) of this process's memory cgroup (v1 or v2), or None without a limit."""
     try:

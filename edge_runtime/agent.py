@@ -29,7 +29,7 @@ from edge_runtime.checkpoint_store import CheckpointStore
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.quantization import check_base_dtype
+from ringtune.base_dtype import check_base_dtype
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing

@@ -17,6 +17,7 @@ from edge_runtime.models.registry import load_config, weight_source
 from edge_runtime.models.slices import cut_slice, materialize, skeleton
 from exporters.manifest import ExportManifest, RunShape, StageManifest, toolchain_versions
 from ringtune.plan import Plan, validate_plan
+from ringtune.quiet import quiet_libraries
 
 RUNTIMES = ("executorch", "torch")
 DEFAULT_SHAPE = RunShape(micro_batch_size=1, seq_len=128)
@@ -106,7 +107,8 @@ def _export_programs(config: dict, plan: Plan, indices: list[int], slices: dict[
     with progress.task(f"exporting ExecuTorch programs of stages {indices}", blocks, "blocks") as task:
         if workers > 1 and len(jobs) > 1:
             context = multiprocessing.get_context("spawn")  # no forked torch/executorch state
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                     initializer=quiet_libraries) as pool:
                 futures = {pool.submit(_write_program_job, str(slices[i]), config, lora_spec.to_dict(),
                                        plan.to_dict(), i, shape, str(out_dir), kind): i for i, kind in jobs}
                 for future in as_completed(futures):

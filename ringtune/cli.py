@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-import warnings
+
+from ringtune.quiet import quiet_libraries
 
 COMMAND_MODULES = (
     "edge_runtime.commands.agent",
@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edge_runtime.commands.data",
     "edge_runtime.commands.evaluate",
     "edge_runtime.commands.profile",
+    "edge_runtime.commands.doctor",
     "coordinator.commands.plan",
     "coordinator.commands.devices",
     "coordinator.commands.cluster",
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
     if not verbose:
-        _quiet_libraries()  # before anything imports torch
+        quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -53,19 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ringtune {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _quiet_libraries() -> None:
-    """Library deprecation notes and progress bars are noise for ringtune's users."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # torchao (pulled in by the executorch extra, imported by peft) warns about GPU kernels and
-    # deprecated torch APIs on every start; torch reads TORCH_LOGS when it is first imported.
-    os.environ.setdefault("TORCH_LOGS", "-all")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

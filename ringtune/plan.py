@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Role = Literal["head", "middle", "tail", "full"]
-Schedule = Literal["1f1b", "gpipe"]
+Schedule = Literal["1f1b", "gpipe", "sequential"]
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
+"""Every pipeline schedule an agent runs (edge_runtime.schedules builds each one's actions)."""
+PLANNED_SCHEDULES: tuple[Schedule, ...] = ("1f1b", "gpipe")
+"""Schedules the planner's memory and time model covers; sequential, a comparison baseline, runs on
+a plan made for 1f1b."""
 
 
 class PlanError(ValueError):

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 
-ARCHITECTURES = ["tiny-llama", "tiny-gpt2"]
+ARCHITECTURES = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 WORDS = "the cat sat on a mat and dog ran far away into green fields while birds sang".split()
 
 

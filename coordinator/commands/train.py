@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_runtime.schedules import SCHEDULES
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
+from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
 
 
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                         help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
     parser.add_argument("--encrypt", action="store_true",
                         help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
-    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
                                         "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b", help="pipeline schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -113,6 +113,7 @@ def train(args, discovery) -> int:
     from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
     from coordinator.training import AgentGone
     from edge_runtime.models.registry import load_config
+    from edge_runtime.models.structure import sliceable_meta_model
     from ringtune.plan import Plan
     from ringtune.security import generate_token
 
@@ -121,7 +122,7 @@ def train(args, discovery) -> int:
     elif not args.model or not args.out:
         raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
     else:
-        load_config(args.model)  # an unknown model fails here, before any agent starts
+        sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
     local = []

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from coordinator.planning.cost_table import CostTable
+from coordinator.planning.costs import CostTable
 from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
 from device_profiles.profile import DeviceProfile
-from edge_runtime.models.quantization import check_base_dtype
-from ringtune.base_dtype import AUTO, BASE_DTYPES
+from ringtune.base_dtype import AUTO, BASE_DTYPES, check_base_dtype
 
 
 def choose_base_dtype(requested: str, table_for: Callable[[str], CostTable], profiles: list[DeviceProfile],

