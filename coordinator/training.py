@@ -23,7 +23,7 @@ from coordinator.slices import ModelShipment, cut_model
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
-from edge_runtime.models.quantization import BASE_DTYPES
+from ringtune.base_dtype import BASE_DTYPES
 from edge_runtime.models.registry import load_config
 from edge_runtime.runners.base import OptimizerSpec
 from exporters.export import check_executorch_dtype

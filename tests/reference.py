@@ -36,19 +36,15 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
 
 def dequantized_model(model, base_dtype: str):
     """model with every weight that ringtune stores compactly replaced by the fp32 values it computes with."""
-    from transformers.pytorch_utils import Conv1D
+    from edge_runtime.models.quantization import compact_targets, dequantized
 
-    from edge_runtime.models.quantization import dequantized
-
-    done = set()  # a tied weight once
+    targets = compact_targets(model)
+    weights = {id(p): p for p in model.parameters()}
     with torch.no_grad():
-        for module in model.modules():
-            compact = isinstance(module, (Conv1D, torch.nn.Linear)) or type(module) is torch.nn.Embedding
-            if compact and id(module.weight) not in done:
-                done.add(id(module.weight))
-                transposed = isinstance(module, Conv1D)  # stored [in, out], quantized per output
-                values = dequantized(module.weight.T if transposed else module.weight, base_dtype)
-                module.weight.copy_(values.T if transposed else values)
+        for weight_id, transposed in targets.items():  # Conv1D stores [in, out], quantized per output
+            weight = weights[weight_id]
+            values = dequantized(weight.T if transposed else weight, base_dtype)
+            weight.copy_(values.T if transposed else values)
     return model
 
 

@@ -20,7 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from coordinator.planning.costs import CostTable, EndCost
 from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.quantization import compact_model
+from edge_runtime.models.quantization import compact_model, compact_weights
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import StageModule, token_loss_sum
 from edge_runtime.models.structure import DecoderParts, find_parts, sliceable_meta_model
@@ -102,8 +102,8 @@ def _distinct_blocks(parts: DecoderParts) -> list[int]:
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters and buffers: compact weights are buffers."""
-    return [*module.parameters(), *module.buffers()]
+    """Parameters, and compact weights (buffers)."""
+    return [*module.parameters(), *compact_weights(module)]
 
 
 def _param_bytes(modules: list[nn.Module], exclude: list[nn.Module] = ()) -> tuple[int, int]:

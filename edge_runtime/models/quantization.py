@@ -156,6 +156,10 @@ class CompactLinear(nn.Module):
             self.register_buffer(name, tensor)
         self.bias = bias  # the layer's own (frozen, fp32) bias
 
+    def weights(self) -> list[torch.Tensor]:
+        """The tensors its weight is stored in."""
+        return list(self._buffers.values())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = CompactWeight(self.dtype, {n: b for n, b in self._buffers.items()}, self.in_features)
         y = _TiledLinear.apply(x, weight)
@@ -163,17 +167,32 @@ class CompactLinear(nn.Module):
 
 
 class CompactEmbedding(nn.Module):
-    """A frozen token (or position) embedding with compact weights: looked-up rows are dequantized."""
+    """A frozen token (or position) embedding with compact weights: looked-up rows are dequantized, then
+    multiplied by the embedding's scale if it has one (Gemma's scaled word embedding)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str, tensors: dict[str, torch.Tensor],
+                 embed_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self._weights = tuple(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The tensors its weight is stored in."""
+        return [self._buffers[n] for n in self._weights]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = CompactWeight(self.dtype, {n: b for n, b in self._buffers.items()}, self.embedding_dim)
-        return weight.dequantize(ids)  # [..., dim]
+        weight = CompactWeight(self.dtype, {n: self._buffers[n] for n in self._weights}, self.embedding_dim)
+        rows = weight.dequantize(ids)  # [..., dim]
+        return rows * self.embed_scale.to(rows.dtype) if "embed_scale" in self._buffers else rows
+
+
+def compact_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The compact weight tensors in module (buffers, where fp32 weights are parameters)."""
+    return [t for m in module.modules() if isinstance(m, (CompactLinear, CompactEmbedding)) for t in m.weights()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,33 +206,56 @@ class WeightOrigin:
     """Conv1D stores [in, out]: the compact form is of its transpose."""
 
 
+def compact_targets(model: nn.Module) -> dict[int, bool]:
+    """The frozen weights stored compactly, by id: whether each is stored transposed (Conv1D). Those of linear
+    layers (nn.Linear, Conv1D) and of embeddings (plain, or scaled by ``embed_scale``), unless a module that
+    cannot compute with a compact weight shares it (then it stays fp32 for all of them)."""
+    targets: dict[int, bool] = {}
+    kept: set[int] = set()
+    for module in model.modules():
+        for name, weight in module.named_parameters(recurse=False):
+            if weight.requires_grad:
+                continue  # LoRA's own layers train
+            kind = _kind(module) if name == "weight" else None
+            if kind is None:
+                kept.add(id(weight))
+            else:
+                targets[id(weight)] = kind == "conv1d"
+    return {weight: transposed for weight, transposed in targets.items() if weight not in kept}
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    plain = type(module).forward is nn.Embedding.forward or hasattr(module, "embed_scale")
+    if isinstance(module, nn.Embedding) and plain and module.max_norm is None:
+        return "embedding"
+    return None
+
+
 def compact_model(model: nn.Module, dtype: str) -> dict[int, WeightOrigin]:
-    """Replace every frozen linear layer and plain embedding of model by its compact form, in place; a weight
-    shared by two modules (tied embedding and head) stays shared. Meta weights give meta compact tensors (a
-    skeleton that a slice fills), real ones are quantized. Returns the origin of each compact tensor by id.
-    fp32 changes nothing."""
+    """Replace the modules of model's ``compact_targets`` by their compact form, in place; a weight shared by
+    two modules (tied embedding and head) stays shared. Meta weights give meta compact tensors (a skeleton
+    that a slice fills), real ones are quantized. Returns the origin of each compact tensor by id. fp32
+    changes nothing."""
     check_base_dtype(dtype)
     origins: dict[int, WeightOrigin] = {}
     if dtype == "fp32":
         return origins
+    targets = compact_targets(model)
     made: dict[int, dict[str, torch.Tensor]] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            replacement = _compact(child, dtype, made, origins)
-            if replacement is not None:
-                setattr(parent, name, replacement)
+            weight = child._parameters.get("weight")  # its own: a LoRA wrapper's .weight is its base layer's
+            if weight is not None and id(weight) in targets and _kind(child) is not None:
+                setattr(parent, name, _compact(child, dtype, targets[id(weight)], made, origins))
     return origins
 
 
-def _compact(module: nn.Module, dtype: str, made: dict, origins: dict) -> nn.Module | None:
-    if type(module) is nn.Embedding and module.max_norm is None:
-        weight, transposed = module.weight, False
-    elif isinstance(module, (nn.Linear, Conv1D)):
-        weight, transposed = module.weight, isinstance(module, Conv1D)
-    else:
-        return None
-    if weight.requires_grad:
-        return None  # LoRA's own layers train
+def _compact(module: nn.Module, dtype: str, transposed: bool, made: dict, origins: dict) -> nn.Module:
+    weight = module.weight
     rows, columns = weight.shape[::-1] if transposed else weight.shape
     if id(weight) not in made:
         if weight.is_meta:
@@ -225,7 +267,7 @@ def _compact(module: nn.Module, dtype: str, made: dict, origins: dict) -> nn.Mod
         origins.update({id(t): WeightOrigin(weight, n, transposed) for n, t in tensors.items()})
     tensors = made[id(weight)]
     if isinstance(module, nn.Embedding):
-        return CompactEmbedding(rows, columns, dtype, tensors)
+        return CompactEmbedding(rows, columns, dtype, tensors, getattr(module, "embed_scale", None))
     return CompactLinear(columns, rows, dtype, tensors, module.bias)
 
 
