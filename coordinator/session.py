@@ -23,7 +23,7 @@ from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.planning import CostTable, RunShape, model_cost_table, partition
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
-from coordinator.progress import Progress
+from coordinator.progress import Progress, amount_text
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
 from coordinator.slices import ModelShipment, cut_model
@@ -81,8 +81,10 @@ class RingSession:
             dtype = "fp32" if s.base_dtype == AUTO else s.base_dtype
             if dtype not in dtypes:
                 check_executorch_dtype(dtype)
+            why = (f"asked for with --base-dtype {dtype}" if s.base_dtype != AUTO
+                   else "--split even does not size the model to the devices: fp32 unless --base-dtype says otherwise")
             return replace(even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches),
-                           base_dtype=dtype, base_dtype_reason=f"--split even with --base-dtype {s.base_dtype}")
+                           base_dtype=dtype, base_dtype_reason=why)
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
@@ -212,7 +214,7 @@ class RingSession:
 
         with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
             list(pool.map(ship, blobs))
-        sizes = ", ".join(f"{name} {sum(blob.size for blob in own[name]) / 1e6:.0f} MB"
+        sizes = ", ".join(f"{name} {amount_text(sum(blob.size for blob in own[name]), 'bytes')}"
                           + ("" if runs_torch(self.members.hello(name)) else " of ExecuTorch programs") for name in own)
         self.progress.event(f"slices ready on every agent ({sizes})")
 

@@ -85,7 +85,6 @@ def _cut(model: str, lora: LoraSpec, plan: Plan, devices: list[str], paths: dict
     source = weight_source(model)
     skel = skeleton(load_config(model), lora, plan.base_dtype, initial_lora=True)
     blocks = sum(plan.stages[i].num_layers for d in devices for i in plan.stage_indices(d))
-    started = time.perf_counter()
     with progress.task(f"cutting {plan.base_dtype} slices for {', '.join(devices)}", blocks, "blocks") as task:
         for device in devices:
             specs = {i: plan.stages[i] for i in plan.stage_indices(device)}
@@ -93,7 +92,6 @@ def _cut(model: str, lora: LoraSpec, plan: Plan, devices: list[str], paths: dict
             digest = cut_slice(source, skel, specs, tmp, on_block=lambda: task.advance(1))
             paths[device].with_suffix(".sha256").write_text(digest)
             os.replace(tmp, paths[device])
-    progress.event(f"cut slices in {time.perf_counter() - started:.0f} s")
 
 
 def slice_key(model: str, lora: LoraSpec, plan: Plan, device: str) -> str:
