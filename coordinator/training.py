@@ -16,6 +16,7 @@ from safetensors.torch import load as load_tensors
 
 from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.link_bandwidth import agent_link_bytes_per_s
 from coordinator.planning.calibration import calibrated_profile
 from coordinator.progress import PlainProgress, Progress
 from coordinator.slices import ModelShipment, cut_model
@@ -86,8 +87,8 @@ class TrainSettings:
     """Encrypt hidden states and gradients on the wire (not only authenticate them)."""
     split: str = "planned"
     """planned: the exact partitioner over the agents' profiles; even: blocks split evenly."""
-    link_bytes_per_s: float = 125e6
-    """Assumed link bandwidth of every agent, for the planner."""
+    link_bytes_per_s: float | None = None
+    """Link bandwidth of every agent for the planner (--link-mbit); None: measured to each agent."""
     min_owner_blocks: int = 1
     """Blocks the owner keeps at each end (planned split)."""
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
@@ -123,6 +124,7 @@ class Trainer:
         self.run_id = secrets.token_hex(8)
         self._gone: set[str] = set()
         self._calibration: dict[str, float] = {}  # block seconds by agent, for the planner
+        self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_table = None  # the model's cost table, built at the first plan
         self.clients = self._by_name(clients)
 
@@ -160,17 +162,33 @@ class Trainer:
         if seconds:
             self.progress.event("one block forward + backward: " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
+        links = self._link_bytes_per_s(devices)
         profiles = []
         for name in devices:
             measured = DeviceProfile(name, ram_bytes=self.hellos[name]["ram_available"], cores=self.hellos[name]["threads"],
-                                     gflops=self.hellos[name]["gflops"], link_bytes_per_s=s.link_bytes_per_s,
-                                     sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now"})
+                                     gflops=self.hellos[name]["gflops"], link_bytes_per_s=links[name],
+                                     sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now",
+                                              "link_bytes_per_s": "--link-mbit" if s.link_bytes_per_s else
+                                              "measured: timed transfer from the coordinator"})
             profiles.append(calibrated_profile(measured, table, shape, seconds[name]) if name in seconds else measured)
         plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule)
+
+    def _link_bytes_per_s(self, names: list[str]) -> dict[str, float]:
+        """--link-mbit for every agent, or each agent's link measured once per run (coordinator.link_bandwidth)."""
+        if self.settings.link_bytes_per_s:
+            return {name: self.settings.link_bytes_per_s for name in names}
+        todo = [n for n in names if n not in self._links]
+        for name in todo:  # one at a time: each transfer has the network to itself
+            self._links[name] = self._guard(name, lambda: agent_link_bytes_per_s(
+                name, self.clients[name].url, self.hellos[name]["probe_port"]))
+        if todo:
+            self.progress.event("link bandwidth: " + ", ".join(
+                f"{name} {self._links[name] * 8 / 1e6:.0f} Mbit/s" for name in todo))
+        return {name: self._links[name] for name in names}
 
     def _block_seconds(self, names: list[str]) -> dict[str, float]:
         """Each torch agent's time for one block of the model at the run's shape, measured once per run
