@@ -26,7 +26,7 @@ from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan, StageSpec, validate_plan
 from ringtune.privacy_spec import PrivacySpec
 
@@ -165,8 +165,8 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
     mechanism = hidden_mechanism(spec)
     public, private = view.public, view.private
     if mechanism is not None:  # whole sequences, so positions < spec.public pass as in the run
-        public = mechanism.apply(public, noise.generator(0, 0, "audit-public"), spec.public)
-        private = mechanism.apply(private, noise.generator(0, 0, "audit-private"), spec.public)
+        public = mechanism.apply(public, noise.generator(0, 0, "head", "audit-public"), spec.public)
+        private = mechanism.apply(private, noise.generator(0, 0, "head", "audit-private"), spec.public)
     inverter = LinearInverter(public.flatten(0, 1), view.public_tokens.flatten(), embeddings)
     private, tokens = private[view.counted], view.private_tokens[view.counted]  # [n', d], [n']
     aucs = {"norm_auc": None, "direction_auc": None}
@@ -186,7 +186,7 @@ def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: 
     if mechanism is None:
         return gradients
     groups = gradients.split(settings.micro_batch_size)  # the tail privatizes one micro-batch at a time
-    return torch.cat([mechanism.apply(g, noise.generator(0, i, "audit-gradient")) for i, g in enumerate(groups)])
+    return torch.cat([mechanism.apply(g, noise.generator(0, i, "tail", "audit-gradient")) for i, g in enumerate(groups)])
 
 
 def _labelled(settings: AuditSettings) -> tuple[list[Record], torch.Tensor] | None:

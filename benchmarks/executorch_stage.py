@@ -145,7 +145,7 @@ def _peak_rss_mb() -> float:
 
 
 def _runner(runtime: str, export_dir: Path):
-    from edge_runtime.runners.base import OptimizerSpec
+    from ringtune.optimizer_spec import OptimizerSpec
 
     if runtime == "executorch":
         from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner

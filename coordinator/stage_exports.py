@@ -24,6 +24,7 @@ from edge_runtime.models.registry import cache_dir
 from exporters.export import export_manifest, export_stages, export_versions
 from exporters.manifest import FORMAT_VERSION, ManifestError, RunShape, StageManifest
 from ringtune.plan import Plan
+from ringtune.protocol import HelloReply
 
 RUNTIME = "executorch"
 STAGE_MANIFEST = "stage.json"
@@ -37,14 +38,13 @@ class AgentExport:
     """Its stages' programs and initial LoRA tensors."""
 
 
-def runs_torch(hello: dict) -> bool:
-    """Agents from before runtimes existed run torch."""
-    return hello.get("runtime", "torch") == "torch"
+def runs_torch(hello: HelloReply) -> bool:
+    return hello.runtime == "torch"
 
 
-def needs_export(hello: dict) -> bool:
+def needs_export(hello: HelloReply) -> bool:
     """An agent that runs ExecuTorch and has not loaded its own export directory."""
-    return hello.get("runtime") == RUNTIME and not hello.get("export_dir")
+    return hello.runtime == RUNTIME and not hello.export_dir
 
 
 def agent_exports(model: str, plan: Plan, names: list[str], shape: RunShape, lora: LoraSpec,

@@ -96,6 +96,24 @@ def load_or_create_token(state_dir: Path) -> tuple[str, bool]:
     return token, True
 
 
+def keep_token(state_dir: Path, token: str) -> Path:
+    """Store a given token as the agent's token file (mode 0600), e.g. for a systemd unit to read; the
+    file's path. Refuses to replace a different token already kept there."""
+    token = check_token(token)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if _read_token(path) != token:
+            raise TokenError(f"{path} holds another token: delete it, or start the agent without --token "
+                             f"to use the one it holds") from None
+        return path
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return path
+
+
 def _read_token(path: Path) -> str:
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise TokenError(f"{path} is readable by other users: run `chmod 600 {path}`")

@@ -75,10 +75,10 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def settings_from_args(args, owner: str, token: str):
-    from coordinator.training import TrainSettings
+def settings_from_args(args, owner: str):
+    from coordinator.settings import TrainSettings
     from edge_runtime.models.lora import LoraSpec
-    from edge_runtime.runners.base import OptimizerSpec
+    from ringtune.optimizer_spec import OptimizerSpec
 
     for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "lora_r"):
         if getattr(args, flag) < 1:
@@ -88,7 +88,7 @@ def settings_from_args(args, owner: str, token: str):
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
-                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout, token=token,
+                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
                          link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
                          privacy=PrivacySpec.parse(args.privacy, args.grad_privacy))
@@ -102,15 +102,21 @@ def run(args) -> int:
 
 
 def train(args, discovery) -> int:
+    import secrets
+
     from coordinator.client import AgentClient
     from coordinator.cluster.state import cluster_devices
+    from coordinator.interrupt import Interrupt
     from coordinator.local import local_names, start_local_agents, stop_local_agents
+    from coordinator.membership import AgentGone, Membership
     from coordinator.progress import progress_for_terminal
-    from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
-    from coordinator.training import AgentGone
+    from coordinator.recovery import ResilientTrainer
+    from coordinator.run_store import RunStore
+    from coordinator.settings import RecoverySettings
     from edge_runtime.models.registry import load_config
     from edge_runtime.models.structure import sliceable_meta_model
     from ringtune.plan import Plan
+    from ringtune.protocol import Timeouts
     from ringtune.security import generate_token
 
     if args.resume:
@@ -120,8 +126,10 @@ def train(args, discovery) -> int:
     else:
         sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
+    store = RunStore(args.out)
+    resumed = store.read_run() if args.resume else None
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
-    local = []
+    local, names = [], None
     token = args.token
     if args.local is not None:
         if args.local < 1 or not args.data:
@@ -129,14 +137,15 @@ def train(args, discovery) -> int:
         token = generate_token()
         owner = local_names(args.local)[0]
         print(f"starting {args.local} local agent(s) ...", flush=True)
-        local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads,
+        local = start_local_agents(args.local, args.data, store.logs, token, threads=args.threads,
                                    runtimes=local_runtimes(args.runtime))
         urls = [agent.url for agent in local]
     elif args.runtime != "torch":
         raise ValueError("--runtime is for --local agents; start remote agents with `ringtune agent --runtime ...`")
     elif args.discover:
-        owner, found = discover_agents(args, discovery)
+        owner, found = discover_agents(args, discovery, resumed[1] if resumed else "")
         urls = [advert.control_url for advert in found]
+        names = None if args.discover.isdigit() else frozenset(a.name for a in found)
     else:
         if not args.owner and not args.resume:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
@@ -152,17 +161,22 @@ def train(args, discovery) -> int:
             if status and agent.name in names:
                 raise AgentGone(agent.name, f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
 
-    clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
+    settings, lineage = resumed if resumed else (settings_from_args(args, owner), secrets.token_hex(8))
+    timeouts = Timeouts(heartbeat=settings.heartbeat_timeout)
+    clients = [AgentClient(url, timeouts) for url in urls]
+    members = Membership(token, secrets.token_hex(8), lineage, timeouts, names, check_alive)
     progress = progress_for_terminal()
+    interrupt = Interrupt()
     try:
-        settings, lineage = load_run(args.resume, token) if args.resume else (settings_from_args(args, owner, token), None)
-        recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout, resume=bool(args.resume))
-        find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
-        trainer = ResilientTrainer(settings, clients, recovery, lineage, find_agents, progress=progress,
-                                   check_alive=check_alive)
-        result = trainer.run(plan)
+        with interrupt.installed():
+            members.join_all(clients, settings.owner)
+            recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout,
+                                        resume=bool(args.resume))
+            find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
+            result = ResilientTrainer(settings, recovery, members, store, progress, find_agents, interrupt).run(plan)
     finally:
         progress.close()
+        members.close()
         for client in clients:
             client.close()
         stop_local_agents(local)
@@ -189,11 +203,12 @@ def open_discovery(args):
     return MdnsDiscovery(interfaces=parse_interfaces(args.interface))
 
 
-def discover_agents(args, discovery) -> tuple[str, list]:
-    """The owner's name and the adverts of the agents found over mDNS (--discover)."""
+def discover_agents(args, discovery, lineage: str = "") -> tuple[str, list]:
+    """The owner's name and the adverts of the agents found over mDNS (--discover); lineage: the run being
+    resumed (agents busy with it count as free)."""
     wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
     print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
-    found = discovery.wait_for(wanted, args.discover_timeout)
+    found = discovery.wait_for(wanted, args.discover_timeout, lineage)
     if isinstance(wanted, int):
         found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
     owner = args.owner or _the_owner(found)

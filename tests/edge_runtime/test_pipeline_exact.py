@@ -7,8 +7,8 @@ from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
-from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.training_state import pack_state, unpack_state
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
 

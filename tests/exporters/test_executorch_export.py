@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.executorch_runner import (
     ExecuTorchNotInstalledError,
     ExecuTorchStageRunner,

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow

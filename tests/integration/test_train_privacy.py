@@ -10,7 +10,7 @@ from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
