@@ -20,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from coordinator.client import AgentUnreachable
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
+from coordinator.link_bandwidth import agent_link_bytes_per_s
 from coordinator.planning import CostTable, RunShape, model_cost_table, partition
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
@@ -68,6 +69,7 @@ class RingSession:
         self.store = store
         self.progress = progress
         self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
+        self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
 
     # --- plan -----------------------------------------------------------------------------
@@ -88,13 +90,15 @@ class RingSession:
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
+        links = self._link_bytes_per_s(devices)
         measured = {}
         for name in devices:
             hello = self.members.hello(name)
             measured[name] = DeviceProfile(name, ram_bytes=hello.ram_available, cores=hello.threads, gflops=hello.gflops,
-                                           link_bytes_per_s=s.link_bytes_per_s,
-                                           sources={"gflops": "measured by the agent (matmul)",
-                                                    "ram_bytes": "available now"})
+                                           link_bytes_per_s=links[name],
+                                           sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now",
+                                                    "link_bytes_per_s": "--link-mbit" if s.link_bytes_per_s else
+                                                    "measured: timed transfer from the coordinator"})
         # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
         dtype, why = choose_base_dtype(s.base_dtype, self._table, list(measured.values()), s.owner, shape, dtypes)
         table = self._table(dtype)
@@ -109,6 +113,19 @@ class RingSession:
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule, base_dtype=dtype, base_dtype_reason=why)
+
+    def _link_bytes_per_s(self, names: list[str]) -> dict[str, float]:
+        """--link-mbit for every agent, or each agent's link measured once per run (coordinator.link_bandwidth)."""
+        if self.settings.link_bytes_per_s:
+            return {name: self.settings.link_bytes_per_s for name in names}
+        todo = [n for n in names if n not in self._links]
+        for name in todo:  # one at a time: each transfer has the network to itself
+            self._links[name] = self._guard(name, lambda: agent_link_bytes_per_s(
+                name, self.members.client(name).url, self.members.hello(name).probe_port))
+        if todo:
+            self.progress.event("link bandwidth: " + ", ".join(
+                f"{name} {self._links[name] * 8 / 1e6:.0f} Mbit/s" for name in todo))
+        return {name: self._links[name] for name in names}
 
     def _table(self, base_dtype: str) -> CostTable:
         """The model's cost table at a base dtype, built once (re-plans after a device leaves reuse it)."""

@@ -40,6 +40,7 @@ from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
+from edge_runtime.transport.link_probe import ProbeSink
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stages_step
 from exporters.manifest import ExportManifest, RunShape as ExportShape
@@ -94,6 +95,7 @@ class Agent:
         self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=protocol.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
+        self.probe = ProbeSink(f"tcp://{self.host}:0")  # the coordinator times a transfer to it before planning
         self._gflops: float | None = None
         self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
         self._run: ActiveRun | None = None
@@ -126,6 +128,7 @@ class Agent:
         finally:
             self._stop_run()
             self._socket.close()
+            self.probe.close()
 
     def _handle(self, raw: bytes, peer: str = "") -> bytes:
         """Any bytes in, a reply out: a bad request never takes the agent down."""
@@ -195,7 +198,8 @@ class Agent:
             version=ringtune.__version__, has_data=self.records is not None, pid=os.getpid(),
             cores=psutil.cpu_count() or 1, threads=torch.get_num_threads(), ram_bytes=ram_total,
             ram_available=ram_available, runtime=self.runtime, export_dir=self.export_dir is not None,
-            gflops=self.gflops, busy=self.busy)
+            gflops=self.gflops, busy=self.busy,
+            probe_port=int(self.probe.url.rsplit(":", 1)[1]))
 
     def _cmd_pair_begin(self, msg: protocol.PairBegin, peer: str) -> protocol.PairBeginReply:
         return protocol.PairBeginReply(**self.pairing.begin(msg.run, peer))

@@ -28,8 +28,9 @@ from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
-PROTOCOL_VERSION = 3
-"""3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage."""
+PROTOCOL_VERSION = 4
+"""3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
+4: hello names the agent's link probe port."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -109,6 +110,8 @@ class HelloReply(Reply):
     """Sustained matmul GFLOP/s at the agent's thread count."""
     busy: str | None
     """Lineage of the run the agent is serving for a coordinator heard from recently (None: free)."""
+    probe_port: int
+    """Port of the agent's link probe sink (edge_runtime.transport.link_probe), on its control host."""
 
 
 @dataclass(frozen=True, slots=True)

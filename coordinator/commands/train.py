@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
     parser.add_argument("--link-mbit", type=float,
-                        help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
+                        help="link bandwidth the planner assumes for every agent (default: measured to each "
+                             "agent before planning, a short timed transfer)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--runtime", default="torch",
                         help="with --local: torch or executorch for every agent, or one per agent (owner first), "
@@ -94,7 +95,7 @@ def settings_from_args(args, owner: str):
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
-                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8,
+                         link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
                          privacy=PrivacySpec.parse(args.privacy, args.grad_privacy), base_dtype=args.base_dtype)
 
 

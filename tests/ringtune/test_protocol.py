@@ -83,7 +83,7 @@ def test_the_parser_names_the_field_that_is_wrong():
 
 
 def test_a_reply_of_another_protocol_version_is_refused_before_its_fields_are_read():
-    with pytest.raises(protocol.ProtocolMismatch, match="speaks control protocol 2, this coordinator 3: install"):
+    with pytest.raises(protocol.ProtocolMismatch, match="speaks control protocol 2, this coordinator 4: install"):
         protocol.decode_reply(protocol.Hello, {"ok": True, "protocol": 2, "name": "old"})
     with pytest.raises(protocol.SessionLost, match="agent: gone"):
         protocol.decode_reply(protocol.Status, protocol.error_reply("gone", session_lost=True))
