@@ -20,10 +20,12 @@ from safetensors.torch import load as load_tensors
 from coordinator.client import AgentUnreachable
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
-from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.link_bandwidth import agent_link_bytes_per_s
+from coordinator.planning import CostTable, RunShape, model_cost_table, partition
+from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
 from coordinator.planning.memory import check_fits
-from coordinator.progress import Progress
+from coordinator.progress import Progress, amount_text
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
 from coordinator.slices import ModelShipment, cut_model
@@ -32,8 +34,10 @@ from device_profiles.profile import DeviceProfile
 from edge_runtime.checkpoint_store import Checkpoint
 from edge_runtime.models.registry import load_config
 from edge_runtime.training_state import pack_state
+from exporters.export import check_executorch_dtype
 from exporters.manifest import RunShape as ExportShape
 from ringtune import protocol
+from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, even_plan, validate_plan
 from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import new_key, wrap_key
@@ -65,69 +69,99 @@ class RingSession:
         self.members = members
         self.store = store
         self.progress = progress
-        self._calibration: dict[str, float] = {}  # block seconds by agent, for the planner
-        self._cost_table = None  # the model's cost table, built at the first plan
+        self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
+        self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
+        self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
 
     # --- plan -----------------------------------------------------------------------------
     def make_plan(self) -> Plan:
         s = self.settings
         devices = [s.owner] + [n for n in self.members.present() if n != s.owner]
+        # ExecuTorch programs keep their frozen weights in fp32
+        dtypes = BASE_DTYPES if all(runs_torch(self.members.hello(n)) for n in devices) else ("fp32",)
         if s.split == "even":
             num_layers = load_config(s.model).num_hidden_layers
-            return even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches)
+            dtype = "fp32" if s.base_dtype == AUTO else s.base_dtype
+            if dtype not in dtypes:
+                check_executorch_dtype(dtype)
+            why = (f"asked for with --base-dtype {dtype}" if s.base_dtype != AUTO
+                   else "--split even does not size the model to the devices: fp32 unless --base-dtype says otherwise")
+            return replace(even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches),
+                           base_dtype=dtype, base_dtype_reason=why)
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
-        table = self._table()
-        seconds = self._block_seconds(devices)
+        links = self._link_bytes_per_s(devices)
+        measured = {p.name: p for p in self._profiles(devices, links)}
+        # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
+        dtype, why = choose_base_dtype(s.base_dtype, self._table, list(measured.values()), s.owner, shape, dtypes)
+        table = self._table(dtype)
+        seconds = self._block_seconds(devices, dtype)
         if seconds:
-            self.progress.event("one block forward + backward: " + ", ".join(
+            self.progress.event(f"one block forward + backward ({dtype} weights): " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
-        profiles = [calibrated_profile(p, table, shape, seconds[p.name]) if p.name in seconds else p
-                    for p in self._profiles(devices)]
+        profiles = [calibrated_profile(measured[n], table, shape, seconds[n]) if n in seconds else measured[n]
+                    for n in devices]
         plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
-        return replace(plan, schedule=s.schedule)
+        return replace(plan, schedule=s.schedule, base_dtype=dtype, base_dtype_reason=why)
 
-    def _table(self):
-        """The model's cost table, built once (re-plans after a device leaves reuse it)."""
-        if self._cost_table is None:
-            s = self.settings
-            self._cost_table = model_cost_table(s.model, s.lora, s.seq_len, s.model)
-        return self._cost_table
-
-    def _profiles(self, names: list[str]) -> list[DeviceProfile]:
+    def _profiles(self, names: list[str], links: dict[str, float]) -> list[DeviceProfile]:
         """The agents as their hellos describe them: the RAM their process may grow into (available now
-        plus what it holds), their runtime's own memory, their matmul speed."""
+        plus what it holds), their runtime's own memory, their matmul speed; their links as measured."""
         profiles = []
         for name in names:
             hello = self.members.hello(name)
             profiles.append(DeviceProfile(
                 name, ram_bytes=min(hello.ram_bytes, hello.ram_available + hello.rss), cores=hello.threads,
-                gflops=hello.gflops, link_bytes_per_s=self.settings.link_bytes_per_s,
-                baseline_bytes=hello.baseline_bytes,
+                gflops=hello.gflops, link_bytes_per_s=links[name], baseline_bytes=hello.baseline_bytes,
                 sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now + the agent's RSS",
-                         "baseline_bytes": "measured by the agent"}))
+                         "baseline_bytes": "measured by the agent",
+                         "link_bytes_per_s": "--link-mbit" if self.settings.link_bytes_per_s else
+                         "measured: timed transfer from the coordinator"}))
         return profiles
 
-    def _block_seconds(self, names: list[str]) -> dict[str, float]:
-        """Each torch agent's time for one block of the model at the run's shape, measured once per run
-        and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
+    def _link_bytes_per_s(self, names: list[str]) -> dict[str, float]:
+        """--link-mbit for every agent, or each agent's link measured once per run (coordinator.link_bandwidth)."""
+        if self.settings.link_bytes_per_s:
+            return {name: self.settings.link_bytes_per_s for name in names}
+        todo = [n for n in names if n not in self._links]
+        for name in todo:  # one at a time: each transfer has the network to itself
+            self._links[name] = self._guard(name, lambda: agent_link_bytes_per_s(
+                name, self.members.client(name).url, self.members.hello(name).probe_port))
+        if todo:
+            self.progress.event("link bandwidth: " + ", ".join(
+                f"{name} {self._links[name] * 8 / 1e6:.0f} Mbit/s" for name in todo))
+        return {name: self._links[name] for name in names}
+
+    def _table(self, base_dtype: str) -> CostTable:
+        """The model's cost table at a base dtype, built once (re-plans after a device leaves reuse it)."""
         s = self.settings
-        todo = [n for n in names if n not in self._calibration and runs_torch(self.members.hello(n))]
+        if base_dtype not in self._cost_tables:
+            self._cost_tables[base_dtype] = model_cost_table(s.model, s.lora, s.seq_len, s.model, base_dtype)
+        return self._cost_tables[base_dtype]
+
+    def _block_seconds(self, names: list[str], base_dtype: str) -> dict[str, float]:
+        """Each torch agent's time for one block of the model at the run's shape and base dtype, measured once
+        per run and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
+        s = self.settings
+        todo = [n for n in names if (n, base_dtype) not in self._calibration and runs_torch(self.members.hello(n))]
         request = protocol.Calibrate(config=load_config(s.model).to_dict(), lora=s.lora,
-                                     micro_batch_size=s.micro_batch_size, seq_len=s.seq_len)
+                                     micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, base_dtype=base_dtype)
         with ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:
             replies = pool.map(lambda n: self.call(n, request), todo)
-            self._calibration.update({n: reply.block_seconds for n, reply in zip(todo, replies)})
-        return {n: self._calibration[n] for n in names if n in self._calibration}
+            self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in zip(todo, replies)})
+        return {n: self._calibration[n, base_dtype] for n in names if (n, base_dtype) in self._calibration}
 
     def prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
         plan = replace(plan, privacy=s.privacy.public_dict())
+        if s.base_dtype not in (AUTO, plan.base_dtype):  # a saved plan run at another dtype
+            plan = replace(plan, base_dtype=s.base_dtype,
+                           base_dtype_reason=f"asked for with --base-dtype {s.base_dtype} (the plan had {plan.base_dtype})")
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         unknown = sorted(set(plan.devices()) - set(self.members.present()))
         if unknown:
@@ -136,8 +170,8 @@ class RingSession:
         # Whoever made the plan (the planner, --split even, a --plan file), it must fit as it will run:
         # its schedule, its micro-batches, this run's micro-batch shape, these agents' memory.
         shape = RunShape(s.micro_batch_size, s.seq_len, plan.micro_batches, plan.schedule)
-        profiles = self._profiles(plan.devices())
-        memory = check_fits(self._table(), shape, plan, profiles)
+        profiles = self._profiles(plan.devices(), self._link_bytes_per_s(plan.devices()))
+        memory = check_fits(self._table(plan.base_dtype), shape, plan, profiles)
         step = f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if "step_seconds" in plan.predicted else ""
         plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},
                                         "memory": {n: f.to_dict() for n, f in memory.items()}})
@@ -145,6 +179,8 @@ class RingSession:
                                                  for st in plan.stages)
                             + step + "; memory " + ", ".join(f"{p.name} {memory[p.name].total / 1e9:.2f} of "
                                                              f"{p.ram_bytes / 1e9:.1f} GB" for p in profiles))
+        self.progress.event(f"base weights: {plan.base_dtype}"
+                            + (f" ({plan.base_dtype_reason})" if plan.base_dtype_reason else ""))
         self.store.write_plan(plan)
         if s.privacy.active:
             self.progress.event("privacy: " + s.privacy.describe() + (
@@ -154,7 +190,8 @@ class RingSession:
     # --- ship, assign, connect ------------------------------------------------------------
     def assign(self, plan: Plan) -> Assigned:
         s = self.settings
-        shipment = cut_model(s.model, s.lora, plan)
+        shipment = cut_model(s.model, s.lora, plan, self.progress,
+                             [name for name in plan.devices() if runs_torch(self.members.hello(name))])
         exports = self._exports(plan)
         started = time.perf_counter()
         self._ship(plan, shipment, exports)
@@ -188,23 +225,33 @@ class RingSession:
             return {}
         self.progress.event(f"ExecuTorch stages for {', '.join(names)} (exported once, then cached) ...")
         started = time.perf_counter()
-        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora)
+        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora,
+                                          progress=self.progress)
         self.progress.event(f"exported stages {exported} in {time.perf_counter() - started:.0f} s" if exported
                             else "ExecuTorch stages found in the export cache")
         return exports
 
     def _ship(self, plan: Plan, shipment: ModelShipment, exports: dict[str, AgentExport]) -> None:
-        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached."""
-        sizes = []
-        for name in plan.devices():
-            torch_agent = runs_torch(self.members.hello(name))
-            own = ([exports[name].manifest, *exports[name].files] if name in exports
-                   else [shipment.slices[name]] if torch_agent else [])
-            for blob in own + ([shipment.tokenizer] if name == plan.owner else []):
-                self.upload(name, blob.sha256, blob.path)
-            sizes.append(f"{name} {sum(blob.size for blob in own) / 1e6:.0f} MB"
-                         + ("" if torch_agent else " of ExecuTorch programs"))
-        self.progress.event(f"slices ready on every agent ({', '.join(sizes)})")
+        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached; the agents
+        are sent to in parallel (each over its own link), from the files."""
+        own = {name: [exports[name].manifest, *exports[name].files] if name in exports
+               else [shipment.slices[name]] if runs_torch(self.members.hello(name)) else [] for name in plan.devices()}
+        blobs = {name: own[name] + ([shipment.tokenizer] if name == plan.owner else []) for name in plan.devices()}
+        missing = {name: self.call(name, protocol.Have(digests=[b.sha256 for b in blobs[name]])).missing
+                   for name in plan.devices()}
+
+        def ship(name: str) -> None:
+            todo = [blob for blob in blobs[name] if blob.sha256 in missing[name]]
+            if todo:
+                with self.progress.task(f"shipping to {name}", sum(blob.size for blob in todo), "bytes") as task:
+                    for blob in todo:
+                        self.upload(name, blob.sha256, blob.path, task.advance)
+
+        with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
+            list(pool.map(ship, blobs))
+        sizes = ", ".join(f"{name} {amount_text(sum(blob.size for blob in own[name]), 'bytes')}"
+                          + ("" if runs_torch(self.members.hello(name)) else " of ExecuTorch programs") for name in own)
+        self.progress.event(f"slices ready on every agent ({sizes})")
 
     # --- steps ----------------------------------------------------------------------------
     def run_step(self, plan: Plan, step: int) -> dict:
@@ -296,8 +343,8 @@ class RingSession:
         """One command to an agent; an agent that does not answer (or lost its session) is AgentGone."""
         return self._guard(name, lambda: self.members.client(name).request(request))
 
-    def upload(self, name: str, digest: str, blob: bytes | Path) -> None:
-        self._guard(name, lambda: self.members.client(name).upload(digest, blob))
+    def upload(self, name: str, digest: str, blob: bytes | Path, on_chunk: Callable[[int], None] = lambda size: None) -> None:
+        self._guard(name, lambda: self.members.client(name).upload(digest, blob, on_chunk))
 
     def _guard(self, name: str, action: Callable):
         self.interrupt.check()

@@ -51,12 +51,15 @@ class TrainSettings:
     """Encrypt hidden states and gradients on the wire (not only authenticate them)."""
     split: str = "planned"
     """planned: the exact partitioner over the agents' profiles; even: blocks split evenly."""
-    link_bytes_per_s: float = 125e6
-    """Assumed link bandwidth of every agent, for the planner."""
+    link_bytes_per_s: float | None = None
+    """Link bandwidth of every agent for the planner (--link-mbit); None: measured to each agent."""
     min_owner_blocks: int = 1
     """Blocks the owner keeps at each end (planned split)."""
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     """What the owner privatizes before hidden states and gradients leave it."""
+    base_dtype: str = "auto"
+    """Storage of the frozen base weights on the devices: auto (fp32 if it fits, else the widest dtype that
+    fits), fp32, bf16, int8 or int4."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,10 +41,12 @@ from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
+from edge_runtime.transport.link_probe import ProbeSink
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stages_step
 from exporters.manifest import ExportManifest, RunShape as ExportShape
 from ringtune import control, protocol
+from ringtune.base_dtype import check_base_dtype
 from ringtune.protocol import ProtocolError
 from ringtune.security import AuthError, unwrap_key
 
@@ -98,6 +100,7 @@ class Agent:
         self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=protocol.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
+        self.probe = ProbeSink(f"tcp://{self.host}:0")  # the coordinator times a transfer to it before planning
         self._gflops: float | None = None
         self._baseline: int | None = None
         self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
@@ -131,6 +134,7 @@ class Agent:
         finally:
             self._stop_run()
             self._socket.close()
+            self.probe.close()
 
     def _handle(self, raw: bytes, peer: str = "") -> bytes:
         """Any bytes in, a reply out: a bad request never takes the agent down."""
@@ -219,7 +223,8 @@ class Agent:
             version=ringtune.__version__, has_data=self.records is not None, pid=os.getpid(),
             cores=psutil.cpu_count() or 1, threads=torch.get_num_threads(), ram_bytes=ram_total,
             ram_available=ram_available, rss=rss(), baseline_bytes=self.baseline_bytes, runtime=self.runtime,
-            export_dir=self.export_dir is not None, gflops=self.gflops, busy=self.busy)
+            export_dir=self.export_dir is not None, gflops=self.gflops, busy=self.busy,
+            probe_port=int(self.probe.url.rsplit(":", 1)[1]))
 
     def _cmd_pair_begin(self, msg: protocol.PairBegin, peer: str) -> protocol.PairBeginReply:
         return protocol.PairBeginReply(**self.pairing.begin(msg.run, peer))
@@ -239,9 +244,11 @@ class Agent:
 
     def _cmd_calibrate(self, msg: protocol.Calibrate) -> protocol.CalibrateReply:
         """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
-        key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len], sort_keys=True)
+        base_dtype = check_base_dtype(msg.base_dtype)
+        key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len, base_dtype], sort_keys=True)
         if key not in self._block_seconds:
-            self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len)
+            self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len,
+                                                     base_dtype)
             release_free_memory()  # the calibration block
         return protocol.CalibrateReply(block_seconds=self._block_seconds[key])
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge_runtime.memory import release_free_memory, rss
 from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import TINY_CONFIGS
 from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
@@ -24,11 +25,12 @@ from edge_runtime.models.structure import find_parts
 CALIBRATION_VOCAB = 256
 
 
-def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int,
+def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
                   min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100) -> float:
-    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch:
-    the mean over min_seconds, or over max_calls when those take less (a tiny model)."""
-    stage, hidden_size = _one_block_stage(config_dict, lora)
+    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
+    weights stored as base_dtype (dequantizing costs time on the device itself): the mean over min_seconds,
+    or over max_calls when those take less (a tiny model)."""
+    stage, hidden_size = _one_block_stage(config_dict, lora, base_dtype)
     x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
 
     def forward_backward() -> None:
@@ -50,7 +52,7 @@ def runtime_baseline() -> int:
     """Bytes this process keeps resident once the training runtime has run: a tiny LoRA block's
     forward, backward and AdamW step start autograd, the thread pool and the model, peft and optimizer
     code, then everything the block held is freed. The planner adds it to every stage's own memory."""
-    stage, hidden_size = _one_block_stage(TINY_CONFIGS["tiny-llama"]().to_dict(), LoraSpec())
+    stage, hidden_size = _one_block_stage(TINY_CONFIGS["tiny-llama"]().to_dict(), LoraSpec(), "fp32")
     trainable = [p for p in stage.parameters() if p.requires_grad]
     out = stage(torch.randn(1, 8, hidden_size, requires_grad=True))  # [1, 8, d]
     out.backward(torch.ones_like(out))
@@ -60,7 +62,7 @@ def runtime_baseline() -> int:
     return rss()
 
 
-def _one_block_stage(config_dict: dict, lora: LoraSpec) -> tuple[StageModule, int]:
+def _one_block_stage(config_dict: dict, lora: LoraSpec, base_dtype: str) -> tuple[StageModule, int]:
     config = AutoConfig.for_model(**config_dict)
     config.num_hidden_layers = 1
     config.vocab_size = CALIBRATION_VOCAB
@@ -68,4 +70,5 @@ def _one_block_stage(config_dict: dict, lora: LoraSpec) -> tuple[StageModule, in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
         model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32), lora)
+    compact_model(model, base_dtype)
     return StageModule(find_parts(model), model.config, (0, 1), "middle"), config.hidden_size

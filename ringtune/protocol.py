@@ -28,9 +28,10 @@ from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
-PROTOCOL_VERSION = 4
-"""3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage.
-4: hello carries the agent's resident memory and its runtime baseline, status its peak RSS."""
+PROTOCOL_VERSION = 5
+"""3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
+4: hello names the agent's link probe port;
+5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -115,6 +116,11 @@ class HelloReply(Reply):
     """Sustained matmul GFLOP/s at the agent's thread count."""
     busy: str | None
     """Lineage of the run the agent is serving for a coordinator heard from recently (None: free)."""
+    probe_port: int
+    """Port of the agent's link probe sink (edge_runtime.transport.link_probe), on its control host."""
+
+    def __post_init__(self) -> None:
+        _check_memory(self, "ram_bytes", "ram_available", "rss", "baseline_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +201,9 @@ class StatusReply(Reply):
     """The run failed waiting on a ring link (a neighbour's fault, not this agent's)."""
     result: StepResult | None = None
     """The last step's measurements."""
+
+    def __post_init__(self) -> None:
+        _check_memory(self, "rss", "peak_rss")
     refused: dict[str, int] = field(default_factory=dict)
     """Data-plane frames refused, by reason."""
 
@@ -275,6 +284,8 @@ class Calibrate(Request):
     """Sequences per micro-batch."""
     seq_len: int
     """Tokens per sequence."""
+    base_dtype: str = "fp32"
+    """How the block's frozen weights are stored (dequantizing costs time on the device itself)."""
 
     def reply_seconds(self, timeouts: Timeouts) -> float:
         return max(timeouts.heartbeat, timeouts.work)
@@ -495,6 +506,13 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _check_memory(message, *names: str) -> None:
+    """Byte counts the planner sums: negative ones would make a plan fit that does not."""
+    negative = [n for n in names if getattr(message, n) < 0]
+    if negative:
+        raise ValueError(f"negative byte counts {negative}")
 
 
 def _build(cls: type, fields: dict, where: str):

@@ -37,7 +37,7 @@ def hello_reply(**fields):
     defaults = dict(protocol=PROTOCOL_VERSION, name="pi-a", agent_id="pi-a@host", version="0", has_data=False,
                     pid=1, cores=4, threads=4, ram_bytes=8 << 30, ram_available=6 << 30, rss=450 << 20,
                     baseline_bytes=440 << 20, runtime="torch",
-                    export_dir=False, gflops=10.0, busy=None)
+                    export_dir=False, gflops=10.0, busy=None, probe_port=7721)
     return HelloReply(**{**defaults, **fields})
 
 

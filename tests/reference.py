@@ -8,9 +8,11 @@ from ringtune.optimizer_spec import OptimizerSpec
 
 
 def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec, data: OwnerData,
-                      steps: int, privacy=None, plan=None) -> dict[str, torch.Tensor]:
-    """privacy (a PrivacySpec) is applied where plan cuts: the end of the owner's head, the start of its tail."""
-    model = apply_lora(load_model(model_name), lora)
+                      steps: int, privacy=None, plan=None, base_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """privacy (a PrivacySpec) is applied where plan cuts: the end of the owner's head, the start of its tail.
+    base_dtype: the frozen weights hold the values a compact model of that dtype computes with (plain fp32
+    modules)."""
+    model = apply_lora(dequantized_model(load_model(model_name), base_dtype), lora)
     position = [0, 0]
     if privacy is not None:
         from edge_runtime.privacy.base import NoiseStream
@@ -30,6 +32,20 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
         adamw.step()
         adamw.zero_grad()
     return {adapter_key(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def dequantized_model(model, base_dtype: str):
+    """model with every weight that ringtune stores compactly replaced by the fp32 values it computes with."""
+    from edge_runtime.models.quantization import compact_targets, dequantized
+
+    targets = compact_targets(model)
+    weights = {id(p): p for p in model.parameters()}
+    with torch.no_grad():
+        for weight_id, transposed in targets.items():  # Conv1D stores [in, out], quantized per output
+            weight = weights[weight_id]
+            values = dequantized(weight.T if transposed else weight, base_dtype)
+            weight.copy_(values.T if transposed else values)
+    return model
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

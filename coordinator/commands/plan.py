@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import PLANNED_SCHEDULES
 
 
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                        help="how devices store the frozen base weights (priced in memory and time): auto is fp32 "
+                             "when the model fits at fp32, else the widest dtype that fits")
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -71,7 +75,8 @@ def run(args) -> int:
                      args.min_owner_blocks)
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     model = args.model_config if args.model_config is not None else args.model
-    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets))
+    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets),
+                    base_dtype=args.base_dtype)
     if args.json:
         print(plan.to_json())
     else:
@@ -98,6 +103,7 @@ def print_plan(plan, devices: list) -> None:
     print(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
           f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
           f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
+    print(f"base weights: {plan.base_dtype} ({plan.base_dtype_reason})")
     unused = [d.name for d in devices if d.name not in plan.devices()]
     if unused:
         print(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")

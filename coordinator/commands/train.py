@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
 
@@ -41,6 +42,10 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the data order")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                        help="how devices store the frozen base weights: auto is fp32 when the model fits the "
+                             "devices at fp32, else the widest dtype that fits (LoRA, gradients, optimizer state "
+                             "and activations stay fp32)")
     parser.add_argument("--plan", type=Path, help="a saved plan JSON (ringtune plan --json) to run as is")
     parser.add_argument("--split", choices=["planned", "even"], default="planned",
                         help="planned: the exact partitioner over the agents' measured profiles (devices that "
@@ -51,7 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
     parser.add_argument("--link-mbit", type=float,
-                        help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
+                        help="link bandwidth the planner assumes for every agent (default: measured to each "
+                             "agent before planning, a short timed transfer)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--runtime", default="torch",
                         help="with --local: torch or executorch for every agent, or one per agent (owner first), "
@@ -89,8 +95,8 @@ def settings_from_args(args, owner: str):
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
-                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8,
-                         privacy=PrivacySpec.parse(args.privacy, args.grad_privacy))
+                         link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
+                         privacy=PrivacySpec.parse(args.privacy, args.grad_privacy), base_dtype=args.base_dtype)
 
 
 def run(args) -> int:

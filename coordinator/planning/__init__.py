@@ -5,12 +5,15 @@ Importing this package does not import torch: tracing a table does (``cost_table
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.costs import CostTable, EndCost
 from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
 from device_profiles.profile import DeviceProfile
+from ringtune.base_dtype import AUTO
 from ringtune.lora_spec import LoraSpec
 from ringtune.plan import Plan
 
@@ -28,10 +31,18 @@ def __getattr__(name: str) -> Any:
 
 
 def plan_run(model: str | Path | Any, profiles: list[DeviceProfile], owner: str, shape: RunShape,
-             lora: LoraSpec = LoraSpec(), model_name: str | None = None) -> Plan:
+             lora: LoraSpec = LoraSpec(), model_name: str | None = None, base_dtype: str = AUTO) -> Plan:
     """The fastest plan that fits: model is a built-in name, a local model directory, a config.json path
     or a config; model_name is what the plan records (default: the name, the path or the config's
-    name_or_path)."""
+    name_or_path); base_dtype is auto (fp32 if it fits, else the widest dtype that fits) or a dtype."""
     from coordinator.planning.table_cache import cached_cost_table
 
-    return partition(cached_cost_table(model, lora, shape.seq_len, model_name), profiles, owner, shape)
+    tables: dict[str, CostTable] = {}
+
+    def table_for(dtype: str) -> CostTable:
+        if dtype not in tables:
+            tables[dtype] = cached_cost_table(model, lora, shape.seq_len, model_name, dtype)
+        return tables[dtype]
+
+    dtype, why = choose_base_dtype(base_dtype, table_for, profiles, owner, shape)
+    return replace(partition(table_for(dtype), profiles, owner, shape), base_dtype=dtype, base_dtype_reason=why)

@@ -26,6 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from coordinator.planning.costs import CostTable, EndCost
 from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.quantization import compact_model, compact_weights
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import StageModule, token_loss_sum
 from edge_runtime.models.structure import DecoderParts, find_parts, sliceable_meta_model
@@ -56,20 +57,23 @@ def config_from_file(path: str | Path) -> PreTrainedConfig:
 
 
 def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(), seq_len: int = 64,
-                     name: str | None = None) -> CostTable:
-    """The cost table of a built-in model name, a local model directory, or a config."""
+                     name: str | None = None, base_dtype: str = "fp32") -> CostTable:
+    """The cost table of a built-in model name, a local model directory, or a config, with its frozen
+    weights stored as base_dtype (compact layers as on the devices: their bytes are priced as stored;
+    their FLOPs are those of the fp32 matmuls they compute with)."""
     config = load_config(model) if isinstance(model, str) else model
     name = name or (model if isinstance(model, str) else config.name_or_path or config.model_type)
     causal_lm = sliceable_meta_model(config)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
         peft_model = apply_lora(causal_lm, lora)
+        compact_model(peft_model, base_dtype)
     parts = find_parts(peft_model)
     blocks = [_block_cost(parts, peft_model.config, i, seq_len) for i in _distinct_blocks(parts)]
     per_block = [blocks[j] for j in _block_kinds(parts)]
     head_modules = [parts.embed] + ([parts.position_embed] if parts.position_embed is not None else [])
     return CostTable(
-        model=name, seq_len=seq_len,
+        model=name, base_dtype=base_dtype, seq_len=seq_len,
         block_param_bytes=tuple(b.param_bytes for b in per_block),
         block_trainable_bytes=tuple(b.trainable_bytes for b in per_block),
         block_activation_bytes=tuple(b.activation_bytes for b in per_block),
@@ -82,7 +86,8 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
 
 
 def _signature(block: nn.Module, attention_type: str) -> tuple:
-    return type(block).__name__, attention_type, tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
+    return type(block).__name__, attention_type, tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                                       (*block.named_parameters(), *block.named_buffers()))
 
 
 def _block_kinds(parts: DecoderParts) -> list[int]:
@@ -103,12 +108,17 @@ def _distinct_blocks(parts: DecoderParts) -> list[int]:
     return [kinds.index(k) for k in range(max(kinds) + 1)]
 
 
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, and compact weights (buffers)."""
+    return [*module.parameters(), *compact_weights(module)]
+
+
 def _param_bytes(modules: list[nn.Module], exclude: list[nn.Module] = ()) -> tuple[int, int]:
-    """(parameter bytes, trainable bytes) of the distinct parameters of the modules."""
-    excluded = {id(p) for m in exclude for p in m.parameters()}
-    params = {id(p): p for m in modules for p in m.parameters() if id(p) not in excluded}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+    """(bytes of the distinct parameters and buffers of the modules, trainable bytes with their training state)."""
+    excluded = {id(t) for m in exclude for t in _tensors(m)}
+    tensors = {id(t): t for m in modules for t in _tensors(m) if id(t) not in excluded}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    trainable = sum(t.numel() * t.element_size() for t in tensors.values() if t.requires_grad)
     return total, trainable * TRAINABLE_COPIES
 
 
@@ -170,7 +180,7 @@ def _block_cost(parts: DecoderParts, config: PreTrainedConfig, index: int, seq_l
     block = parts.blocks[index]
     stage = StageModule(parts, config, (index, index + 1), "middle")
     hidden = torch.empty(1, seq_len, parts.embed.embedding_dim, device="meta", requires_grad=True)
-    forward_flops, backward_flops, saved, peak = _trace(stage, hidden, {id(p) for p in block.parameters()})
+    forward_flops, backward_flops, saved, peak = _trace(stage, hidden, {id(t) for t in _tensors(block)})
     param_bytes, trainable_bytes = _param_bytes([block])
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
                    backward_flops / seq_len, max(peak - saved, 0.0) / seq_len)
@@ -180,7 +190,7 @@ def _tail_cost(parts: DecoderParts, config: PreTrainedConfig, seq_len: int, excl
     hidden = torch.empty(1, seq_len, parts.embed.embedding_dim, device="meta", requires_grad=True)
     labels = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     modules = [parts.final_norm, parts.head]
-    params = {id(p) for m in modules for p in m.parameters()}
+    params = {id(t) for m in modules for t in _tensors(m)}
     tail = StageModule(parts, config, (len(parts.blocks), len(parts.blocks)), "tail")
     forward_flops, backward_flops, saved, peak = _trace(lambda x: token_loss_sum(tail(x), labels), hidden, params)
     param_bytes, trainable_bytes = _param_bytes(modules, exclude)

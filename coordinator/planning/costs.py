@@ -50,6 +50,8 @@ class CostTable:
     """Embedding (and learned position embedding) on the owner's first stage."""
     tail_end: EndCost
     """Final norm, LM head and loss on the owner's last stage."""
+    base_dtype: str = "fp32"
+    """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
 
     @property
     def num_blocks(self) -> int:

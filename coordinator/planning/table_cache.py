@@ -2,8 +2,8 @@
 
 Tracing a table builds the model on the meta device with torch, transformers and peft (their
 imports alone take seconds); the table is a pure function of the config, the LoRA spec, the
-sequence length and the code that traces it. The key hashes all four: the config's JSON, the
-spec, ``seq_len``, ``FORMAT``, the source of the tracing code (``coordinator/planning`` and
+sequence length, the base dtype and the code that traces it. The key hashes them all: the config's
+JSON, the spec, ``seq_len``, the base dtype, ``FORMAT``, the source of the tracing code (``coordinator/planning`` and
 ``edge_runtime/models``) and the installed torch, transformers and peft versions, so any change to
 how tables are traced or priced misses the cache instead of reading a stale table. Entries live
 in ``$RINGTUNE_CACHE/cost_tables/KEY.json`` (deleting the folder is always safe).
@@ -38,25 +38,25 @@ def cost_tables_dir() -> Path:
 
 
 def cached_cost_table(model: str | Path | Any, lora: LoraSpec = LoraSpec(), seq_len: int = 64,
-                      name: str | None = None) -> CostTable:
+                      name: str | None = None, base_dtype: str = "fp32") -> CostTable:
     """``model_cost_table`` for a built-in name, a model directory, a config.json path or a config object,
     read from the cache when the same config was traced before by the same code."""
     config = _config_dict(model)
-    key = table_key(config, lora, seq_len)
+    key = table_key(config, lora, seq_len, base_dtype)
     table = load_table(key)
     if table is None:
         from coordinator.planning.cost_table import config_from_file, model_cost_table
 
         traced = config_from_file(model) if isinstance(model, Path) else model
-        table = model_cost_table(traced, lora, seq_len)
+        table = model_cost_table(traced, lora, seq_len, base_dtype=base_dtype)
         store_table(key, table)
     return dataclasses.replace(table, model=name or _default_name(model, config))
 
 
-def table_key(config: dict, lora: LoraSpec, seq_len: int) -> str:
+def table_key(config: dict, lora: LoraSpec, seq_len: int, base_dtype: str = "fp32") -> str:
     """What a traced table depends on, hashed."""
     inputs = {"format": FORMAT, "config": config, "lora": lora.to_dict(), "seq_len": seq_len,
-              "code": code_fingerprint()}
+              "base_dtype": base_dtype, "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

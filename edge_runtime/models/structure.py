@@ -18,11 +18,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from edge_runtime.models.quantization import CompactEmbedding
+
 SUPPORTED_FAMILIES = "LLaMA family (LLaMA, SmolLM2, Qwen2, Mistral), Gemma-3 text and GPT-2"
 ATTENTION_MASKS = {"full_attention": create_causal_mask,
                    "sliding_attention": create_sliding_window_causal_mask}
 """The mask each attention type needs (Hugging Face's functions, so stages mask as the model does)."""
-
 
 class UnsupportedModelError(ValueError):
     """The model does not have the decoder-only structure ringtune slices."""
@@ -98,7 +99,8 @@ def find_parts(model: nn.Module) -> DecoderParts:
         raise refuse(f"{len(rotaries)} rotary embeddings beside the blocks, where one is expected")
     rotary = rotaries[0] if rotaries else None
     position_embed = next(
-        (m for _, m in decoder.named_children() if isinstance(m, nn.Embedding) and m is not embed), None)
+        (m for _, m in decoder.named_children() if isinstance(m, (nn.Embedding, CompactEmbedding)) and m is not embed),
+        None)
     norms = [name for name, m in decoder.named_children() if _is_norm(m)]
     if len(norms) != 1:
         raise refuse(f"norms {norms} beside the blocks, where one final norm is expected" if norms

@@ -10,9 +10,8 @@ Messages on one pynng Pair0 socket: ``b"D" + bytes`` (data), ``b"E"`` (end: the 
 ``">dQ"`` = its measured bytes/s and the bytes it counted). Every receive has a timeout; the
 sink takes at most ``MAX_CHUNK_BYTES`` per message.
 
-Not yet wired into the agents: the control protocol is being typed (``ringtune.protocol``); the
-plan is that each agent serves a sink beside its data-plane listener and measures to its ring
-neighbours at connect time, and the coordinator to each agent before planning (see README).
+Every agent serves a sink (its port in hello); the coordinator measures to each agent before
+planning (``coordinator/link_bandwidth.py``).
 """
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def lora_model(eager_attention: bool):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    stage = export_executorch_stage(lora_model(eager_attention=True), FULL, 0, SHAPE, out)
+    stage = export_executorch_stage(*build_stage(lora_model(eager_attention=True), FULL.layers, FULL.role), FULL, 0,
+                                    SHAPE, out)
     ExportManifest(MODEL, "executorch", SHAPE.micro_batch_size, SHAPE.seq_len, LORA.to_dict(), {}, (stage,)).write(out)
     return out
 

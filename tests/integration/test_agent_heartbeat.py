@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from coordinator.client import AgentClient
 from coordinator.cluster import cgroups
-from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.slices import write_slice
-from edge_runtime.models.stage import build_stage
+from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.slices import cut_slice, skeleton
+from edge_runtime.models.weights.in_memory import InMemoryWeights
 from ringtune import protocol
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan, StageSpec
@@ -49,8 +49,8 @@ def slow_agent(tmp_path):
 def middle_slice(path) -> str:
     """Write the helper's slice to path; its sha256."""
     torch.manual_seed(0)
-    model = apply_lora(AutoModelForCausalLM.from_config(CONFIG), LORA)
-    return write_slice({1: build_stage(model, PLAN.stages[1].layers, "middle")[0]}, path)
+    weights = InMemoryWeights(AutoModelForCausalLM.from_config(CONFIG).state_dict(), "the test's model")
+    return cut_slice(weights, skeleton(CONFIG, LORA, initial_lora=True), {1: PLAN.stages[1]}, path)
 
 
 def timed_status(client: AgentClient, latencies: list[float]) -> protocol.StatusReply:

@@ -1,6 +1,7 @@
 """An emulated cluster (namespaces, tc, cgroups) trained through by discovery, and torn down (root)."""
 import json
 import os
+import re
 import subprocess
 import uuid
 
@@ -162,3 +163,20 @@ def test_link_bandwidth_is_measured_within_a_fifth_of_the_tbf_cap(prefix):
 def ringtune_module(module: str, *args: str) -> list[str]:
     import sys
     return [sys.executable, "-m", module, *args]
+
+
+@pytest.mark.root
+def test_train_measures_each_agents_link_and_plans_with_it(prefix, tmp_path):
+    caps = {"own": 100e6 / 8, "slow": 40e6 / 8}
+    devices = [DeviceProfile(name, ram_bytes=2_000_000_000, cores=1, gflops=30.0, link_bytes_per_s=cap)
+               for name, cap in caps.items()]
+    state = cluster.up(devices, write_text_data(tmp_path / "data.jsonl"), prefix=prefix, core_gflops=CORE_GFLOPS,
+                       say=lambda _: None)
+    trained = run_as_coordinator(state, "train", "--discover", "2", "--interface", state.coordinator_ip,
+                                 "--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "1",
+                                 "--micro-batches", "2", "--seq-len", "16", "--seed", "5")
+    assert trained.returncode == 0, trained.stderr
+    [line] = [line for line in trained.stdout.splitlines() if "link bandwidth:" in line]
+    measured = dict(re.findall(r"(\w+) (\d+) Mbit/s", line))
+    assert {name: float(mbit) for name, mbit in measured.items()} == {
+        name: pytest.approx(cap * 8 / 1e6, rel=0.2) for name, cap in caps.items()}, line

@@ -110,7 +110,7 @@ def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
                           load_file(tmp_path / "local" / "adapter_model.safetensors")) == 0.0
 
 
-CTRL_C_RUNS = int(os.environ.get("RINGTUNE_CTRL_C_RUNS", "3"))
+CTRL_C_RUNS = int(os.environ.get("RINGTUNE_CTRL_C_RUNS", "2"))
 """Ctrl-C runs in a row (20 for a report: RINGTUNE_CTRL_C_RUNS=20)."""
 
 

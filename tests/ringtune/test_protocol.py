@@ -80,6 +80,9 @@ def test_the_parser_names_the_field_that_is_wrong():
                                                                                  {"device": "pi", "layers": "1-4"}]}})
     with pytest.raises(protocol.ProtocolError, match="needs clip"):  # the spec's own check, as a protocol error
         protocol.decode_request({**fields, "privacy": {"hidden": "dchi", "epsilon": 1.0}})
+    status = protocol.encode_reply(next(r for r in REPLIES if isinstance(r, protocol.StatusReply)))
+    with pytest.raises(protocol.ProtocolError, match=r"status reply: negative byte counts \['peak_rss'\]"):
+        protocol.decode_reply(protocol.Status, {**status, "peak_rss": -1})
 
 
 def test_a_reply_of_another_protocol_version_is_refused_before_its_fields_are_read():
