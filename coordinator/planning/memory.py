@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from coordinator.planning.costs import CostTable
-from coordinator.planning.shape import RunShape
+from ringtune.run_shape import RunShape
 from device_profiles.profile import DeviceProfile
 from edge_runtime.schedules import max_in_flight, schedule_for
 from ringtune.plan import Plan, PlanError, Role

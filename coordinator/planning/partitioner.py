@@ -37,12 +37,12 @@ import numpy as np
 from coordinator.planning.costs import CostTable
 from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel, describe, gb, in_flight,
                                          plan_memory)
-from coordinator.planning.shape import RunShape
+from ringtune.run_shape import RunShape
 from device_profiles.profile import DeviceProfile
 from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, StageSpec, validate_plan
 
 INF = float("inf")
-__all__ = ["DoesNotFitError", "RunShape", "partition"]
+__all__ = ["DoesNotFitError", "partition"]
 
 
 @dataclass(frozen=True, slots=True)

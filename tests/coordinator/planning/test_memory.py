@@ -5,7 +5,7 @@ import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
 from coordinator.planning.memory import DoesNotFitError, check_fits, in_flight, plan_memory
-from coordinator.planning.shape import RunShape
+from ringtune.run_shape import RunShape
 from device_profiles import DeviceProfile
 from ringtune.plan import Plan, StageSpec
 

@@ -9,9 +9,10 @@ import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
 from coordinator.planning.memory import plan_memory
-from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
+from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
 from ringtune.plan import Plan, StageSpec, validate_plan
+from ringtune.run_shape import RunShape
 
 
 def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile], RunShape]:
