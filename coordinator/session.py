@@ -17,7 +17,7 @@ from typing import Callable
 
 from safetensors.torch import load as load_tensors
 
-from coordinator.client import AgentUnreachable
+from coordinator.client import AgentUnreachable, DeadlineMissed
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.link_bandwidth import agent_link_bytes_per_s
@@ -48,6 +48,11 @@ POLL_SECONDS = 0.05
 
 class RingBroken(RunFailed):
     """A stage stopped because a ring link failed while every agent still answers (the ring is rebuilt)."""
+
+
+class CoordinatorStalled(RunFailed):
+    """The coordinator was not running past a reply's deadline: who is gone is unknown, so the ring is rebuilt from
+    the last checkpoint on the agents present (one that is really gone is found then), none declared gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +337,8 @@ class RingSession:
         self.interrupt.check()
         try:
             reply = action()
+        except DeadlineMissed as error:
+            raise CoordinatorStalled(str(error)) from None
         except (AgentUnreachable, protocol.SessionLost) as error:
             self.members.check_alive([name])  # a more precise reason when we know it (process exited)
             raise AgentGone(name, f"agent {name} left the run: {error}") from None
