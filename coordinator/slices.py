@@ -37,7 +37,7 @@ class ModelShipment:
 
 
 def cut_model(model: str, lora: LoraSpec, plan: Plan) -> ModelShipment:
-    peft_model = _peft_model(model, lora)
+    peft_model = peft_model_for_run(model, lora)
     slices = {}
     for device in plan.devices():
         stages = {i: build_stage(peft_model, plan.stages[i].layers, plan.stages[i].role)[0]
@@ -48,7 +48,7 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan) -> ModelShipment:
 
 
 @lru_cache(maxsize=1)
-def _peft_model(model: str, lora: LoraSpec):
+def peft_model_for_run(model: str, lora: LoraSpec):
     """Kept for the run: re-planning after a device leaves cuts new slices without reloading the model.
     Nothing trains it here, so its LoRA tensors stay the initial ones."""
     return apply_lora(load_model(model), lora)

@@ -18,11 +18,12 @@ from coordinator.client import AgentClient, AgentUnreachable
 from coordinator.planning import RunShape, model_cost_table, partition
 from coordinator.planning.calibration import calibrated_profile
 from coordinator.progress import PlainProgress, Progress
-from coordinator.slices import ModelShipment, cut_model
+from coordinator.slices import ModelShipment, cut_model, peft_model_for_run
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.models.lora import LoraSpec, write_adapter
-from edge_runtime.models.registry import load_config
+from edge_runtime.models.registry import load_config, load_tokenizer
+from edge_runtime.privacy.calibration import calibrate
 from edge_runtime.runners.base import OptimizerSpec
 from exporters.manifest import RunShape as ExportShape
 from ringtune import control
@@ -118,6 +119,7 @@ class Trainer:
         """check_alive(names) raises AgentGone when it knows one of these agents is gone (e.g. a local
         process exited)."""
         self.settings = settings
+        self.privacy = settings.privacy  # with a preset's numbers computed at each plan's cut (_prepare)
         self.progress = progress or PlainProgress()
         self.check_alive = check_alive
         self.run_id = secrets.token_hex(8)
@@ -189,7 +191,8 @@ class Trainer:
     def _prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
-        plan = replace(plan, privacy=s.privacy.public_dict())
+        self.privacy = self._calibrated_privacy(plan)
+        plan = replace(plan, privacy=self.privacy.public_dict())
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         unknown = sorted(set(plan.devices()) - set(self.clients))
         if unknown:
@@ -200,9 +203,18 @@ class Trainer:
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "plan.json").write_text(plan.to_json())
         if s.privacy.active:
-            self.progress.event("privacy: " + s.privacy.describe() + (
+            self.progress.event("privacy: " + self.privacy.describe() + (
                 "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))
         return plan
+
+    def _calibrated_privacy(self, plan: Plan) -> PrivacySpec:
+        """The run's privacy with a preset's clip and noise computed at this plan's cut (on public text)."""
+        s = self.settings
+        head = plan.stages[0]
+        if s.privacy.calibrated or head.role != "head":
+            return s.privacy
+        return calibrate(s.privacy, peft_model_for_run(s.model, s.lora), load_tokenizer(s.model),
+                         head.layers[1] - head.layers[0], s.seq_len)
 
     def _assign(self, plan: Plan) -> None:
         s = self.settings
@@ -221,7 +233,7 @@ class Trainer:
                                slice=shipment.slices[name].sha256 if runs_torch(self.hellos[name]) else None,
                                export=exports[name].manifest.sha256 if name in exports else None,
                                tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None,
-                               privacy=s.privacy.to_dict() if name == plan.owner else None,
+                               privacy=self.privacy.to_dict() if name == plan.owner else None,
                                run_key=wrap_key(client.session_key, run_key))
             listen.update({int(i): url for i, url in reply["listen"].items()})
         for name in plan.devices():

@@ -92,7 +92,7 @@ def test_token_recovery_leaves_out_the_prefix_every_attacked_record_shares():
     shared, counted = _private_positions(private_tokens, torch.ones_like(private_tokens, dtype=torch.bool))
     assert shared == 2 and not counted[:, :2].any() and counted[:, 2:].all()
     view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None)
-    row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, embeddings, None, None)
+    row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, [view.public], embeddings, None)
     assert (row.nn_recovery, row.learned_recovery, row.shared_prefix) == (1.0, 1.0, 2)
 
 
@@ -109,6 +109,18 @@ def test_inference_privatization_leaves_public_positions_alone():
     from edge_runtime.privacy.dchi import DChiMechanism
 
     hidden = torch.randn(2, 6, 8)
-    out, extra = _privatize_output((hidden, "cache"), DChiMechanism(5.0, 1.0), torch.Generator().manual_seed(0), 3)
+    out, extra = _privatize_output((hidden, "cache"), DChiMechanism(5.0, 1.0), torch.Generator().manual_seed(0), 3, 1)
     assert extra == "cache" and torch.equal(out[:, :3], hidden[:, :3])
     assert bool((out[:, 3:] != hidden[:, 3:]).all())
+
+
+def test_inference_privatization_draws_one_noise_per_record_for_its_candidate_labels():
+    """evaluate() scores a record's candidate labels in consecutive rows: they must see the same noise, as one
+    forward pass over the ring would, or the labels are compared under different noise."""
+    from audit.simulation import _privatize_output
+    from edge_runtime.privacy.dchi import DChiMechanism
+
+    hidden = torch.randn(6, 8).expand(6, 6, 8)  # 2 records x 3 candidates, all the same states
+    out = _privatize_output(hidden, DChiMechanism(5.0, 100.0), torch.Generator().manual_seed(0), 0, 3)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and torch.equal(out[3], out[5])
+    assert not torch.equal(out[0], out[3]) and not torch.allclose(out, hidden)
