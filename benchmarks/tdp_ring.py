@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,7 @@ def prepare(workdir: Path, run: TdpRun, plan) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     shipment = cut_model(run.model, LoraSpec(), plan)
     for device, blob in shipment.slices.items():
-        (workdir / f"{device}.safetensors").write_bytes(blob.data)
+        shutil.copyfile(blob.path, workdir / f"{device}.safetensors")
     (workdir / "run.json").write_text(json.dumps({"run": asdict(run), "plan": plan.to_dict(),
                                                   "config": shipment.config}))
 
@@ -130,7 +131,7 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
     torch.set_num_threads(threads)
     device = plan.devices()[rank]
     indices = plan.stage_indices(device)
-    built = materialize((workdir / f"{device}.safetensors").read_bytes(), spec["config"], LoraSpec(),
+    built = materialize(workdir / f"{device}.safetensors", spec["config"], LoraSpec(),
                         {i: plan.stages[i] for i in indices})
     dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=run.timeout))

@@ -5,6 +5,10 @@ every later call is sealed and its reply verified.
 """
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+from pathlib import Path
+
 import pynng
 
 from ringtune import control
@@ -79,13 +83,18 @@ class AgentClient:
             if reply_timeout is not None:
                 self._socket.recv_timeout = int(self.timeout * 1000)
 
-    def upload(self, digest: str, blob: bytes) -> None:
-        """Send a blob in chunks unless the agent has it cached already."""
+    def upload(self, digest: str, blob: bytes | Path, on_chunk: Callable[[int], None] = lambda size: None) -> None:
+        """Send a blob (bytes, or a file read a chunk at a time) in chunks unless the agent has it cached
+        already; on_chunk(bytes) after each chunk the agent took."""
         if not self.call("have", digests=[digest])["missing"]:
             return
-        for offset in range(0, len(blob), control.CHUNK_BYTES):
-            self.call("upload", sha256=digest, offset=offset, total=len(blob),
-                      blob=blob[offset:offset + control.CHUNK_BYTES])
+        with (io.BytesIO(blob) if isinstance(blob, bytes) else Path(blob).open("rb")) as source:
+            total = source.seek(0, io.SEEK_END)
+            source.seek(0)
+            for offset in range(0, total, control.CHUNK_BYTES):
+                chunk = source.read(control.CHUNK_BYTES)
+                self.call("upload", sha256=digest, offset=offset, total=total, blob=chunk)
+                on_chunk(len(chunk))
 
     def close(self) -> None:
         self._socket.close()

@@ -63,7 +63,7 @@ def agent_exports(model: str, plan: Plan, names: list[str], shape: RunShape, lor
         stages = tuple(replace(_cached_stage(root / keys[i]), device=name) for i in plan.stage_indices(name))
         manifest = export_manifest(model, RUNTIME, shape, lora, stages)
         files = tuple(_cached_file(root / keys[s.index], s, relative) for s in stages for relative in s.files.values())
-        exports[name] = AgentExport(Blob.of(manifest.to_json().encode()), files)
+        exports[name] = AgentExport(Blob.of_bytes(manifest.to_json().encode()), files)
     return exports, missing
 
 
@@ -108,7 +108,7 @@ def _cached_stage(entry: Path) -> StageManifest:
 
 
 def _cached_file(entry: Path, stage: StageManifest, relative: str) -> Blob:
-    blob = Blob.of((entry / relative).read_bytes())
+    blob = Blob.of_file(entry / relative)
     if blob.sha256 != stage.sha256[relative]:
         raise ManifestError(f"stage {stage.index}: the cached {entry / relative} is corrupt; delete {entry} "
                             f"and run again to export it anew")

@@ -263,8 +263,8 @@ class Trainer:
                    else [shipment.slices[name]] if runs_torch(self.hellos[name]) else [])
             blobs = own + ([shipment.tokenizer] if name == plan.owner else [])
             for blob in blobs:
-                self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.data))
-            sizes.append(f"{name} {sum(len(blob.data) for blob in own) / 1e6:.0f} MB"
+                self._guard(name, lambda: self.clients[name].upload(blob.sha256, blob.path))
+            sizes.append(f"{name} {sum(blob.size for blob in own) / 1e6:.0f} MB"
                          + ("" if runs_torch(self.hellos[name]) else " of ExecuTorch programs"))
         sizes = ", ".join(sizes)
         self.progress.event(f"slices ready on every agent ({sizes})")

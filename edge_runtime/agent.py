@@ -368,7 +368,7 @@ class Agent:
     # --- helpers ------------------------------------------------------------------------
     def _runners(self, s: RunSettings, indices: list[int]) -> dict[int, StageRunner]:
         if self.runtime == "torch":
-            built = materialize(self.cache.read(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
+            built = materialize(self.cache.path(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
             return {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
         if self.export_dir is None and s.export is None:
             raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "

@@ -6,10 +6,11 @@ slice finds it here and skips the transfer.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
+
+from exporters.manifest import sha256_file
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -59,7 +60,7 @@ class SliceCache:
         return self._publish(digest, part)
 
     def _publish(self, digest: str, part: Path) -> bool:
-        actual = hashlib.sha256(part.read_bytes()).hexdigest()
+        actual = sha256_file(part)
         if actual != digest:
             part.unlink()
             raise UploadError(f"uploaded blob hashes to {actual[:12]}, expected {digest[:12]}: upload it again")

@@ -1,7 +1,7 @@
-"""Export one stage for the torch runtime: its slice blob on disk, rebuilt without the full model.
+"""Export one stage for the torch runtime: its slice file, rebuilt without the full model.
 
 ``stage{i}/weights.safetensors`` is the stage's slice (``edge_runtime.models.slices``: frozen
-weights, buffers such as the rotary frequencies, and the initial LoRA tensors), the same blob the
+weights, buffers such as the rotary frequencies, and the initial LoRA tensors), the same file the
 coordinator ships to an agent; ``config.json`` is the model config. ``load_torch_stage`` builds
 the skeleton on the meta device and fills in only this stage.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.slices import SliceError, materialize, pack_slice
+from edge_runtime.models.slices import SliceError, materialize, write_slice
 from edge_runtime.models.stage import StageModule, build_stage
 from exporters.manifest import (
     ExportManifest,
@@ -44,7 +44,7 @@ def export_torch_stage(peft_model: nn.Module, spec: StageSpec, index: int, shape
     stage, lora = build_stage(peft_model, spec.layers, spec.role)
     (Path(out_dir) / f"stage{index}").mkdir(parents=True, exist_ok=True)
     files = {"weights": f"stage{index}/weights.safetensors", "config": write_config(peft_model, out_dir)}
-    (Path(out_dir) / files["weights"]).write_bytes(pack_slice({index: stage}))
+    write_slice({index: stage}, Path(out_dir) / files["weights"])
     inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
     lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
     return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
@@ -60,9 +60,9 @@ def load_torch_stage(export_dir: Path, stage_index: int) -> tuple[StageModule, d
                             f"for a torch agent")
     stage = manifest.stage(stage_index)
     config = json.loads(verified_path(export_dir, stage, "config").read_text())
-    blob = verified_path(export_dir, stage, "weights").read_bytes()
+    weights = verified_path(export_dir, stage, "weights")
     spec = StageSpec(stage.device, stage.layers, stage.role)
     try:
-        return materialize(blob, config, LoraSpec.from_dict(manifest.lora), {stage_index: spec})[stage_index]
+        return materialize(weights, config, LoraSpec.from_dict(manifest.lora), {stage_index: spec})[stage_index]
     except SliceError as error:
         raise ManifestError(f"stage {stage_index}: {error}; export again with this ringtune version") from None
