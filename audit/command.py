@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="with --test: also evaluate every N steps (a learning curve in audit.json)")
     parser.add_argument("--adapters", type=Path,
-                        help="with --test: write each fine-tuned setting's adapter (peft format) under this directory")
+                        help="with --test: write each fine-tuned setting's adapter (peft format) under this directory; "
+                             "an adapter an earlier audit of the same run and setting wrote there is reused (the "
+                             "attacks run again without fine-tuning again)")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")

@@ -11,12 +11,14 @@ template such as ``Tweet:``) are public whatever the setting, so they are left o
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from audit.attacks import LinearInverter, label_auc, nearest_neighbour_recovery
+from audit.attacks import LinearInverter, forward_label_auc, label_auc, nearest_neighbour_recovery
 from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, encode_record
 from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
@@ -79,7 +81,8 @@ class AuditSettings:
     eval_every: int = 0
     """With test: also evaluate every this many fine-tuning steps (the learning curve); 0: only at the end."""
     adapters: Path | None = None
-    """With test: write each fine-tuned setting's adapter (peft format) under this directory."""
+    """With test: write each fine-tuned setting's adapter (peft format) under this directory, and reuse one an
+    earlier audit of the same run and setting wrote there instead of fine-tuning again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,25 @@ class AuditRow:
     """The setting's name, the same at every K: off, a preset, d_chi RATIOx (calibrated) or the --privacy text."""
     learning_curve: list[dict] = field(default_factory=list)
     """Held-out {"step", "loss", "accuracy"} during fine-tuning (with eval_every), the last step included."""
+    aligned_direction_auc: float | None = None
+    """Label attack by cosine to a known positive's gradient, sequences aligned at their end."""
+    forward_label_auc: float | None = None
+    """Label attack on the hidden state at the label's position (the completion is an input token too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    """The training records the label attacks target."""
+    records: list[Record]
+    """The records (a prefix of the training data)."""
+    positive: torch.Tensor
+    """[r] bool: the record has the positive label."""
+    positions: torch.Tensor
+    """[r] the position of each record's first label token that tells the labels apart (an input too)."""
+    candidates: torch.Tensor | None
+    """[C] each label's token at that point of the completion (None: a label is another's prefix)."""
+    positive_column: int
+    """The positive label's index in candidates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +155,8 @@ class CutViews:
     """Length of that shared prefix."""
     gradients: torch.Tensor | None
     """Gradient of the completion loss w.r.t. the input of block L - K per labelled record [r, T, d]."""
+    label_states: torch.Tensor | None
+    """Hidden states after block K of the labelled records [r, T, d]."""
 
 
 def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
@@ -147,7 +171,7 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
     for spec in settings.privacy:
         spec.check_seq_len(settings.seq_len)
     embeddings = find_parts(model).embed.weight.detach()  # [V, d]: public, the attacker has the base model
-    labelled = _labelled(settings)
+    labelled = _labelled(settings, tokenizer)
     views = _cut_views(model, tokenizer, settings, labelled, num_blocks, ks)
     rows, off_model = [], None
     for k in ks:
@@ -156,17 +180,15 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
                 row = _attack_row(settings, k, spec, views[k], [views[k].public], embeddings, labelled)
             else:
                 if spec == PrivacySpec():  # off trains the same at every cut: once is enough
-                    tuned = off_model = off_model or fine_tune(settings, spec, k, num_blocks, report)
+                    tuned = off_model = off_model or _fine_tuned(settings, spec, k, name, num_blocks, report)
                 else:
-                    tuned = fine_tune(settings, spec, k, num_blocks, report)
+                    tuned = _fine_tuned(settings, spec, k, name, num_blocks, report)
                 final = tuned.curve[-1] if tuned.curve else _curve_point(settings.steps, held_out(
                     tuned.model, settings, spec, k))
                 view = _cut_views(tuned.model, tokenizer, settings, labelled, num_blocks, (k,), spec)[k]
                 row = replace(_attack_row(settings, k, spec, view, [views[k].public, view.public], embeddings,
                                           labelled), eval_loss=final["loss"], accuracy=final["accuracy"],
                               train_losses=tuned.train_losses, attacked="fine-tuned", learning_curve=tuned.curve)
-                if settings.adapters is not None:
-                    _write_adapter(settings, tuned.model, k, name, spec)
             row = replace(row, setting=name)
             report(format_row(row))
             rows.append(row)
@@ -191,27 +213,35 @@ def _specs_for(settings: AuditSettings, k: int, view: CutViews) -> list[tuple[st
 
 
 def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutViews, attacker_public: list[torch.Tensor],
-                embeddings: torch.Tensor, labelled: tuple[list[Record], torch.Tensor] | None) -> AuditRow:
+                embeddings: torch.Tensor, labelled: Labelled | None) -> AuditRow:
     """The attacks on what the neighbour receives from view's model. attacker_public: the public text's states
     [S, T, d] an attacker may train the inverter on (the base model's; also the fine-tuned head's, for an
     attacker who obtained the owner's adapter): the best of those inverters counts."""
     noise = NoiseStream(settings.seed)
     mechanism = hidden_mechanism(spec)
-    private = view.private
+    private, label_states = view.private, view.label_states
     if mechanism is not None:  # whole sequences, so positions < spec.public pass as in the run
         private = mechanism.apply(private, noise.generator(0, 0, "audit-private"), spec.public)
         attacker_public = [mechanism.apply(p, noise.generator(0, i, "audit-public"), spec.public)
                            for i, p in enumerate(attacker_public)]
+        if label_states is not None:
+            label_states = mechanism.apply(label_states, noise.generator(0, 0, "audit-labels"), spec.public)
     private, tokens = private[view.counted], view.private_tokens[view.counted]  # [n', d], [n']
-    learned = max(LinearInverter(p.flatten(0, 1), view.public_tokens.flatten(), embeddings).recovery(private, tokens)
-                  for p in attacker_public)
-    aucs = {"norm_auc": None, "direction_auc": None}
+    inverters = [LinearInverter(p.flatten(0, 1), view.public_tokens.flatten(), embeddings) for p in attacker_public]
+    aucs = {}
     if view.gradients is not None:
-        aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled[1])
+        aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled.positive)
+        at_label = label_states[torch.arange(len(label_states)), labelled.positions]  # [r, d]
+        if labelled.candidates is not None:
+            aucs["forward_label_auc"] = max(forward_label_auc(i.scores(at_label, labelled.candidates),
+                                                              labelled.positive_column, labelled.positive)
+                                            for i in inverters)
     signal = float(view.private[view.counted].norm(dim=-1).mean())
     return AuditRow(k, spec, None if mechanism is None else mechanism.mean_noise_norm(private.shape[-1]) / signal,
-                    spec.token_epsilon(), nearest_neighbour_recovery(private, tokens, embeddings), learned,
-                    aucs["norm_auc"], aucs["direction_auc"], None, None, [], view.shared_prefix)
+                    spec.token_epsilon(), nearest_neighbour_recovery(private, tokens, embeddings),
+                    max(i.recovery(private, tokens) for i in inverters), aucs.get("norm_auc"), aucs.get("direction_auc"),
+                    None, None, [], view.shared_prefix, aligned_direction_auc=aucs.get("aligned_direction_auc"),
+                    forward_label_auc=aucs.get("forward_label_auc"))
 
 
 def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: AuditSettings,
@@ -223,15 +253,24 @@ def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: 
     return torch.cat([mechanism.apply(g, noise.generator(0, i, "audit-gradient")) for i, g in enumerate(groups)])
 
 
-def _labelled(settings: AuditSettings) -> tuple[list[Record], torch.Tensor] | None:
-    """Records for the label attack and whether each has the positive label (None for free-text data)."""
+def _labelled(settings: AuditSettings, tokenizer) -> Labelled | None:
+    """The label attacks' records (None for free-text data, or labels whose first tokens coincide)."""
     labels = label_set(settings.train)
     if labels is None:
         return None
     positive_label = next((l for l in labels if l.strip() == "positive"), labels[-1])
     records = settings.train[:settings.label_records]
     positive = torch.tensor([r.completion == positive_label for r in records])
-    return (records, positive) if 0 < int(positive.sum()) < len(records) - 1 else None
+    if not 0 < int(positive.sum()) < len(records) - 1:
+        return None
+    encoded = [tokenizer.encode(label) for label in labels]
+    differ = common_prefix_length(encoded)  # the labels' first token that tells them apart
+    candidates = [ids[differ] for ids in encoded if differ < len(ids)]
+    positions = [len(ids) - len(tokenizer.encode(r.completion)) - 1 + differ  # completion, then end-of-text
+                 for r, ids in ((r, encode_record(r, tokenizer, settings.seq_len)[0]) for r in records)]
+    distinct = len(set(candidates)) == len(labels)
+    return Labelled(records, positive, torch.tensor(positions), torch.tensor(candidates) if distinct else None,
+                    labels.index(positive_label))
 
 
 def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: int, ks: tuple[int, ...],
@@ -250,10 +289,16 @@ def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: 
     for batch in private_ids.split(8):
         for k, h in head_states(model, batch, ks).items():
             private[k].append(h)
-    gradients = _cut_gradients(model, tokenizer, labelled[0], settings, [num_blocks - k for k in ks], spec) \
-        if labelled else None
+    gradients, label_states = None, {}
+    if labelled:
+        gradients = _cut_gradients(model, tokenizer, labelled.records, settings, [num_blocks - k for k in ks], spec)
+        label_ids, _ = _encoded(labelled.records, tokenizer, settings.seq_len)
+        for batch in label_ids.split(8):
+            for k, h in head_states(model, batch, ks).items():
+                label_states.setdefault(k, []).append(h)
     return {k: CutViews(torch.cat(public[k]), public_ids, torch.cat(private[k]), private_ids, counted, shared,
-                        gradients[num_blocks - k] if gradients else None) for k in ks}
+                        gradients[num_blocks - k] if gradients else None,
+                        torch.cat(label_states[k]) if labelled else None) for k in ks}
 
 
 def _private_positions(ids: torch.Tensor, real: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -367,13 +412,30 @@ def _curve_point(step: int, result) -> dict:
     return {"step": step, "loss": result.loss, "accuracy": result.accuracy}
 
 
-def _write_adapter(settings: AuditSettings, peft_model: torch.nn.Module, k: int, name: str,
-                   spec: PrivacySpec) -> Path:
-    """The fine-tuned adapter (every stage's LoRA, peft format) under settings.adapters, named by K and setting."""
-    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
-    tensors = {adapter_key(n): t for n, t in lora_parameters(peft_model).items()}
-    return write_adapter(settings.adapters / f"k{k}-{slug}", settings.lora, settings.model, tensors,
-                         {"owner_blocks": k, "privacy": spec.to_dict(), "steps": settings.steps, "lr": settings.lr})
+def _fine_tuned(settings: AuditSettings, spec: PrivacySpec, k: int, name: str, num_blocks: int,
+                report) -> FineTuned:
+    """fine_tune, or with settings.adapters the adapter an earlier audit of the same run wrote there (so the
+    attacks can be re-run without re-training); a new one is written there."""
+    if settings.adapters is None:
+        return fine_tune(settings, spec, k, num_blocks, report)
+    folder = settings.adapters / f"k{k}-{''.join(c if c.isalnum() or c in '.-' else '-' for c in name).strip('-')}"
+    run = {"model": settings.model, "owner_blocks": k, "privacy": spec.to_dict(), "steps": settings.steps,
+           "micro_batches": settings.micro_batches, "micro_batch_size": settings.micro_batch_size,
+           "seq_len": settings.seq_len, "lr": settings.lr, "lora": settings.lora.to_dict(), "seed": settings.seed,
+           "train": len(settings.train), "test": len(settings.test), "eval_every": settings.eval_every}
+    saved = json.loads((folder / "ringtune.json").read_text()) if (folder / "ringtune.json").is_file() else {}
+    if saved.get("run") == run:
+        peft_model = apply_lora(load_model(settings.model), replace(settings.lora, seed=settings.seed))
+        tensors = load_file(folder / "adapter_model.safetensors")
+        for tensor_name, parameter in lora_parameters(peft_model).items():
+            parameter.data.copy_(tensors[adapter_key(tensor_name)])
+        report(f"K={k}, {name}: reusing the adapter fine-tuned in {folder}")
+        return FineTuned(peft_model, saved["train_losses"], saved["learning_curve"])
+    tuned = fine_tune(settings, spec, k, num_blocks, report)
+    tensors = {adapter_key(n): t for n, t in lora_parameters(tuned.model).items()}
+    write_adapter(folder, settings.lora, settings.model, tensors,
+                  {"run": run, "train_losses": tuned.train_losses, "learning_curve": tuned.curve})
+    return tuned
 
 
 def held_out(peft_model: torch.nn.Module, settings: AuditSettings, spec: PrivacySpec, k: int):
@@ -405,15 +467,19 @@ def format_row(row: AuditRow) -> str:
     num = lambda v, f=".3f": "-" if v is None else format(v, f)
     return (f"| {row.owner_blocks} | {row.privacy.describe()} | {num(row.noise_to_signal, '.2f')} | "
             f"{pct(row.nn_recovery)} | {pct(row.learned_recovery)} | {num(row.norm_auc)} | {num(row.direction_auc)} | "
-            f"{num(row.eval_loss)} | {pct(row.accuracy)} |")
+            f"{num(row.aligned_direction_auc)} | {num(row.forward_label_auc)} | {num(row.eval_loss)} | "
+            f"{pct(row.accuracy)} |")
 
 
 TABLE_HEADER = ("| K | setting | E noise / E norm | NN token recovery | learned token recovery | label AUC (norm) | "
-                "label AUC (direction) | eval loss | accuracy |\n|---|---|---|---|---|---|---|---|---|")
+                "label AUC (direction) | label AUC (direction, aligned) | label AUC (hidden state) | eval loss | "
+                "accuracy |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def recovery_note(rows: list[AuditRow]) -> str:
     """What token recovery counts, for under the table."""
     shared = rows[0].shared_prefix if rows else 0
     return (f"Token recovery and E norm count only private positions: the first {shared} token(s), shared by "
-            f"every attacked record (a public template), are left out.")
+            f"every attacked record (a public template), are left out. Label AUC (aligned): the direction attack "
+            f"with sequences aligned at their end; (hidden state): the label read from its own position's hidden "
+            f"state, since the completion is an input token of the forward pass too.")

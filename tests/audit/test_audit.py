@@ -48,6 +48,20 @@ def test_label_auc_sees_separable_norms_and_not_equalized_ones():
     assert label_auc(equal, positive)["norm_auc"] < 0.9  # all norms tie: no signal
 
 
+def test_the_aligned_direction_attack_finds_a_label_signal_at_sequence_ends_of_any_length():
+    """The label's gradient sits at the end of each sequence; right padding puts the end at different
+    positions, which hides it from a cosine over positions as sent, not from one aligned at the end."""
+    generator = torch.Generator().manual_seed(0)
+    positive = torch.tensor([True, False] * 12)
+    gradients = torch.zeros(24, 10, 8)
+    for row, is_positive in enumerate(positive):
+        end = 4 + row % 6  # sequence lengths 4..9, then padding (no gradient)
+        gradients[row, :end] = 0.3 * torch.randn(end, 8, generator=generator)
+        gradients[row, end - 1, 0] += 1.0 if is_positive else -1.0  # the label's direction at the last position
+    aucs = label_auc(gradients, positive)
+    assert aucs["aligned_direction_auc"] > 0.95 and aucs["direction_auc"] < 0.8
+
+
 @pytest.mark.parametrize("args,message", [
     (["--owner-blocks", "2"], "use 1 <= K < 2"),
     (["--owner-blocks", "a"], "comma-separated numbers"),
@@ -91,7 +105,7 @@ def test_token_recovery_leaves_out_the_prefix_every_attacked_record_shares():
     states[:, :2] = -embeddings[5]  # ... except at the shared prefix, where none would
     shared, counted = _private_positions(private_tokens, torch.ones_like(private_tokens, dtype=torch.bool))
     assert shared == 2 and not counted[:, :2].any() and counted[:, 2:].all()
-    view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None)
+    view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None, None)
     row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, [view.public], embeddings, None)
     assert (row.nn_recovery, row.learned_recovery, row.shared_prefix) == (1.0, 1.0, 2)
 
