@@ -415,22 +415,25 @@ def _curve_point(step: int, result) -> dict:
 def _fine_tuned(settings: AuditSettings, spec: PrivacySpec, k: int, name: str, num_blocks: int,
                 report) -> FineTuned:
     """fine_tune, or with settings.adapters the adapter an earlier audit of the same run wrote there (so the
-    attacks can be re-run without re-training); a new one is written there."""
+    attacks can be re-run without re-training; a preset reuses the run of a setting with its numbers); a new
+    one is written there."""
     if settings.adapters is None:
         return fine_tune(settings, spec, k, num_blocks, report)
+    run = {"model": settings.model, "owner_blocks": k, "privacy": replace(spec, preset="").to_dict(),
+           "steps": settings.steps, "micro_batches": settings.micro_batches,
+           "micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len, "lr": settings.lr,
+           "lora": settings.lora.to_dict(), "seed": settings.seed, "train": len(settings.train),
+           "test": len(settings.test), "eval_every": settings.eval_every}
+    for saved_file in sorted(settings.adapters.glob("*/ringtune.json")):
+        saved = json.loads(saved_file.read_text())
+        if saved.get("run") == run:
+            peft_model = apply_lora(load_model(settings.model), replace(settings.lora, seed=settings.seed))
+            tensors = load_file(saved_file.parent / "adapter_model.safetensors")
+            for tensor_name, parameter in lora_parameters(peft_model).items():
+                parameter.data.copy_(tensors[adapter_key(tensor_name)])
+            report(f"K={k}, {name}: reusing the adapter fine-tuned in {saved_file.parent}")
+            return FineTuned(peft_model, saved["train_losses"], saved["learning_curve"])
     folder = settings.adapters / f"k{k}-{''.join(c if c.isalnum() or c in '.-' else '-' for c in name).strip('-')}"
-    run = {"model": settings.model, "owner_blocks": k, "privacy": spec.to_dict(), "steps": settings.steps,
-           "micro_batches": settings.micro_batches, "micro_batch_size": settings.micro_batch_size,
-           "seq_len": settings.seq_len, "lr": settings.lr, "lora": settings.lora.to_dict(), "seed": settings.seed,
-           "train": len(settings.train), "test": len(settings.test), "eval_every": settings.eval_every}
-    saved = json.loads((folder / "ringtune.json").read_text()) if (folder / "ringtune.json").is_file() else {}
-    if saved.get("run") == run:
-        peft_model = apply_lora(load_model(settings.model), replace(settings.lora, seed=settings.seed))
-        tensors = load_file(folder / "adapter_model.safetensors")
-        for tensor_name, parameter in lora_parameters(peft_model).items():
-            parameter.data.copy_(tensors[adapter_key(tensor_name)])
-        report(f"K={k}, {name}: reusing the adapter fine-tuned in {folder}")
-        return FineTuned(peft_model, saved["train_losses"], saved["learning_curve"])
     tuned = fine_tune(settings, spec, k, num_blocks, report)
     tensors = {adapter_key(n): t for n, t in lora_parameters(tuned.model).items()}
     write_adapter(folder, settings.lora, settings.model, tensors,
