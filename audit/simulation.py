@@ -19,18 +19,18 @@ import torch
 from safetensors.torch import load_file
 
 from audit.attacks import LinearInverter, forward_label_auc, label_auc, nearest_neighbour_recovery
-from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, encode_record
+from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, pad_records
 from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora, lora_parameters, write_adapter
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.models.stage import IGNORE_INDEX, StageModule
+from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
 from edge_runtime.privacy.base import HiddenMechanism, NoiseStream
 from edge_runtime.privacy.calibration import calibrated, head_states
 from edge_runtime.privacy.public_text import public_token_batches
 from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan, StageSpec, validate_plan
 from ringtune.privacy_spec import PRESETS, PrivacySpec
 
@@ -221,11 +221,11 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
     mechanism = hidden_mechanism(spec)
     private, label_states = view.private, view.label_states
     if mechanism is not None:  # whole sequences, so positions < spec.public pass as in the run
-        private = mechanism.apply(private, noise.generator(0, 0, "audit-private"), spec.public)
-        attacker_public = [mechanism.apply(p, noise.generator(0, i, "audit-public"), spec.public)
+        private = mechanism.apply(private, noise.generator(0, 0, "head", "audit-private"), spec.public)
+        attacker_public = [mechanism.apply(p, noise.generator(0, i, "head", "audit-public"), spec.public)
                            for i, p in enumerate(attacker_public)]
         if label_states is not None:
-            label_states = mechanism.apply(label_states, noise.generator(0, 0, "audit-labels"), spec.public)
+            label_states = mechanism.apply(label_states, noise.generator(0, 0, "head", "audit-labels"), spec.public)
     private, tokens = private[view.counted], view.private_tokens[view.counted]  # [n', d], [n']
     inverters = [LinearInverter(p.flatten(0, 1), view.public_tokens.flatten(), embeddings) for p in attacker_public]
     aucs = {}
@@ -250,7 +250,7 @@ def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: 
     if mechanism is None:
         return gradients
     groups = gradients.split(settings.micro_batch_size)  # the tail privatizes one micro-batch at a time
-    return torch.cat([mechanism.apply(g, noise.generator(0, i, "audit-gradient")) for i, g in enumerate(groups)])
+    return torch.cat([mechanism.apply(g, noise.generator(0, i, "tail", "audit-gradient")) for i, g in enumerate(groups)])
 
 
 def _labelled(settings: AuditSettings, tokenizer) -> Labelled | None:
@@ -314,13 +314,8 @@ def _private_positions(ids: torch.Tensor, real: torch.Tensor) -> tuple[int, torc
 
 def _encoded(records: list[Record], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [n, T] and the mask of real tokens [n, T]."""
-    ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    real = torch.zeros((len(records), seq_len), dtype=torch.bool)
-    for row, record in enumerate(records):
-        token_ids, _ = encode_record(record, tokenizer, seq_len)
-        ids[row, :len(token_ids)] = torch.tensor(token_ids)
-        real[row, :len(token_ids)] = True
-    return ids, real
+    ids, _, lengths = pad_records(records, tokenizer, seq_len)
+    return ids, torch.arange(seq_len) < lengths[:, None]
 
 
 def _cut_gradients(model, tokenizer, records: list[Record], settings: AuditSettings, starts: list[int],
@@ -337,11 +332,7 @@ def _cut_gradients(model, tokenizer, records: list[Record], settings: AuditSetti
     cut = parts.blocks[len(parts.blocks) - first - 1]
     grads: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
     for chunk in [records[i:i + 8] for i in range(0, len(records), 8)]:
-        ids, _ = _encoded(chunk, tokenizer, settings.seq_len)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, record in enumerate(chunk):
-            _, token_labels = encode_record(record, tokenizer, settings.seq_len)
-            labels[row, :len(token_labels)] = torch.tensor(token_labels)
+        ids, labels, _ = pad_records(chunk, tokenizer, settings.seq_len)
         handle = None if mechanism is None else cut.register_forward_hook(
             lambda _, __, out: _privatize_output(out, mechanism, generator, spec.public, 1))
         try:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from coordinator.cluster import ClusterState, down, up
 from coordinator.cluster.cgroups import Cgroup
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 from device_profiles import resolve_device
 from ringtune.plan import Plan
 from peak_memory import peak_rss, reset_peak_rss

@@ -61,7 +61,9 @@ def main() -> int:
 
 def export_both(args, root: Path) -> dict:
     from edge_runtime.models.lora import LoraSpec, apply_lora
-    from edge_runtime.models.registry import load_model
+    from edge_runtime.models.registry import load_config, load_model, weight_source
+    from edge_runtime.models.slices import skeleton
+    from edge_runtime.models.stage import build_stage
     from exporters.executorch_export import export_executorch_stage
     from exporters.manifest import ExportManifest, RunShape, toolchain_versions
     from exporters.torch_export import export_torch_stage
@@ -70,13 +72,17 @@ def export_both(args, root: Path) -> dict:
     spec = StageSpec("bench", tuple(args.layers), "middle")
     shape = RunShape(args.micro_batch_size, args.seq_len)
     report = {}
-    for runtime, export_stage in (("torch", export_torch_stage), ("executorch", export_executorch_stage)):
-        model = load_model(args.model)
-        if runtime == "executorch":
-            model.set_attn_implementation("eager")
-        peft_model = apply_lora(model, LoraSpec())
+    for runtime in ("torch", "executorch"):
         started = time.perf_counter()
-        stage = export_stage(peft_model, spec, 0, shape, root / runtime)
+        if runtime == "torch":
+            skel = skeleton(load_config(args.model), LoraSpec(), initial_lora=True)
+            stage = export_torch_stage(weight_source(args.model), skel, spec, 0, shape, root / runtime)
+        else:
+            model = load_model(args.model)
+            model.set_attn_implementation("eager")
+            started = time.perf_counter()
+            stage = export_executorch_stage(*build_stage(apply_lora(model, LoraSpec()), spec.layers, spec.role), spec,
+                                            0, shape, root / runtime)
         seconds = time.perf_counter() - started
         ExportManifest(args.model, runtime, shape.micro_batch_size, shape.seq_len, LoraSpec().to_dict(),
                        toolchain_versions("torch", "executorch"), (stage,)).write(root / runtime)
@@ -145,7 +151,7 @@ def _peak_rss_mb() -> float:
 
 
 def _runner(runtime: str, export_dir: Path):
-    from edge_runtime.runners.base import OptimizerSpec
+    from ringtune.optimizer_spec import OptimizerSpec
 
     if runtime == "executorch":
         from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("local1", 1, "1f1b"), ("1f1b", 3, "1f1b"), ("gpipe", 3, "gpipe"), ("sequential", 3, "sequential")]

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from coordinator.local import local_names, start_local_agents, stop_local_agents
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 
 RESULTS = Path(__file__).parent / "results"
 CGROUP = Path("/sys/fs/cgroup/cpu")

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 from peak_memory import peak_rss
 
 RANK_FILE = "rank{}.json"
@@ -123,7 +123,7 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
     from edge_runtime.models.lora import LoraSpec
     from edge_runtime.models.registry import load_tokenizer
     from edge_runtime.models.slices import materialize
-    from edge_runtime.runners.base import OptimizerSpec
+    from ringtune.optimizer_spec import OptimizerSpec
     from ringtune.plan import Plan
 
     spec = json.loads((workdir / "run.json").read_text())

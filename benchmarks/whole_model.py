@@ -21,8 +21,8 @@ from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
-from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 from peak_memory import peak_rss
 
 

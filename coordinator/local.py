@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
-START_TIMEOUT = 120.0
+START_TIMEOUT = 300.0
+"""Seconds a local agent may take to start (imports torch and transformers: over 2 min on a loaded 2-core machine)."""
 
 
 class LocalAgentError(RuntimeError):
@@ -24,6 +25,19 @@ class LocalAgent:
     url: str
     process: subprocess.Popen
     log_path: Path
+    command: list[str]
+    """How it was started (listening on port 0)."""
+    token: str
+    """Its pairing token (given through the environment, never on the command line)."""
+
+    def restart(self) -> None:
+        """Start it again at the same address (after it was killed): what a device rebooting does."""
+        if self.process.poll() is None:
+            raise ValueError(f"local agent {self.name} is still running")
+        self.process.stdout.close()
+        command = [self.url if arg == "tcp://127.0.0.1:0" else arg for arg in self.command]
+        self.process = _spawn(command, self.log_path, self.token, "a")
+        _wait_ready(self)
 
     def log_tail(self, lines: int = 5) -> str:
         text = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path.exists() else []
@@ -60,16 +74,19 @@ def start_local_agents(count: int, data: str, log_dir: Path, token: str, threads
             if name == "owner":
                 command += ["--data", data]
             log_path = log_dir / f"{name}.log"
-            with log_path.open("w") as log:
-                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                                           env={**os.environ, "RINGTUNE_AGENT_TOKEN": token})
-            agents.append(LocalAgent(name, "", process, log_path))
+            agents.append(LocalAgent(name, "", _spawn(command, log_path, token, "w"), log_path, command, token))
         for agent in agents:  # started together: their imports overlap
             agent.url = _wait_ready(agent)
     except BaseException:
         stop_local_agents(agents)
         raise
     return agents
+
+
+def _spawn(command: list[str], log_path: Path, token: str, mode: str) -> subprocess.Popen:
+    with log_path.open(mode) as log:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "RINGTUNE_AGENT_TOKEN": token})
 
 
 def agent_runtimes(runtimes: tuple[str, ...], count: int) -> tuple[str, ...]:

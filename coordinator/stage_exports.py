@@ -20,10 +20,11 @@ from pathlib import Path
 
 from coordinator.slices import Blob
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.registry import cache_dir
+from edge_runtime.models.registry import cache_dir, model_identity
 from exporters.export import export_manifest, export_stages, export_versions
 from exporters.manifest import FORMAT_VERSION, ManifestError, RunShape, StageManifest
 from ringtune.plan import Plan
+from ringtune.protocol import HelloReply
 
 RUNTIME = "executorch"
 STAGE_MANIFEST = "stage.json"
@@ -37,18 +38,17 @@ class AgentExport:
     """Its stages' programs and initial LoRA tensors."""
 
 
-def runs_torch(hello: dict) -> bool:
-    """Agents from before runtimes existed run torch."""
-    return hello.get("runtime", "torch") == "torch"
+def runs_torch(hello: HelloReply) -> bool:
+    return hello.runtime == "torch"
 
 
-def needs_export(hello: dict) -> bool:
+def needs_export(hello: HelloReply) -> bool:
     """An agent that runs ExecuTorch and has not loaded its own export directory."""
-    return hello.get("runtime") == RUNTIME and not hello.get("export_dir")
+    return hello.runtime == RUNTIME and not hello.export_dir
 
 
 def agent_exports(model: str, plan: Plan, names: list[str], shape: RunShape, lora: LoraSpec,
-                  root: Path | None = None, workers: int = 2) -> tuple[dict[str, AgentExport], list[int]]:
+                  root: Path | None = None, workers: int = 2, progress=None) -> tuple[dict[str, AgentExport], list[int]]:
     """Export (or find in the cache) the stages of ``names`` and pack each agent's blobs; also
     the stages that had to be exported."""
     root = Path(root or cache_dir() / "exports")
@@ -57,7 +57,7 @@ def agent_exports(model: str, plan: Plan, names: list[str], shape: RunShape, lor
     keys = {i: stage_key(model, plan, i, shape, lora) for i in indices}
     missing = [i for i in indices if not (root / keys[i] / STAGE_MANIFEST).is_file()]
     if missing:
-        _export_into_cache(model, plan, missing, keys, shape, lora, root, workers)
+        _export_into_cache(model, plan, missing, keys, shape, lora, root, workers, progress)
     exports = {}
     for name in names:
         stages = tuple(replace(_cached_stage(root / keys[i]), device=name) for i in plan.stage_indices(name))
@@ -70,26 +70,18 @@ def agent_exports(model: str, plan: Plan, names: list[str], shape: RunShape, lor
 def stage_key(model: str, plan: Plan, index: int, shape: RunShape, lora: LoraSpec) -> str:
     """Hash of everything one stage's programs depend on."""
     spec = plan.stages[index]
-    identity = {"model": model, "model_files": _model_files(model), "index": index, "layers": spec.layers,
+    identity = {"model": model, "model_files": model_identity(model), "index": index, "layers": spec.layers,
                 "role": spec.role, "shape": [shape.micro_batch_size, shape.seq_len], "lora": lora.to_dict(),
                 "versions": export_versions(RUNTIME), "format": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _model_files(model: str) -> list:
-    """For a local model directory, its files' sizes and times (new weights mean a new export)."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return []
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.iterdir() if f.is_file())
-
-
 def _export_into_cache(model: str, plan: Plan, indices: list[int], keys: dict[int, str], shape: RunShape,
-                       lora: LoraSpec, root: Path, workers: int) -> None:
+                       lora: LoraSpec, root: Path, workers: int, progress) -> None:
     """Export into a scratch directory, then move each stage into place (a torn export is never used)."""
     scratch = root / f"tmp-{uuid.uuid4().hex}"
     try:
-        stages = export_stages(model, plan, indices, scratch, RUNTIME, shape, lora, workers)
+        stages = export_stages(model, plan, indices, scratch, RUNTIME, shape, lora, workers, progress)
         for stage in stages:
             entry = scratch / f"entry{stage.index}"
             entry.mkdir()

@@ -13,8 +13,8 @@ from device_profiles.profile import DeviceProfile
 
 # Free RAM kept back for the OS page cache and allocator slack when the run starts.
 RAM_HEADROOM = 0.9
-# Used when the OS reports no link speed (WiFi usually): ring neighbours measure the real
-# bandwidth during the handshake.
+# Used when the OS reports no link speed (WiFi usually); `ringtune train` measures each agent's
+# link before planning (coordinator/link_bandwidth.py).
 UNKNOWN_LINK_BYTES_PER_S = 100e6 / 8
 # A stage multiplies [tokens, hidden] activations by [hidden, 4 * hidden]-ish weights.
 BENCH_TOKENS = 256
@@ -38,14 +38,14 @@ def usable_ram() -> tuple[int, int]:
     """(total, available) bytes of RAM this process may use: the machine's, or less when a cgroup
     limits it (a container, or a device of an emulated cluster)."""
     machine = psutil.virtual_memory()
-    limit = _cgroup_memory()
+    limit = cgroup_memory()
     if limit is None or limit[0] >= machine.total:
         return machine.total, machine.available
     total, used = limit
     return total, max(0, min(machine.available, total - used))
 
 
-def _cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
+def cgroup_memory(proc_cgroup: Path = Path("/proc/self/cgroup"),
                    root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
     """(limit, usage) of this process's memory cgroup (v1 or v2), or None without a limit."""
     try:
@@ -75,7 +75,7 @@ def link_speed() -> tuple[float, str]:
     stats = {name: s for name, s in psutil.net_if_stats().items()
              if s.isup and s.speed > 0 and not name.startswith("lo")}
     if not stats:
-        return UNKNOWN_LINK_BYTES_PER_S, "estimate: the OS reports no link speed; measured later between neighbours"
+        return UNKNOWN_LINK_BYTES_PER_S, "estimate: the OS reports no link speed (ringtune train measures each agent's link)"
     name, best = max(stats.items(), key=lambda item: item[1].speed)
     return best.speed * 1e6 / 8, f"psutil: {name} link speed {best.speed} Mbit/s (nominal)"
 

@@ -1,9 +1,9 @@
 """The agent: serves the control plane, stores shipped slices, runs its stages step by step.
 
-Public commands: hello, pair_begin, pair_finish. After pairing (sealed): have, upload, assign,
-connect, step, status, lora, checkpoint, restore, keep_checkpoint, fetch_checkpoint, stop,
-shutdown. Long work (building stages, running a step) happens
-on worker threads; the control loop keeps answering ``status``, the coordinator's heartbeat.
+The commands are the typed messages of ``ringtune.protocol`` (public: hello, pair_begin,
+pair_finish; the rest sealed). Long work (building stages, running a step, joining a stopped
+run's worker) happens on worker threads; the control loop keeps answering ``status``, the
+coordinator's heartbeat. Only calibrate (about a second, before any run) computes in the loop.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import re
 import socket
 import threading
 import traceback
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,101 +27,58 @@ from safetensors.torch import save as save_tensors
 import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.calibration import block_seconds
-from edge_runtime.checkpoint_store import CheckpointStore
+from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
-from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
-from edge_runtime.runners.base import OptimizerSpec, StageRunner
+from edge_runtime.runners.base import StageRunner
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
-from edge_runtime.transport.base import EdgeConfig
+from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
+from edge_runtime.transport.link_probe import ProbeSink
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stages_step
 from exporters.manifest import ExportManifest, RunShape as ExportShape
-from ringtune import control
-from ringtune.plan import Plan
-from ringtune.privacy_spec import PrivacySpec
+from ringtune import control, protocol
+from ringtune.base_dtype import check_base_dtype
+from ringtune.protocol import ProtocolError
 from ringtune.security import AuthError, unwrap_key
 
 log = logging.getLogger(__name__)
 POLL_MS = 250
-
-
-@dataclass(frozen=True, slots=True)
-class RunSettings:
-    run: str
-    """Run id."""
-    plan: Plan
-    """The whole ring; this agent runs the stages whose device is its name."""
-    config: dict
-    """The model's config (to build the skeleton its slice fills)."""
-    hidden_size: int
-    """Width of the hidden states on the ring."""
-    slice: str | None
-    """sha256 of this agent's slice blob in the cache (torch runtime)."""
-    export: str | None
-    """sha256 of the shipped ExecuTorch export manifest (executorch runtime without --export-dir)."""
-    tokenizer: str | None
-    """sha256 of the tokenizer blob (owner only)."""
-    lora: LoraSpec
-    """LoRA shape (its initial tensors are in the slice)."""
-    optimizer: OptimizerSpec
-    """AdamW settings."""
-    micro_batch_size: int
-    """Sequences per micro-batch."""
-    seq_len: int
-    """Tokens per sequence."""
-    seed: int
-    """Data order seed."""
-    run_key: bytes
-    """Data-plane key of the run (arrives wrapped with the session key)."""
-    timeout: float
-    """Data-plane timeout in seconds."""
-    encrypt: bool
-    """Encrypt hidden states on the wire."""
-    privacy: PrivacySpec
-    """What this agent privatizes before it sends (the owner's; off elsewhere)."""
-
-    @property
-    def edge_shape(self) -> tuple[int, int, int]:
-        return (self.micro_batch_size, self.seq_len, self.hidden_size)
-
-    @staticmethod
-    def from_message(msg: dict, session_key: bytes) -> "RunSettings":
-        return RunSettings(run=msg["run"], plan=Plan.from_dict(msg["plan"]), config=msg["config"],
-                           hidden_size=int(msg["hidden_size"]),
-                           slice=msg.get("slice"), export=msg.get("export"), tokenizer=msg.get("tokenizer"),
-                           lora=LoraSpec.from_dict(msg["lora"]), optimizer=OptimizerSpec(**msg["optimizer"]),
-                           micro_batch_size=int(msg["micro_batch_size"]), seq_len=int(msg["seq_len"]),
-                           seed=int(msg["seed"]), run_key=unwrap_key(session_key, bytes(msg["run_key"])),
-                           timeout=float(msg["timeout"]), encrypt=bool(msg.get("encrypt", False)),
-                           privacy=PrivacySpec.from_dict(msg.get("privacy")))
+BUSY_SECONDS = 60.0
+"""An agent with a run says it is busy while that run's coordinator was heard from this recently."""
 
 
 @dataclass
 class ActiveRun:
-    settings: RunSettings
+    settings: protocol.Assign
+    run_key: bytes
+    """The run's data-plane key, unwrapped."""
     runners: dict[int, StageRunner] = field(default_factory=dict)
     stages: dict[int, LocalStage] = field(default_factory=dict)
     edges: list[tuple[int, str, PynngEdge]] = field(default_factory=list)
     data: OwnerData | None = None
     state: str = "loading"  # loading -> ready -> running <-> idle; error at any point
     error: str = ""
+    ring_broken: bool = False
     step: int = -1
-    result: dict = field(default_factory=dict)
+    result: protocol.StepResult | None = None
     worker: threading.Thread | None = None
 
 
 class Agent:
     def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
-                 threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None) -> None:
+                 threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None,
+                 on_busy: Callable[[str | None], None] = lambda lineage: None) -> None:
+        """on_busy(lineage) is called (from the control loop) when what ``busy`` says changes."""
         self.name = name
+        self.on_busy = on_busy
         self.runtime = runtime
         self.export_dir = export_dir
         self.state_dir = state_dir
@@ -133,12 +92,16 @@ class Agent:
         self.pairing = Pairing(token, f"{name}@{socket.gethostname()}")
         self.cache = SliceCache(state_dir / "cache")
         self.state_dir = state_dir
-        self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=control.MAX_REQUEST_BYTES)
+        self._socket = pynng.Rep0(recv_timeout=POLL_MS, send_timeout=10_000, recv_max_size=protocol.MAX_REQUEST_BYTES)
         self.url = self._socket.listen(listen).url
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
+        self.probe = ProbeSink(f"tcp://{self.host}:0")  # the coordinator times a transfer to it before planning
         self._gflops: float | None = None
         self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
         self._run: ActiveRun | None = None
+        self._retired: threading.Thread | None = None  # the worker of the last stopped run, maybe still ending
+        self._last_sealed = 0.0  # when the paired coordinator was last heard from (monotonic)
+        self._announced: str | None = None  # what on_busy was last told
         self._lock = threading.Lock()
         self._running = True
 
@@ -147,52 +110,64 @@ class Agent:
         try:
             while self._running:
                 try:
-                    raw = self._socket.recv()
+                    message = self._socket.recv_msg()
+                    raw, peer = message.bytes, _peer_host(message)
                 except pynng.Timeout:
+                    self._announce()
                     continue
                 except pynng.NNGException:
                     raise
                 except Exception:  # pynng fails on some messages (e.g. empty ones): answer, go on
-                    raw = b""
-                reply = self._handle(raw)
+                    raw, peer = b"", ""
+                reply = self._handle(raw, peer)
                 try:
                     self._socket.send(reply)
                 except pynng.Timeout:
                     log.error("coordinator did not take the reply")
+                self._announce()
         finally:
             self._stop_run()
             self._socket.close()
+            self.probe.close()
 
-    def _handle(self, raw: bytes) -> bytes:
+    def _handle(self, raw: bytes, peer: str = "") -> bytes:
         """Any bytes in, a reply out: a bad request never takes the agent down."""
         try:
             request = control.unpack(raw)
         except Exception as error:
             self.pairing.refused += 1
-            return control.pack({"ok": False, "error": f"malformed request: {error}"})
+            return control.pack(protocol.error_reply(f"malformed request: {error}"))
         if "session" in request:
             try:
                 message, blob = self.pairing.open(str(request["session"]), bytes(request["sealed"]))
             except (AuthError, KeyError, TypeError, ValueError) as error:
                 log.warning("refused a control message: %s", error)
-                return control.pack({"ok": False, "error": f"refused: {error}", "session_lost": True})
-            return control.pack({"sealed": self.pairing.channel.seal(self._dispatch(message, blob))})
-        if request.get("cmd") not in control.PUBLIC_COMMANDS:
+                return control.pack(protocol.error_reply(f"refused: {error}", session_lost=True))
+            self._last_sealed = time.monotonic()
+            return control.pack({"sealed": self.pairing.channel.seal(self._dispatch(message, blob, peer))})
+        cmd = request.get("cmd")
+        if not isinstance(cmd, str) or cmd not in protocol.PUBLIC_COMMANDS:
             self.pairing.refused += 1
-            return control.pack({"ok": False, "error": f"{request.get('cmd')!r} needs a paired session: "
-                                                       f"pair with the agent's token first"})
-        return control.pack(self._dispatch(request, b""))
+            return control.pack(protocol.error_reply(f"{cmd!r} needs a paired session: "
+                                                     f"pair with the agent's token first"))
+        return control.pack(self._dispatch(request, b"", peer))
 
-    def _dispatch(self, request: dict, blob: bytes) -> dict:
-        handler = getattr(self, f"_cmd_{request.get('cmd')}", None)
-        if handler is None:
-            return {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
+    def _dispatch(self, fields: dict, blob: bytes, peer: str) -> dict:
         try:
-            return {"ok": True, **handler(request, blob)}
+            request = protocol.decode_request(fields, blob)
+        except ProtocolError as error:
+            self.pairing.refused += 1
+            return protocol.error_reply(f"malformed request: {error}")
+        try:
+            handler = getattr(self, f"_cmd_{request.CMD}")
+            reply = handler(request, peer) if request.PUBLIC else handler(request)
+            return protocol.encode_reply(reply)
+        except ValueError as error:  # a request this agent refuses: the text says why
+            log.warning("refused %s: %s", request.CMD, error)
+            return protocol.error_reply(str(error))
         except Exception as error:
-            log.error("command %s failed: %s", request.get("cmd"), traceback.format_exc())
-            return {"ok": False, "error": f"{type(error).__name__}: {error}" if not isinstance(error, ValueError)
-                    else str(error)}
+            log.error("command %s failed: %s", request.CMD, traceback.format_exc())
+            return protocol.error_reply(f"{type(error).__name__}: {error}")
 
     # --- public commands ----------------------------------------------------------------
     @property
@@ -202,130 +177,149 @@ class Agent:
             self._gflops = matmul_gflops(seconds=0.3)
         return self._gflops
 
-    def _cmd_hello(self, _: dict, __: bytes) -> dict:
+    @property
+    def busy(self) -> str | None:
+        """The lineage of the run this agent serves, while its coordinator is heard from (else None)."""
+        run = self._run
+        if run is None or time.monotonic() - self._last_sealed > BUSY_SECONDS:
+            return None
+        return run.settings.lineage
+
+    def _announce(self) -> None:
+        busy = self.busy
+        if busy != self._announced:
+            self._announced = busy
+            self.on_busy(busy)
+
+    def _cmd_hello(self, _: protocol.Hello, __: str) -> protocol.HelloReply:
         ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
-        return {"name": self.name, "agent_id": self.pairing.agent_id, "version": ringtune.__version__,
-                "protocol": control.PROTOCOL_VERSION, "has_data": self.records is not None, "pid": os.getpid(),
-                "cores": psutil.cpu_count(), "threads": torch.get_num_threads(), "ram_bytes": ram_total,
-                "ram_available": ram_available, "runtime": self.runtime, "export_dir": self.export_dir is not None,
-                "gflops": self.gflops}
+        return protocol.HelloReply(
+            protocol=protocol.PROTOCOL_VERSION, name=self.name, agent_id=self.pairing.agent_id,
+            version=ringtune.__version__, has_data=self.records is not None, pid=os.getpid(),
+            cores=psutil.cpu_count() or 1, threads=torch.get_num_threads(), ram_bytes=ram_total,
+            ram_available=ram_available, runtime=self.runtime, export_dir=self.export_dir is not None,
+            gflops=self.gflops, busy=self.busy,
+            probe_port=int(self.probe.url.rsplit(":", 1)[1]))
 
-    def _cmd_pair_begin(self, msg: dict, _: bytes) -> dict:
-        return self.pairing.begin(str(msg["run"]))
+    def _cmd_pair_begin(self, msg: protocol.PairBegin, peer: str) -> protocol.PairBeginReply:
+        return protocol.PairBeginReply(**self.pairing.begin(msg.run, peer))
 
-    def _cmd_pair_finish(self, msg: dict, _: bytes) -> dict:
-        return self.pairing.finish(msg["agent_nonce"], msg["nonce"], msg["proof"])
+    def _cmd_pair_finish(self, msg: protocol.PairFinish, _: str) -> protocol.PairFinishReply:
+        return protocol.PairFinishReply(**self.pairing.finish(msg.agent_nonce, msg.nonce, msg.proof))
 
     # --- paired commands ----------------------------------------------------------------
-    def _cmd_have(self, msg: dict, _: bytes) -> dict:
-        return {"missing": [d for d in msg["digests"] if not self.cache.has(d)]}
+    def _cmd_have(self, msg: protocol.Have) -> protocol.HaveReply:
+        return protocol.HaveReply(missing=[d for d in msg.digests if not self.cache.has(d)])
 
-    def _cmd_upload(self, msg: dict, blob: bytes) -> dict:
-        return {"complete": self.cache.append(msg["sha256"], int(msg["offset"]), int(msg["total"]), blob)}
+    def _cmd_upload(self, msg: protocol.Upload) -> protocol.UploadReply:
+        return protocol.UploadReply(complete=self.cache.append(msg.sha256, msg.offset, msg.total, msg.data))
 
-    def _cmd_calibrate(self, msg: dict, _: bytes) -> dict:
+    def _cmd_calibrate(self, msg: protocol.Calibrate) -> protocol.CalibrateReply:
         """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
-        key = json.dumps([msg["config"], msg["lora"], msg["micro_batch_size"], msg["seq_len"]], sort_keys=True)
+        base_dtype = check_base_dtype(msg.base_dtype)
+        key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len, base_dtype], sort_keys=True)
         if key not in self._block_seconds:
-            self._block_seconds[key] = block_seconds(msg["config"], LoraSpec.from_dict(msg["lora"]),
-                                                     int(msg["micro_batch_size"]), int(msg["seq_len"]))
-        return {"block_seconds": self._block_seconds[key]}
+            self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len,
+                                                     base_dtype)
+        return protocol.CalibrateReply(block_seconds=self._block_seconds[key])
 
-    def _cmd_assign(self, msg: dict, _: bytes) -> dict:
-        settings = RunSettings.from_message(msg, self.pairing.session_key)
-        indices = settings.plan.stage_indices(self.name)
+    def _cmd_assign(self, msg: protocol.Assign) -> protocol.AssignReply:
+        indices = msg.plan.stage_indices(self.name)
         if not indices:
             raise ValueError(f"the plan has no stage for {self.name!r}")
-        if self.name == settings.plan.owner and self.records is None:
+        if self.name == msg.plan.owner and self.records is None:
             raise ValueError(f"{self.name!r} is the owner but was started without --data FILE")
-        missing = [d for d in filter(None, (settings.slice, settings.export, settings.tokenizer))
-                   if not self.cache.has(d)]
+        missing = [d for d in filter(None, (msg.slice, msg.export, msg.tokenizer)) if not self.cache.has(d)]
         if missing:
             raise ValueError(f"blobs {[d[:12] for d in missing]} were not uploaded: send them before assign")
+        run_key = unwrap_key(self.pairing.session_key, msg.run_key)
         self._stop_run()
-        run = ActiveRun(settings)
+        run = ActiveRun(msg, run_key)
         listen = {}
         for index in indices:
             if index > 0:
-                edge = PynngEdge(self._edge_config(settings, index, index - 1), listen=f"tcp://{self.host}:0")
+                edge = PynngEdge(self._edge_config(run, index, index - 1), listen=f"tcp://{self.host}:0")
                 run.edges.append((index, "prev", edge))
                 listen[index] = edge.url
         self._run = run
-        run.worker = threading.Thread(target=self._load, args=(run, indices), daemon=True)
+        run.worker = threading.Thread(target=self._load, args=(run, indices, self._retired), daemon=True)
         run.worker.start()
-        return {"listen": listen}
+        return protocol.AssignReply(listen=listen)
 
-    def _cmd_connect(self, msg: dict, _: bytes) -> dict:
+    def _cmd_connect(self, msg: protocol.Connect) -> protocol.Done:
         run = self._require_run(("loading", "ready"))
-        for index, url in msg["dial"].items():
-            index = int(index)
-            edge = PynngEdge(self._edge_config(run.settings, index, index + 1), dial=url)
+        for index, url in msg.dial.items():
+            edge = PynngEdge(self._edge_config(run, index, index + 1), dial=url)
             run.edges.append((index, "next", edge))
-        return {}
+        return protocol.Done()
 
-    def _cmd_step(self, msg: dict, _: bytes) -> dict:
+    def _cmd_step(self, msg: protocol.Step) -> protocol.Done:
         run = self._require_run(("ready", "idle"))
-        step = int(msg["step"])
         with self._lock:
-            run.state, run.step = "running", step
-        run.worker = threading.Thread(target=self._run_step, args=(run, step), daemon=True)
+            run.state, run.step = "running", msg.step
+        run.worker = threading.Thread(target=self._run_step, args=(run, msg.step), daemon=True)
         run.worker.start()
-        return {}
+        return protocol.Done()
 
-    def _cmd_status(self, _: dict, __: bytes) -> dict:
+    def _cmd_status(self, _: protocol.Status) -> protocol.StatusReply:
         run = self._run
-        status = {"rss": psutil.Process().memory_info().rss, "refused_control": self.pairing.refused}
+        common = {"rss": psutil.Process().memory_info().rss, "refused_control": self.pairing.refused,
+                  "pairing_backoff": self.pairing.backed_off}
         if run is None:
-            return {**status, "state": "free"}
+            return protocol.StatusReply(state="free", **common)
         refused: dict[str, int] = {}
         for _, _, edge in run.edges:
             for reason, count in edge.refused.items():
                 refused[reason] = refused.get(reason, 0) + count
         with self._lock:
-            return {**status, "state": run.state, "step": run.step, "error": run.error, "result": run.result,
-                    "refused": refused}
+            return protocol.StatusReply(state=run.state, step=run.step, error=run.error, ring_broken=run.ring_broken,
+                                        result=run.result, refused=refused, **common)
 
-    def _cmd_lora(self, _: dict, __: bytes) -> dict:
+    def _cmd_lora(self, _: protocol.Lora) -> protocol.StagesReply:
         run = self._require_run(("idle", "ready"))
-        return {"stages": {index: save_tensors(runner.lora_state()) for index, runner in run.runners.items()}}
+        return protocol.StagesReply(stages={i: save_tensors(r.lora_state()) for i, r in run.runners.items()})
 
-    def _cmd_checkpoint(self, _: dict, __: bytes) -> dict:
+    def _cmd_checkpoint(self, _: protocol.Checkpoint) -> protocol.StagesReply:
         """Every local stage's training state (LoRA + AdamW), at a step boundary."""
         run = self._require_run(("idle", "ready"))
-        return {"stages": {index: save_tensors(runner.training_state()) for index, runner in run.runners.items()}}
+        return protocol.StagesReply(stages={i: save_tensors(r.training_state()) for i, r in run.runners.items()})
 
-    def _cmd_restore(self, msg: dict, _: bytes) -> dict:
+    def _cmd_restore(self, msg: protocol.Restore) -> protocol.Done:
         """Load this agent's part of an uploaded training state (whatever split it was taken under)."""
         run = self._require_run(("ready",))
-        tensors, _, _ = unpack_state(self.cache.read(msg["sha256"]))
+        tensors, _, _ = unpack_state(self.cache.read(msg.sha256))
         for runner in run.runners.values():
             runner.load_training_state(tensors)
-        self.cache.discard(msg["sha256"])
-        return {}
+        self.cache.discard(msg.sha256)
+        return protocol.Done()
 
-    def _cmd_keep_checkpoint(self, msg: dict, _: bytes) -> dict:
+    def _cmd_keep_checkpoint(self, msg: protocol.KeepCheckpoint) -> protocol.Done:
         """Store an uploaded training state durably (the owner's copy of every stage's state)."""
-        self._checkpoints(msg["lineage"]).save(int(msg["step"]), self.cache.read(msg["sha256"]))
-        self.cache.discard(msg["sha256"])
-        return {}
+        self._checkpoints(msg.lineage).save(msg.step, self.cache.read(msg.sha256))
+        self.cache.discard(msg.sha256)
+        return protocol.Done()
 
-    def _cmd_fetch_checkpoint(self, msg: dict, _: bytes) -> dict:
-        checkpoint = self._checkpoints(msg["lineage"]).latest()
-        return {"step": None} if checkpoint is None else {"step": checkpoint.step, "state": checkpoint.state}
+    def _cmd_fetch_checkpoint(self, msg: protocol.FetchCheckpoint) -> protocol.FetchCheckpointReply:
+        checkpoint = self._checkpoints(msg.lineage).latest()
+        return (protocol.FetchCheckpointReply(step=None) if checkpoint is None
+                else protocol.FetchCheckpointReply(step=checkpoint.step, state=checkpoint.state))
 
-    def _cmd_stop(self, _: dict, __: bytes) -> dict:
+    def _cmd_stop(self, _: protocol.Stop) -> protocol.Done:
         self._stop_run()
-        return {}
+        return protocol.Done()
 
-    def _cmd_shutdown(self, _: dict, __: bytes) -> dict:
+    def _cmd_shutdown(self, _: protocol.Shutdown) -> protocol.Done:
         self._running = False
-        return {}
+        return protocol.Done()
 
     # --- work on threads ----------------------------------------------------------------
-    def _load(self, run: ActiveRun, indices: list[int]) -> None:
+    def _load(self, run: ActiveRun, indices: list[int], previous: threading.Thread | None) -> None:
+        """previous: the worker of the run stopped before this one (its memory is freed before loading)."""
         try:
+            if previous is not None:
+                previous.join()
             s = run.settings
-            noise = NoiseStream(s.privacy.seed)  # the owner's: no seed given means one from the CSPRNG
+            noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
             run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
@@ -350,11 +344,11 @@ class Agent:
             results = run_stages_step(list(run.stages.values()), step, batch, plan.schedule, len(plan.stages),
                                       plan.micro_batches, [edge for _, _, edge in run.edges])
             losses = [r.loss for r in results.values() if r.loss is not None]
-            result = {"loss": losses[0] if losses else None,
-                      "tokens": batch.tokens if batch is not None else 0,
-                      "compute_seconds": {i: r.compute_seconds for i, r in results.items()},
-                      "wall_seconds": {i: r.wall_seconds for i, r in results.items()},
-                      "bytes_sent": sum(edge.bytes_sent for _, _, edge in run.edges)}
+            result = protocol.StepResult(loss=losses[0] if losses else None,
+                                         tokens=batch.tokens if batch is not None else 0,
+                                         compute_seconds={i: r.compute_seconds for i, r in results.items()},
+                                         wall_seconds={i: r.wall_seconds for i, r in results.items()},
+                                         bytes_sent=sum(edge.bytes_sent for _, _, edge in run.edges))
             with self._lock:
                 run.result, run.state = result, "idle"
         except Exception as error:
@@ -364,9 +358,10 @@ class Agent:
         log.error("run %s failed: %s", run.settings.run, traceback.format_exc())
         with self._lock:
             run.state, run.error = "error", f"{self.name}: {error}"
+            run.ring_broken = isinstance(error, (EdgeTimeout, EdgeClosed))
 
     # --- helpers ------------------------------------------------------------------------
-    def _runners(self, s: RunSettings, indices: list[int]) -> dict[int, StageRunner]:
+    def _runners(self, s: protocol.Assign, indices: list[int]) -> dict[int, StageRunner]:
         if self.runtime == "torch":
             built = materialize(self.cache.path(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
             return {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
@@ -377,9 +372,20 @@ class Agent:
         return executorch_runners(export_dir, s.plan, indices, ExportShape(s.micro_batch_size, s.seq_len),
                                   s.lora, s.optimizer)
 
-    def _edge_config(self, settings: RunSettings, stage: int, peer: int) -> EdgeConfig:
-        return EdgeConfig.for_link(settings.run, settings.run_key, stage, peer, settings.edge_shape,
-                                   settings.timeout, settings.encrypt)
+    def _edge_config(self, run: ActiveRun, stage: int, peer: int) -> EdgeConfig:
+        s = run.settings
+        return EdgeConfig.for_link(s.run, run.run_key, stage, peer, (s.micro_batch_size, s.seq_len, s.hidden_size),
+                                   s.timeout, s.encrypt)
+
+    def _noise_seed(self, s: protocol.Assign) -> int:
+        """The run's noise seed: the one given (tests, audits), else one drawn from the CSPRNG at the run's first
+        start; kept (0600) beside the owner's checkpoints, so replays and --resume draw the same noise."""
+        path = self._checkpoints(s.lineage).root / "noise-seed"
+        if path.exists():
+            return int(path.read_text())
+        seed = NoiseStream(s.privacy.seed).seed
+        write_atomic(path, str(seed).encode(), mode=0o600)
+        return seed
 
     def _checkpoints(self, lineage: str) -> CheckpointStore:
         if not re.fullmatch(r"[0-9a-f]{16}", str(lineage)):
@@ -397,11 +403,19 @@ class Agent:
         return run
 
     def _stop_run(self) -> None:
+        """Drop the run without waiting for its worker (the next run's loader waits for it)."""
         run, self._run = self._run, None
         if run is None:
             return
         for _, _, edge in run.edges:
             edge.abort()
             edge.close()  # also ends a send blocked on a neighbour that is gone
-        if run.worker is not None:
-            run.worker.join(timeout=30)
+        self._retired = run.worker
+
+
+def _peer_host(message: pynng.Message) -> str:
+    """The address a request came from, without its port (pairing failures are counted per host)."""
+    try:
+        return str(message.pipe.remote_address).rsplit(":", 1)[0]
+    except Exception:  # no pipe (closed meanwhile) or a transport without addresses
+        return ""

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
 
@@ -22,11 +23,12 @@ from edge_runtime.models.structure import find_parts
 CALIBRATION_VOCAB = 256
 
 
-def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int,
+def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
                   min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100) -> float:
-    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch:
-    the mean over min_seconds, or over max_calls when those take less (a tiny model)."""
-    stage, hidden_size = _one_block_stage(config_dict, lora)
+    """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
+    weights stored as base_dtype (dequantizing costs time on the device itself): the mean over min_seconds,
+    or over max_calls when those take less (a tiny model)."""
+    stage, hidden_size = _one_block_stage(config_dict, lora, base_dtype)
     x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
 
     def forward_backward() -> None:
@@ -44,7 +46,7 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
     return (time.perf_counter() - start) / calls
 
 
-def _one_block_stage(config_dict: dict, lora: LoraSpec) -> tuple[StageModule, int]:
+def _one_block_stage(config_dict: dict, lora: LoraSpec, base_dtype: str) -> tuple[StageModule, int]:
     config = AutoConfig.for_model(**config_dict)
     config.num_hidden_layers = 1
     config.vocab_size = CALIBRATION_VOCAB
@@ -52,4 +54,5 @@ def _one_block_stage(config_dict: dict, lora: LoraSpec) -> tuple[StageModule, in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
         model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32), lora)
+    compact_model(model, base_dtype)
     return StageModule(find_parts(model), model.config, (0, 1), "middle"), config.hidden_size

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_runtime.data.dataset import Record, encode_record
+from edge_runtime.data.dataset import Record, pad_records
 from edge_runtime.models.stage import IGNORE_INDEX, token_loss_sum
 from edge_runtime.models.tokenizer import Tokenizer
 
@@ -55,22 +55,16 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record]
 
 
 def _batch(records: list[Record], tokenizer: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [encode_record(r, tokenizer, seq_len) for r in records]
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(records), width), tokenizer.pad_token_id, dtype=torch.long)
-    targets = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (token_ids, token_labels) in enumerate(encoded):
-        ids[row, :len(token_ids)] = torch.tensor(token_ids)
-        targets[row, :len(token_labels)] = torch.tensor(token_labels)
+    ids, targets, _ = pad_records(records, tokenizer, seq_len, to_longest=True)
     return ids, targets
 
 
 @torch.no_grad()
 def greedy_completion(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    ids = tokenizer.encode(prompt)
-    for _ in range(max_new_tokens):
-        next_id = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        if next_id == tokenizer.eos_token_id:
-            break
-        ids.append(next_id)
-    return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+    """The model's greedy continuation of prompt (transformers' generate, with its KV cache)."""
+    ids = torch.tensor([tokenizer.encode(prompt)])  # [1, P]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)  # [1, P + new]
+    new = [int(i) for i in out[0, ids.shape[1]:]]
+    return tokenizer.decode(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.executorch_runner import (
     INSTALL_HINT,
     ExecuTorchNotInstalledError,

@@ -12,11 +12,11 @@ from edge_runtime.models.lora import adapter_key
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
-from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.worker import LocalStage, run_stages_step
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import new_key

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ringtune.plan import SCHEDULES
+
 Kind = Literal["F", "B"]
 
 
@@ -50,13 +52,14 @@ def sequential(num_stages: int, stage: int, micro_batches: int) -> list[Action]:
     return actions
 
 
-SCHEDULES = {"1f1b": one_f_one_b, "gpipe": gpipe, "sequential": sequential}
+_BUILDERS = {"1f1b": one_f_one_b, "gpipe": gpipe, "sequential": sequential}
+assert tuple(_BUILDERS) == SCHEDULES, "every schedule a plan names has its builder"
 
 
 def schedule_for(name: str, num_stages: int, stage: int, micro_batches: int) -> list[Action]:
-    if name not in SCHEDULES:
+    if name not in _BUILDERS:
         raise ValueError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](num_stages, stage, micro_batches)
+    return _BUILDERS[name](num_stages, stage, micro_batches)
 
 
 def max_in_flight(actions: list[Action]) -> int:

@@ -36,6 +36,7 @@ class StageStepStats:
 def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: StepBatch | None) -> StageStepStats:
     """batch is the owner's data for this step (needed by the head, tail and full stages)."""
     runner = stage.runner
+    runner.begin_step(step)
     loss, compute = 0.0, 0.0
     started = time.perf_counter()
     for action in actions:

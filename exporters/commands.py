@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ringtune.lora_spec import LoraSpec
 from exporters.manifest import RunShape
+from ringtune.base_dtype import BASE_DTYPES
+from ringtune.lora_spec import LoraSpec
 from ringtune.plan import Plan
 
 DEFAULT_LORA = LoraSpec()
@@ -26,6 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA.r, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=DEFAULT_LORA.alpha, help="LoRA alpha")
     parser.add_argument("--seed", type=int, default=DEFAULT_LORA.seed, help="seed of the LoRA initialisation")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPES,
+                        help="how the stages store frozen base weights (default: the plan's); ExecuTorch takes fp32")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes lowering ExecuTorch programs in parallel (one core each)")
     parser.set_defaults(run=run)
@@ -39,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.micro_batch_size < 1 or args.seq_len < 2 or args.workers < 1:
         raise ValueError("--micro-batch-size and --workers must be >= 1 and --seq-len >= 2")
     plan = Plan.from_json(args.plan.read_text())
+    if args.base_dtype:
+        plan = replace(plan, base_dtype=args.base_dtype, base_dtype_reason=f"asked for with --base-dtype {args.base_dtype}")
     started = time.perf_counter()
     manifest = export_plan(args.model or plan.model, plan, args.out, args.runtime,
                            RunShape(args.micro_batch_size, args.seq_len),
@@ -46,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
     for stage in manifest.stages:
         sizes = ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB" for path in stage.files.values())
         print(f"stage {stage.index} {stage.role} {list(stage.layers)} on {stage.device}: {sizes}")
-    print(f"exported {len(manifest.stages)} stages for {args.runtime} in {time.perf_counter() - started:.0f} s "
+    print(f"exported {len(manifest.stages)} stages for {args.runtime} ({plan.base_dtype} base weights) in {time.perf_counter() - started:.0f} s "
           f"to {args.out}")
     return 0

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
-from edge_runtime.models.stage import StageModule, build_stage, token_loss_sum
+from edge_runtime.models.stage import StageModule, token_loss_sum
 from exporters.manifest import (
     RunShape,
     StageManifest,
@@ -72,26 +72,25 @@ def stage_programs(spec: StageSpec, has_lora: bool) -> tuple[str, ...]:
     return ("forward", "vjp") if has_lora or spec.role != "head" else ("forward",)
 
 
-def export_executorch_stage(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
-                            out_dir: Path) -> StageManifest:
+def export_executorch_stage(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int,
+                            shape: RunShape, out_dir: Path) -> StageManifest:
     """Write ``stage{index}/{forward,vjp}.pte`` and ``lora.safetensors`` under out_dir.
 
-    peft_model must use eager attention (``model.set_attn_implementation("eager")`` before
-    ``apply_lora``): SDPA does not lower to XNNPACK.
+    stage and lora are ``build_stage``'s (or ``materialize``'s) result for spec; the model must use eager
+    attention (``model.set_attn_implementation("eager")`` before ``apply_lora``): SDPA does not lower to
+    XNNPACK.
     """
-    _, lora = build_stage(peft_model, spec.layers, spec.role)
     for kind in stage_programs(spec, bool(lora)):
-        write_program(peft_model, spec, index, shape, out_dir, kind)
-    return write_stage_manifest(peft_model, spec, index, shape, out_dir)
+        write_program(stage, lora, spec, index, shape, out_dir, kind)
+    return write_stage_manifest(stage, lora, spec, index, shape, out_dir)
 
 
-def write_program(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape, out_dir: Path,
-                  kind: str) -> None:
+def write_program(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int, shape: RunShape,
+                  out_dir: Path, kind: str) -> None:
     """Lower one of the stage's programs (``forward`` or ``vjp``) to ``stage{index}/{kind}.pte``."""
-    if peft_model.config._attn_implementation != "eager":
+    if stage.config._attn_implementation != "eager":
         raise ExportError("export for ExecuTorch needs eager attention: call "
                           "model.set_attn_implementation('eager') before apply_lora")
-    stage, lora = build_stage(peft_model, spec.layers, spec.role)
     relative = _relative_names(stage, lora)
     inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
     examples = _example_inputs(inputs, stage.config.vocab_size)
@@ -107,10 +106,9 @@ def write_program(peft_model: nn.Module, spec: StageSpec, index: int, shape: Run
     path.write_bytes(program)
 
 
-def write_stage_manifest(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
-                         out_dir: Path) -> StageManifest:
+def write_stage_manifest(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int,
+                         shape: RunShape, out_dir: Path) -> StageManifest:
     """Write the initial LoRA tensors and describe the stage (its programs must be written already)."""
-    stage, lora = build_stage(peft_model, spec.layers, spec.role)
     inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
     lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
     files = {kind: f"stage{index}/{kind}.pte" for kind in stage_programs(spec, bool(lora))}

@@ -92,6 +92,8 @@ class ExportManifest:
     """One entry per plan stage, in ring order."""
     format_version: int = FORMAT_VERSION
     """Bumped when the layout changes incompatibly."""
+    base_dtype: str = "fp32"
+    """How the frozen base weights are stored (torch slices; ExecuTorch programs take fp32)."""
 
     def stage(self, index: int) -> StageManifest:
         for stage in self.stages:
@@ -124,7 +126,8 @@ class ExportManifest:
         return ExportManifest(model=data["model"], runtime=data["runtime"],
                               micro_batch_size=int(data["micro_batch_size"]), seq_len=int(data["seq_len"]),
                               lora=dict(data["lora"]), versions=dict(data["versions"]),
-                              stages=tuple(StageManifest.from_dict(s) for s in data["stages"]))
+                              stages=tuple(StageManifest.from_dict(s) for s in data["stages"]),
+                              base_dtype=str(data.get("base_dtype", "fp32")))
 
 
 def stage_io(role: Role, hidden_size: int, shape: RunShape) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

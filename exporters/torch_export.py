@@ -1,9 +1,9 @@
-"""Export one stage for the torch runtime: its slice file, rebuilt without the full model.
+"""Export one stage for the torch runtime: its slice file, cut from the weights without the whole model.
 
-``stage{i}/weights.safetensors`` is the stage's slice (``edge_runtime.models.slices``: frozen
-weights, buffers such as the rotary frequencies, and the initial LoRA tensors), the same file the
-coordinator ships to an agent; ``config.json`` is the model config. ``load_torch_stage`` builds
-the skeleton on the meta device and fills in only this stage.
+``stage{i}/weights.safetensors`` is the stage's slice (``edge_runtime.models.slices``: frozen weights at
+the plan's base dtype, buffers such as the rotary frequencies, and the initial LoRA tensors), cut by the
+same function as the slices the coordinator ships; ``config.json`` is the model config.
+``load_torch_stage`` builds the skeleton on the meta device and maps only this stage.
 """
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedConfig
 
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.slices import SliceError, materialize, write_slice
-from edge_runtime.models.stage import StageModule, build_stage
+from edge_runtime.models.slices import Skeleton, SliceError, build_stages, cut_slice, materialize
+from edge_runtime.models.stage import StageModule, stage_lora
+from edge_runtime.models.weights import WeightSource
 from exporters.manifest import (
     ExportManifest,
     ManifestError,
@@ -31,24 +33,24 @@ from ringtune.plan import StageSpec
 CONFIG_NAME = "config.json"
 
 
-def write_config(peft_model: nn.Module, out_dir: Path) -> str:
+def write_config(config: PreTrainedConfig, out_dir: Path) -> str:
     """The model config as ``config.json`` in out_dir (shared by the stages); its relative path."""
-    text = peft_model.config.to_json_string(use_diff=False)
-    (Path(out_dir) / CONFIG_NAME).write_text(text)
+    (Path(out_dir) / CONFIG_NAME).write_text(config.to_json_string(use_diff=False))
     return CONFIG_NAME
 
 
-def export_torch_stage(peft_model: nn.Module, spec: StageSpec, index: int, shape: RunShape,
+def export_torch_stage(source: WeightSource, skel: Skeleton, spec: StageSpec, index: int, shape: RunShape,
                        out_dir: Path) -> StageManifest:
     """Write ``stage{index}/weights.safetensors`` (and config.json once) under out_dir."""
-    stage, lora = build_stage(peft_model, spec.layers, spec.role)
+    config = skel.model.get_base_model().config
     (Path(out_dir) / f"stage{index}").mkdir(parents=True, exist_ok=True)
-    files = {"weights": f"stage{index}/weights.safetensors", "config": write_config(peft_model, out_dir)}
-    write_slice({index: stage}, Path(out_dir) / files["weights"])
-    inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
+    files = {"weights": f"stage{index}/weights.safetensors", "config": write_config(config, out_dir)}
+    digest = cut_slice(source, skel, {index: spec}, Path(out_dir) / files["weights"])
+    lora = stage_lora(skel.model, build_stages(skel.model, {index: spec})[index])
+    inputs, outputs = stage_io(spec.role, config.hidden_size, shape)
     lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
     return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
-                         sha256={path: sha256_file(Path(out_dir) / path) for path in files.values()},
+                         sha256={files["weights"]: digest, CONFIG_NAME: sha256_file(Path(out_dir) / CONFIG_NAME)},
                          inputs=inputs, outputs=outputs, lora=lora_specs)
 
 

@@ -6,11 +6,15 @@ A command's ``run(args) -> int`` returns the exit code; errors meant for the use
 from __future__ import annotations
 
 import argparse
+import atexit
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
-import warnings
+
+from ringtune.quiet import quiet_libraries
 
 COMMAND_MODULES = (
     "edge_runtime.commands.agent",
@@ -18,6 +22,7 @@ COMMAND_MODULES = (
     "edge_runtime.commands.data",
     "edge_runtime.commands.evaluate",
     "edge_runtime.commands.profile",
+    "edge_runtime.commands.doctor",
     "coordinator.commands.plan",
     "coordinator.commands.devices",
     "coordinator.commands.cluster",
@@ -39,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
     if not verbose:
-        _quiet_libraries()  # before anything imports torch
+        quiet_libraries()  # before anything imports torch
     args = build_parser().parse_args(argv)
+    if sys.__stderr__ is not None:  # `kill -USR1 PID` prints every thread's stack (where a hang is)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -55,18 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_libraries() -> None:
-    """Library deprecation notes and progress bars are noise for ringtune's users."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # torchao (pulled in by the executorch extra, imported by peft) warns about GPU kernels and
-    # deprecated torch APIs on every start; torch reads TORCH_LOGS when it is first imported.
-    os.environ.setdefault("TORCH_LOGS", "-all")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+def entry() -> None:
+    """The ``ringtune`` command: main(), then exit without the interpreter's final garbage collection.
+
+    With torch and transformers imported, that collection walks millions of objects: on a loaded
+    2-core machine a coordinator stopped by Ctrl-C sat 40-50 s in it (Py_FinalizeEx -> gc_collect_main,
+    seen with gdb) after printing "interrupted". Exit handlers still run (logging, thread pools)."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

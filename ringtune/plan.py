@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Role = Literal["head", "middle", "tail", "full"]
-Schedule = Literal["1f1b", "gpipe"]
+Schedule = Literal["1f1b", "gpipe", "sequential"]
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
+"""Every pipeline schedule an agent runs (edge_runtime.schedules builds each one's actions)."""
+PLANNED_SCHEDULES: tuple[Schedule, ...] = ("1f1b", "gpipe")
+"""Schedules the planner's memory and time model covers; sequential, a comparison baseline, runs on
+a plan made for 1f1b."""
 
 
 class PlanError(ValueError):
@@ -48,6 +53,10 @@ class Plan:
     """Planner's predictions (step seconds, bottleneck, memory); empty for a hand-made plan."""
     privacy: dict = field(default_factory=dict)
     """The owner's privatization (PrivacySpec.public_dict(), no noise seed); empty when off."""
+    base_dtype: str = "fp32"
+    """How frozen base weights are stored on the devices: fp32, bf16, int8 or int4."""
+    base_dtype_reason: str = ""
+    """Why the planner chose that dtype (--base-dtype auto), or that it was asked for."""
 
     def devices(self) -> list[str]:
         """Distinct devices in ring order (the owner first)."""
@@ -77,7 +86,9 @@ class Plan:
         return Plan(model=data["model"], owner=data["owner"], stages=stages,
                     schedule=data.get("schedule", "1f1b"),
                     micro_batches=int(data.get("micro_batches", 1)),
-                    predicted=dict(data.get("predicted", {})), privacy=dict(data.get("privacy", {})))
+                    predicted=dict(data.get("predicted", {})), privacy=dict(data.get("privacy", {})),
+                    base_dtype=str(data.get("base_dtype", "fp32")),
+                    base_dtype_reason=str(data.get("base_dtype_reason", "")))
 
     @staticmethod
     def from_json(text: str) -> "Plan":

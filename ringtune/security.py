@@ -28,15 +28,14 @@ import struct
 import threading
 from pathlib import Path
 
-try:  # optional: confidentiality of hidden states on the wire
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-except ImportError:
-    ChaCha20Poly1305 = None
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 Buffer = bytes | bytearray | memoryview
 """Bytes-like input (collections.abc.Buffer needs Python 3.12)."""
-AEAD_AVAILABLE = ChaCha20Poly1305 is not None
 TOKEN_FILE = "token"
 MIN_TOKEN_CHARS = 16
 NONCE_BYTES = 32
@@ -44,7 +43,7 @@ KEY_BYTES = 32
 _PROTOCOL = b"ringtune/1"
 _MAC_TAG_BYTES = 32
 _AEAD_TAG_BYTES = 16
-_WRAP_NONCE_BYTES = 16
+_WRAPPED_KEY_BYTES = KEY_BYTES + 8  # RFC 3394 adds one 64-bit block
 _ENVELOPE = struct.Struct(">2sBBQI")  # magic, version, mode, counter, header length
 _MAGIC = b"RT"
 _VERSION = 1
@@ -95,6 +94,24 @@ def load_or_create_token(state_dir: Path) -> tuple[str, bool]:
     with os.fdopen(fd, "w") as file:
         file.write(token + "\n")
     return token, True
+
+
+def keep_token(state_dir: Path, token: str) -> Path:
+    """Store a given token as the agent's token file (mode 0600), e.g. for a systemd unit to read; the
+    file's path. Refuses to replace a different token already kept there."""
+    token = check_token(token)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if _read_token(path) != token:
+            raise TokenError(f"{path} holds another token: delete it, or start the agent without --token "
+                             f"to use the one it holds") from None
+        return path
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return path
 
 
 def _read_token(path: Path) -> str:
@@ -185,42 +202,32 @@ def link_key(key: bytes, sender: str, receiver: str) -> bytes:
 
 
 def wrap_key(session_key: bytes, key: bytes) -> bytes:
-    """Encrypt and authenticate ``key`` for one agent, to send over its control connection."""
+    """Encrypt and authenticate ``key`` for one agent, to send over its control connection (AES key
+    wrap, RFC 3394, under a key derived from the session key)."""
     if len(key) != KEY_BYTES:
         raise ValueError(f"only {KEY_BYTES}-byte keys are wrapped, got {len(key)}: make it with new_key()")
-    nonce = secrets.token_bytes(_WRAP_NONCE_BYTES)
-    pad, mac_key = _wrap_keys(session_key, nonce, len(key))
-    sealed = nonce + bytes(a ^ b for a, b in zip(key, pad))
-    return sealed + hmac.digest(mac_key, sealed, hashlib.sha256)
+    return aes_key_wrap(_wrapping_key(session_key), key)
 
 
 def unwrap_key(session_key: bytes, wrapped: bytes) -> bytes:
     """The key from :func:`wrap_key`; raises AuthError if it was altered or wrapped for another session."""
-    if len(wrapped) != _WRAP_NONCE_BYTES + KEY_BYTES + _MAC_TAG_BYTES:
-        raise AuthError(f"a wrapped key has {_WRAP_NONCE_BYTES + KEY_BYTES + _MAC_TAG_BYTES} bytes, "
-                        f"got {len(wrapped)}")
-    sealed, tag = wrapped[:-_MAC_TAG_BYTES], wrapped[-_MAC_TAG_BYTES:]
-    nonce, body = sealed[:_WRAP_NONCE_BYTES], sealed[_WRAP_NONCE_BYTES:]
-    pad, mac_key = _wrap_keys(session_key, nonce, len(body))
-    if not hmac.compare_digest(hmac.digest(mac_key, sealed, hashlib.sha256), tag):
-        raise AuthError("the wrapped key fails verification: it was altered or is from another session")
-    return bytes(a ^ b for a, b in zip(body, pad))
+    if len(wrapped) != _WRAPPED_KEY_BYTES:
+        raise AuthError(f"a wrapped key has {_WRAPPED_KEY_BYTES} bytes, got {len(wrapped)}: the coordinator "
+                        f"runs another ringtune version (before AES key wrap); install the same on both")
+    try:
+        return aes_key_unwrap(_wrapping_key(session_key), wrapped)
+    except InvalidUnwrap:
+        raise AuthError("the wrapped key fails verification: it was altered or is from another session") from None
 
 
-def _wrap_keys(session_key: bytes, nonce: bytes, length: int) -> tuple[bytes, bytes]:
-    # HKDF output used once as a one-time pad (fresh nonce), then encrypt-then-MAC.
-    pad = _hkdf(session_key, salt=nonce, info=_PROTOCOL + b" wrap pad", length=length)
-    return pad, _hkdf(session_key, salt=nonce, info=_PROTOCOL + b" wrap mac")
+def _wrapping_key(session_key: bytes) -> bytes:
+    # The session key also keys the sealed control messages: wrap under a key of its own.
+    return _hkdf(session_key, salt=b"", info=_PROTOCOL + b" wrap")
 
 
 def _hkdf(key: bytes, *, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
-    """HKDF-SHA256 (RFC 5869)."""
-    prk = hmac.digest(salt or bytes(32), key, hashlib.sha256)
-    blocks, block = [], b""
-    for counter in range(1, -(-length // 32) + 1):
-        block = hmac.digest(prk, block + info + bytes([counter]), hashlib.sha256)
-        blocks.append(block)
-    return b"".join(blocks)[:length]
+    """HKDF-SHA256 (RFC 5869); an empty salt is HashLen zero bytes, as the RFC says."""
+    return HKDF(algorithm=SHA256(), length=length, salt=salt or None, info=info).derive(key)
 
 
 def _fields(*values: str) -> bytes:
@@ -244,9 +251,6 @@ class FrameAuthenticator:
     def __init__(self, key: bytes, *, encrypt: bool = False) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError(f"a frame key has {KEY_BYTES} bytes, got {len(key)}: derive it with link_key()")
-        if encrypt and not AEAD_AVAILABLE:
-            raise ValueError("encrypting frames needs the 'cryptography' package: pip install cryptography, "
-                             "or run without encryption")
         self._mode = _MODE_AEAD if encrypt else _MODE_MAC
         self._tag_bytes = _AEAD_TAG_BYTES if encrypt else _MAC_TAG_BYTES
         subkey = _hkdf(key, salt=b"", info=_PROTOCOL + b" frame " + _MODE_NAMES[self._mode].encode())

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 
-ARCHITECTURES = ["tiny-llama", "tiny-gpt2"]
+ARCHITECTURES = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 WORDS = "the cat sat on a mat and dog ran far away into green fields while birds sang".split()
 
 
@@ -22,6 +22,22 @@ def ringtune_command(*args: str) -> list[str]:
 
 
 TOKEN = "test-token-0123456789abcdef"
+
+
+def files_holding(root: Path, secret: str, allowed: tuple[str, ...] = ()) -> list[Path]:
+    """Every file under root whose bytes contain secret (names in allowed are skipped, e.g. "token")."""
+    return [path for path in root.rglob("*")
+            if path.is_file() and path.name not in allowed and secret.encode() in path.read_bytes()]
+
+
+def hello_reply(**fields):
+    """An agent's hello (ringtune.protocol.HelloReply) with plausible values, overridden by fields."""
+    from ringtune.protocol import PROTOCOL_VERSION, HelloReply
+
+    defaults = dict(protocol=PROTOCOL_VERSION, name="pi-a", agent_id="pi-a@host", version="0", has_data=False,
+                    pid=1, cores=4, threads=4, ram_bytes=8 << 30, ram_available=6 << 30, runtime="torch",
+                    export_dir=False, gflops=10.0, busy=None, probe_port=7721)
+    return HelloReply(**{**defaults, **fields})
 
 
 class AgentProcess:

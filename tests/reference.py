@@ -4,19 +4,21 @@ import torch
 from edge_runtime.data.dataset import OwnerData
 from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora
 from edge_runtime.models.registry import load_model
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 
 
 def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec, data: OwnerData,
-                      steps: int, privacy=None, cuts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """privacy (a PrivacySpec) is applied at cuts = (end of the owner's head, start of its tail)."""
-    model = apply_lora(load_model(model_name), lora)
+                      steps: int, privacy=None, plan=None, base_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """privacy (a PrivacySpec) is applied where plan cuts: the end of the owner's head, the start of its tail.
+    base_dtype: the frozen weights hold the values a compact model of that dtype computes with (plain fp32
+    modules)."""
+    model = apply_lora(dequantized_model(load_model(model_name), base_dtype), lora)
     position = [0, 0]
     if privacy is not None:
         from edge_runtime.privacy.base import NoiseStream
         from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
 
-        privatize_reference_cuts(model, *cuts, hidden_mechanism(privacy), gradient_mechanism(privacy),
+        privatize_reference_cuts(model, plan, hidden_mechanism(privacy), gradient_mechanism(privacy),
                                  NoiseStream(privacy.seed), lambda: tuple(position), privacy.public)
     params = [p for p in model.parameters() if p.requires_grad]
     adamw = torch.optim.AdamW(params, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
@@ -32,28 +34,43 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
     return {adapter_key(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def dequantized_model(model, base_dtype: str):
+    """model with every weight that ringtune stores compactly replaced by the fp32 values it computes with."""
+    from edge_runtime.models.quantization import compact_targets, dequantized
+
+    targets = compact_targets(model)
+    weights = {id(p): p for p in model.parameters()}
+    with torch.no_grad():
+        for weight_id, transposed in targets.items():  # Conv1D stores [in, out], quantized per output
+            weight = weights[weight_id]
+            values = dequantized(weight.T if transposed else weight, base_dtype)
+            weight.copy_(values.T if transposed else values)
+    return model
+
+
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def privatize_reference_cuts(model, head_end: int, tail_start: int, hidden, gradient, noise, position,
-                             public: int = 0):
-    """Hooks on a (peft) model that apply the owner's mechanisms where its ring would cut: on the output
-    of block head_end - 1 (hidden, positions < public untouched) and on the gradient into block tail_start
-    (gradient). position() gives the current (step, micro-batch); noise is a NoiseStream with the ring's seed."""
+def privatize_reference_cuts(model, plan, hidden, gradient, noise, position, public: int = 0):
+    """Hooks on a (peft) model that apply the owner's mechanisms where plan's ring cuts: on the output of
+    its head's last block (hidden, positions < public untouched) and on the gradient into its tail's first
+    block (gradient). position() gives the current (step, micro-batch); noise is a NoiseStream with the
+    ring's seed (keyed by the owner's role, as the ring's is)."""
     from edge_runtime.models.structure import find_parts
 
     blocks = find_parts(model).blocks
+    head_end, tail_start = plan.stages[0].layers[1], plan.stages[-1].layers[0]
 
     def on_head_output(_, __, output):
         hidden_out = output[0] if isinstance(output, tuple) else output
-        private = hidden.apply(hidden_out, noise.generator(*position(), "hidden"), public)
+        private = hidden.apply(hidden_out, noise.generator(*position(), "head", "hidden"), public)
         return (private, *output[1:]) if isinstance(output, tuple) else private
 
     def on_tail_input(_, args, kwargs):
         tensor = args[0] if args else kwargs["hidden_states"]
-        tensor.register_hook(lambda grad: gradient.apply(grad, noise.generator(*position(), "gradient")))
+        tensor.register_hook(lambda grad: gradient.apply(grad, noise.generator(*position(), "tail", "gradient")))
 
     handles = []
     if hidden is not None:

@@ -7,12 +7,12 @@ import struct
 
 import pytest
 
-from ringtune.security import (AEAD_AVAILABLE, AgentHandshake, AuthError, CoordinatorHandshake,
+from ringtune import security
+from ringtune.security import (AgentHandshake, AuthError, CoordinatorHandshake,
                                FrameAuthenticator, ReplayError, TokenError, check_token, generate_token,
                                link_key, load_or_create_token, new_key, unwrap_key, wrap_key)
 
-MODES = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not AEAD_AVAILABLE, reason="AEAD needs the optional 'cryptography' package"))]
+MODES = [False, True]
 
 
 def handshake(agent_token: str, coordinator_token: str, run: str = "run-1") -> tuple[bytes, bytes]:
@@ -115,6 +115,35 @@ def test_a_wrapped_run_key_reaches_the_agent_and_resists_tampering() -> None:
             unwrap_key(bad_session, bad_wrapped)
 
 
+def test_keys_are_the_ones_the_hand_written_hkdf_derived() -> None:
+    """Known vectors from the HKDF ringtune used before cryptography's: both ends derive the same keys."""
+    key = bytes(range(32))
+    assert link_key(key, "stage 0", "stage 1").hex() == \
+        "61a6b3f2693dc01604f19aaade330a5578a37123a4bec3ba17f756e5ae056283"
+    assert security._session_key(b"token-token-token-1234", bytes(32), bytes([1]) * 32,
+                                 security._fields("pi-a", "run1")).hex() == \
+        "369740d8f59db1203be3ae191a1999535d75dc614b54e7c3035690828cd08d04"
+    assert security._hkdf(key, salt=b"salt", info=b"info", length=64).hex() == (
+        "64cc2a23b7a1da4310420350405fdf5d632cb9bda3700d753e96cbcfeb81d449"
+        "6259e7075d6da9d2c3255e8bdc4de030b56bfb17845e036d962918c0a2ff6cac")
+
+
+def test_hkdf_is_rfc_5869() -> None:
+    """RFC 5869 test case 1 (SHA-256)."""
+    okm = security._hkdf(bytes([0x0b] * 22), salt=bytes(range(13)), info=bytes(range(0xf0, 0xfa)), length=42)
+    assert okm.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+                         "34007208d5b887185865")
+
+
+def test_the_run_key_is_wrapped_with_rfc_3394() -> None:
+    """A wrap is AES key wrap under the session's wrapping key: deterministic, 8 bytes longer."""
+    session, run_key = bytes(range(32)), bytes(range(32, 64))
+    wrapped = wrap_key(session, run_key)
+    assert len(wrapped) == 40 and wrap_key(session, run_key) == wrapped
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+    assert aes_key_unwrap(security._wrapping_key(session), wrapped) == run_key
+
+
 def test_each_link_direction_has_its_own_key() -> None:
     run_key = new_key()
     assert link_key(run_key, "stage0", "stage1") != link_key(run_key, "stage1", "stage0")
@@ -175,7 +204,6 @@ def test_frames_do_not_open_with_another_key_or_direction() -> None:
         FrameAuthenticator(new_key()).open(forward.seal(b"h", b"activation"))
 
 
-@pytest.mark.skipif(not AEAD_AVAILABLE, reason="AEAD needs the optional 'cryptography' package")
 def test_encryption_must_match_on_both_ends() -> None:
     key = new_key()
     with pytest.raises(AuthError, match="agree on encryption"):

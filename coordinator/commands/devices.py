@@ -9,6 +9,7 @@ import sys
 from coordinator.discovery.mdns import MdnsDiscovery
 from edge_runtime.discovery.advert import AgentAdvert
 from edge_runtime.discovery.interfaces import parse_interfaces
+from ringtune.console import print_table
 
 COLUMNS = ("name", "address", "cores", "RAM", "GFLOPS", "runtime", "owner")
 
@@ -37,10 +38,9 @@ def run(args: argparse.Namespace) -> int:
     elif not agents:
         print(f"no agents found within {args.timeout:g} s: start `ringtune agent` on your devices, "
               "check they are on this network (see --interface), or raise --timeout", file=sys.stderr)
-    elif sys.stdout.isatty():
-        _print_rich(agents)
     else:
-        _print_plain(agents)
+        print_table(COLUMNS, [_row(agent) for agent in agents], title=f"{len(agents)} ringtune agent(s)",
+                    right=("cores", "RAM", "GFLOPS"))
     return 0
 
 
@@ -52,22 +52,3 @@ def to_json(agent: AgentAdvert) -> dict[str, object]:
 def _row(agent: AgentAdvert) -> tuple[str, ...]:
     return (agent.name, agent.address, str(agent.cores), f"{agent.ram_bytes / 2**30:.1f} GiB",
             f"{agent.gflops:.1f}", agent.runtime, "yes" if agent.has_data else "-")
-
-
-def _print_rich(agents: list[AgentAdvert]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(agents)} ringtune agent(s)")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("cores", "RAM", "GFLOPS") else "left")
-    for agent in agents:
-        table.add_row(*_row(agent))
-    Console().print(table)
-
-
-def _print_plain(agents: list[AgentAdvert]) -> None:
-    rows = [COLUMNS, *(_row(agent) for agent in agents)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCHEDULES = ("1f1b", "gpipe")
+from ringtune.base_dtype import BASE_DTYPE_CHOICES
+from ringtune.plan import PLANNED_SCHEDULES
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="plan the split of a model over devices (no weights needed)",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    model.add_argument("--model", help="tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     model.add_argument("--model-config", type=Path, metavar="FILE", help="a Hugging Face config.json")
     parser.add_argument("--device", action="append", default=[], metavar="PROFILE[:NAME]",
                         help="a device in the ring: a built-in profile or one from --device-file, "
@@ -29,12 +30,15 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
+    parser.add_argument("--schedule", choices=PLANNED_SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end of the model")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                        help="how devices store the frozen base weights (priced in memory and time): auto is fp32 "
+                             "when the model fits at fp32, else the widest dtype that fits")
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -62,39 +66,40 @@ def devices_from_args(args) -> list:
 
 
 def run(args) -> int:
-    from coordinator.planning import RunShape, config_from_file, plan_run
-    from edge_runtime.models.lora import LoraSpec
+    from coordinator.planning import RunShape, plan_run
+    from ringtune.lora_spec import LoraSpec
 
     devices = devices_from_args(args)
     owner = args.owner or devices[0].name
     shape = RunShape(args.micro_batch_size, args.seq_len, args.micro_batches, args.schedule,
                      args.min_owner_blocks)
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
-    if args.model_config is not None:
-        path = args.model_config
-        model, name = config_from_file(path), str(path.parent if path.name == "config.json" else path)
+    model = args.model_config if args.model_config is not None else args.model
+    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets),
+                    base_dtype=args.base_dtype)
+    if args.json:
+        print(plan.to_json())
     else:
-        model, name = args.model, args.model
-    plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets), name)
-    print(plan.to_json() if args.json else format_plan(plan, devices))
+        print_plan(plan, devices)
     return 0
 
 
-def format_plan(plan, devices: list) -> str:
-    """The plan as a table: one row per stage, then the predicted step time and throughput."""
+def print_plan(plan, devices: list) -> None:
+    """The plan as a table (one row per stage), then the predicted step time and throughput."""
+    from ringtune.console import print_table
+
     ram = {d.name: d.ram_bytes for d in devices}
     p = plan.predicted
-    rows = [("stage", "device", "role", "layers", "memory used / available", "compute s", "link s")]
-    for i, stage in enumerate(plan.stages):
-        memory = f"{p['memory_bytes'][stage.device] / 1e9:.2f} / {ram[stage.device] / 1e9:.2f} GB"
-        rows.append((str(i), stage.device, stage.role, f"[{stage.layers[0]}, {stage.layers[1]})", memory,
-                     f"{p['stage_compute_seconds'][i]:.3f}", f"{p['stage_link_seconds'][i]:.3f}"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
-                 f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
-                 f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
+    rows = [(str(i), stage.device, stage.role, f"[{stage.layers[0]}, {stage.layers[1]})",
+             f"{p['memory_bytes'][stage.device] / 1e9:.2f} / {ram[stage.device] / 1e9:.2f} GB",
+             f"{p['stage_compute_seconds'][i]:.3f}", f"{p['stage_link_seconds'][i]:.3f}")
+            for i, stage in enumerate(plan.stages)]
+    print_table(("stage", "device", "role", "layers", "memory used / available", "compute s", "link s"), rows,
+                right=("stage", "compute s", "link s"))
+    print(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
+          f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
+          f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
+    print(f"base weights: {plan.base_dtype} ({plan.base_dtype_reason})")
     unused = [d.name for d in devices if d.name not in plan.devices()]
     if unused:
-        lines.append(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")
-    return "\n".join(lines)
+        print(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")

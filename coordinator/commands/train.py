@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_runtime.schedules import SCHEDULES
+from ringtune.base_dtype import BASE_DTYPE_CHOICES
+from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
 
 
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
                         help="the agents' pairing token (default: $RINGTUNE_TOKEN)")
     parser.add_argument("--encrypt", action="store_true",
                         help="encrypt hidden states and gradients on the wire (ChaCha20-Poly1305), not only authenticate")
-    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, smollm2-135m, or a local HF model directory")
+    parser.add_argument("--model", help="(required unless --resume) tiny-llama, tiny-gpt2, tiny-gemma3, smollm2-135m, or a local HF model directory")
     parser.add_argument("--owner", help="name of the agent that holds the data (default with --discover: the "
                                         "one agent advertising data)")
     parser.add_argument("--data", help="training data JSONL for the local owner (with --local)")
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b", help="pipeline schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -41,6 +42,10 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the data order")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
+                        help="how devices store the frozen base weights: auto is fp32 when the model fits the "
+                             "devices at fp32, else the widest dtype that fits (LoRA, gradients, optimizer state "
+                             "and activations stay fp32)")
     parser.add_argument("--plan", type=Path, help="a saved plan JSON (ringtune plan --json) to run as is")
     parser.add_argument("--split", choices=["planned", "even"], default="planned",
                         help="planned: the exact partitioner over the agents' measured profiles (devices that "
@@ -52,7 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
     parser.add_argument("--link-mbit", type=float,
-                        help="link bandwidth the planner assumes (default: 1000, or 10000 with --local)")
+                        help="link bandwidth the planner assumes for every agent (default: measured to each "
+                             "agent before planning, a short timed transfer)")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--runtime", default="torch",
                         help="with --local: torch or executorch for every agent, or one per agent (owner first), "
@@ -75,10 +81,10 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def settings_from_args(args, owner: str, token: str):
-    from coordinator.training import TrainSettings
+def settings_from_args(args, owner: str):
+    from coordinator.settings import TrainSettings
     from edge_runtime.models.lora import LoraSpec
-    from edge_runtime.runners.base import OptimizerSpec
+    from ringtune.optimizer_spec import OptimizerSpec
 
     for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "lora_r"):
         if getattr(args, flag) < 1:
@@ -89,11 +95,11 @@ def settings_from_args(args, owner: str, token: str):
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
-                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout, token=token,
+                         data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=max(args.min_owner_blocks, (
                              PRESETS[privacy.preset].owner_blocks if privacy.preset else 0)),
-                         link_bytes_per_s=(args.link_mbit or (10_000 if args.local else 1000)) * 1e6 / 8,
-                         privacy=privacy)
+                         link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
+                         privacy=privacy, base_dtype=args.base_dtype)
 
 
 def run(args) -> int:
@@ -104,14 +110,21 @@ def run(args) -> int:
 
 
 def train(args, discovery) -> int:
+    import secrets
+
     from coordinator.client import AgentClient
     from coordinator.cluster.state import cluster_devices
+    from coordinator.interrupt import Interrupt
     from coordinator.local import local_names, start_local_agents, stop_local_agents
+    from coordinator.membership import AgentGone, Membership
     from coordinator.progress import progress_for_terminal
-    from coordinator.recovery import RecoverySettings, ResilientTrainer, load_run
-    from coordinator.training import AgentGone
+    from coordinator.recovery import ResilientTrainer
+    from coordinator.run_store import RunStore
+    from coordinator.settings import RecoverySettings
     from edge_runtime.models.registry import load_config
+    from edge_runtime.models.structure import sliceable_meta_model
     from ringtune.plan import Plan
+    from ringtune.protocol import Timeouts
     from ringtune.security import generate_token
 
     if args.resume:
@@ -119,10 +132,12 @@ def train(args, discovery) -> int:
     elif not args.model or not args.out:
         raise ValueError("--model and --out are required (or --resume DIR to continue a run)")
     else:
-        load_config(args.model)  # an unknown model fails here, before any agent starts
+        sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
+    store = RunStore(args.out)
+    resumed = store.read_run() if args.resume else None
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
-    local = []
+    local, names = [], None
     token = args.token
     if args.local is not None:
         if args.local < 1 or not args.data:
@@ -130,14 +145,15 @@ def train(args, discovery) -> int:
         token = generate_token()
         owner = local_names(args.local)[0]
         print(f"starting {args.local} local agent(s) ...", flush=True)
-        local = start_local_agents(args.local, args.data, args.out / "logs", token, threads=args.threads,
+        local = start_local_agents(args.local, args.data, store.logs, token, threads=args.threads,
                                    runtimes=local_runtimes(args.runtime))
         urls = [agent.url for agent in local]
     elif args.runtime != "torch":
         raise ValueError("--runtime is for --local agents; start remote agents with `ringtune agent --runtime ...`")
     elif args.discover:
-        owner, found = discover_agents(args, discovery)
+        owner, found = discover_agents(args, discovery, resumed[1] if resumed else "")
         urls = [advert.control_url for advert in found]
+        names = None if args.discover.isdigit() else frozenset(a.name for a in found)
     else:
         if not args.owner and not args.resume:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
@@ -153,17 +169,22 @@ def train(args, discovery) -> int:
             if status and agent.name in names:
                 raise AgentGone(agent.name, f"agent {agent.name} {status}; its log: {agent.log_path}\n{agent.log_tail()}")
 
-    clients = [AgentClient(url, timeout=args.heartbeat_timeout) for url in urls]
+    settings, lineage = resumed if resumed else (settings_from_args(args, owner), secrets.token_hex(8))
+    timeouts = Timeouts(heartbeat=settings.heartbeat_timeout)
+    clients = [AgentClient(url, timeouts) for url in urls]
+    members = Membership(token, secrets.token_hex(8), lineage, timeouts, names, check_alive)
     progress = progress_for_terminal()
+    interrupt = Interrupt()
     try:
-        settings, lineage = load_run(args.resume, token) if args.resume else (settings_from_args(args, owner, token), None)
-        recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout, resume=bool(args.resume))
-        find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
-        trainer = ResilientTrainer(settings, clients, recovery, lineage, find_agents, progress=progress,
-                                   check_alive=check_alive)
-        result = trainer.run(plan)
+        with interrupt.installed():
+            members.join_all(clients, settings.owner)
+            recovery = RecoverySettings(args.checkpoint_every, args.rebalance, args.pause_timeout,
+                                        resume=bool(args.resume))
+            find_agents = (lambda: [advert.control_url for advert in discovery.table.seen()[1]]) if discovery else None
+            result = ResilientTrainer(settings, recovery, members, store, progress, find_agents, interrupt).run(plan)
     finally:
         progress.close()
+        members.close()
         for client in clients:
             client.close()
         stop_local_agents(local)
@@ -190,11 +211,12 @@ def open_discovery(args):
     return MdnsDiscovery(interfaces=parse_interfaces(args.interface))
 
 
-def discover_agents(args, discovery) -> tuple[str, list]:
-    """The owner's name and the adverts of the agents found over mDNS (--discover)."""
+def discover_agents(args, discovery, lineage: str = "") -> tuple[str, list]:
+    """The owner's name and the adverts of the agents found over mDNS (--discover); lineage: the run being
+    resumed (agents busy with it count as free)."""
     wanted: int | list[str] = int(args.discover) if args.discover.isdigit() else args.discover.split(",")
     print(f"looking for {wanted} agent(s) over mDNS ...", flush=True, file=sys.stderr)
-    found = discovery.wait_for(wanted, args.discover_timeout)
+    found = discovery.wait_for(wanted, args.discover_timeout, lineage)
     if isinstance(wanted, int):
         found = sorted(found, key=lambda a: (not a.has_data, a.name))[:wanted]
     owner = args.owner or _the_owner(found)

@@ -23,11 +23,12 @@ class DiscoveryTimeout(ValueError):
         """How many agents are missing."""
         self.found = tuple(found)
         """Agents that were seen."""
-        seen = ", ".join(a.name for a in found) or "none"
+        seen = ", ".join(a.name + (" (busy with another run)" if a.busy else "") for a in found) or "none"
         if self.missing:
             what = f"agent(s) not found within {timeout:g} s: {', '.join(self.missing)} (found: {seen})"
         else:
-            what = (f"found {len(found)} of {len(found) + missing_count} agents within {timeout:g} s "
+            free = len(_free(list(found)))
+            what = (f"found {free} of {free + missing_count} free agents within {timeout:g} s "
                     f"(found: {seen}); {missing_count} missing")
         super().__init__(f"{what}; {_HINT}")
 
@@ -94,11 +95,12 @@ class Discovery(ABC):
         time.sleep(max(timeout, 0.0))  # mDNS cannot tell "no more answers": listen the whole time
         return self.table.seen()[1]
 
-    def wait_for(self, wanted: int | str | Sequence[str], timeout: float) -> list[AgentAdvert]:
+    def wait_for(self, wanted: int | str | Sequence[str], timeout: float, lineage: str = "") -> list[AgentAdvert]:
         """Wait until ``wanted`` agents are seen: a count, or names/ids (matched against both).
 
-        Returns the named agents in the order asked, or, for a count, every agent seen once at
-        least that many are (sorted by name; more may be returned). Raises :class:`DiscoveryTimeout`
+        Returns the named agents in the order asked, or, for a count, every agent not busy with a
+        run (other than ``lineage``, the run being resumed) seen once at least that many are (sorted
+        by name; more may be returned). Raises :class:`DiscoveryTimeout`
         naming who is missing, or :class:`AmbiguousAgent` if a name matches two agents.
         """
         names = [wanted] if isinstance(wanted, str) else wanted
@@ -107,9 +109,9 @@ class Discovery(ABC):
         deadline = time.monotonic() + timeout
         while True:
             version, agents = self.table.seen()
-            missing = _missing(names, agents)
+            missing = _missing(names, agents, lineage)
             if not missing[1]:
-                return agents if isinstance(names, int) else [_pick(n, agents) for n in names]
+                return _free(agents, lineage) if isinstance(names, int) else [_pick(n, agents) for n in names]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DiscoveryTimeout(*missing, found=agents, timeout=timeout)
@@ -122,12 +124,17 @@ class Discovery(ABC):
         self.close()
 
 
-def _missing(wanted: int | Sequence[str], agents: list[AgentAdvert]) -> tuple[list[str], int]:
+def _missing(wanted: int | Sequence[str], agents: list[AgentAdvert], lineage: str = "") -> tuple[list[str], int]:
     """(missing names, missing count) for the wanted agents among those seen."""
     if isinstance(wanted, int):
-        return [], max(wanted - len(agents), 0)
+        return [], max(wanted - len(_free(agents, lineage)), 0)
     names = [name for name in wanted if not _matches(name, agents)]
     return names, len(names)
+
+
+def _free(agents: list[AgentAdvert], lineage: str = "") -> list[AgentAdvert]:
+    """Agents not busy with a run (or busy with the run of this lineage)."""
+    return [a for a in agents if a.busy in ("", lineage)]
 
 
 def _matches(name: str, agents: list[AgentAdvert]) -> list[AgentAdvert]:

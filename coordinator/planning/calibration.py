@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.planning.cost_table import CostTable
+from coordinator.planning.costs import CostTable
 from coordinator.planning.partitioner import RunShape
 from device_profiles.profile import DeviceProfile
 

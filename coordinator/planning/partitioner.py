@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.planning.cost_table import CostTable
+from coordinator.planning.costs import CostTable
 from device_profiles.profile import DeviceProfile
-from ringtune.plan import Plan, PlanError, Schedule, StageSpec, validate_plan
+from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, Schedule, StageSpec, validate_plan
 
 GB = 1e9
 INF = float("inf")
@@ -401,8 +401,8 @@ def _check_input(table: CostTable, profiles: list[DeviceProfile], owner: str, sh
     if min(shape.micro_batch_size, shape.seq_len, shape.micro_batches) < 1 or shape.min_owner_blocks < 0:
         raise PlanError("micro-batch size, sequence length and micro-batches must be >= 1, "
                         "min owner blocks >= 0")
-    if shape.schedule not in ("1f1b", "gpipe"):
-        raise PlanError(f"unknown schedule {shape.schedule!r}: use 1f1b or gpipe")
+    if shape.schedule not in PLANNED_SCHEDULES:
+        raise PlanError(f"unknown schedule {shape.schedule!r}: use one of {', '.join(PLANNED_SCHEDULES)}")
     if shape.seq_len != table.seq_len:
         raise PlanError(f"the cost table was traced at sequence length {table.seq_len}, the run uses "
                         f"{shape.seq_len}: build the table with seq_len={shape.seq_len}")

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_STATE = Path(os.environ.get("RINGTUNE_STATE", Path.home() / ".local" / "state" / "ringtune"))
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     if args.print_systemd_unit:
-        print(systemd_unit(args))
+        print(systemd_unit(args, sys.argv[sys.argv.index("agent") + 1:] if "agent" in sys.argv else []))
         return 0
     from edge_runtime.agent import Agent
     from ringtune.security import check_token, load_or_create_token
@@ -55,6 +56,8 @@ def run(args) -> int:
     agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads,
                   runtime=args.runtime, export_dir=args.export_dir)
     advertiser = None if args.no_advertise else _advertise(agent, args)
+    if advertiser is not None:  # say busy/free on the network, off the control loop (mDNS takes a moment)
+        agent.on_busy = lambda lineage: threading.Thread(target=advertiser.set_busy, args=(lineage,), daemon=True).start()
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"ringtune agent {args.name} listening on {agent.url}", flush=True)
     try:
@@ -82,10 +85,20 @@ def _advertise(agent, args):
     return Advertiser(advert, interfaces=parse_interfaces(args.interface))
 
 
-def systemd_unit(args) -> str:
-    """A unit for /etc/systemd/system/ringtune-agent.service with this command line."""
-    argv = [a for a in sys.argv[1:] if a != "--print-systemd-unit"]
-    command = shlex.join([sys.executable, "-m", "ringtune.cli", *argv])
+def systemd_unit(args, argv: list[str]) -> str:
+    """A unit for /etc/systemd/system/ringtune-agent.service that runs this agent command (argv: its options).
+
+    The token never goes into the unit: a --token given here is kept in the state directory's token file
+    (mode 0600, where the agent reads it at start), and the unit names that directory explicitly (the
+    service may run as another user, with another home)."""
+    from ringtune.security import keep_token
+
+    state_dir = args.state_dir.expanduser().resolve()
+    if args.token:
+        path = keep_token(state_dir, args.token)
+        print(f"the token is kept in {path} (mode 0600) for the unit to read", file=sys.stderr)
+    options = _without(argv, {"--print-systemd-unit"}, {"--token", "--state-dir"})
+    command = shlex.join([sys.executable, "-m", "ringtune.cli", "agent", *options, "--state-dir", str(state_dir)])
     return f"""[Unit]
 Description=ringtune agent {args.name}
 After=network-online.target
@@ -100,6 +113,19 @@ Environment=PYTHONUNBUFFERED=1
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def _without(argv: list[str], flags: set[str], options: set[str]) -> list[str]:
+    """argv without these flags and these options (with their values, as OPTION VALUE or OPTION=VALUE)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg not in flags and arg.split("=", 1)[0] not in options:
+            kept.append(arg)
+    return kept
 
 
 def _interrupt(signum, frame) -> None:

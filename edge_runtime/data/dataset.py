@@ -78,6 +78,23 @@ def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[l
     return ids, labels
 
 
+def pad_records(records: list[Record], tokenizer: Tokenizer, seq_len: int,
+                to_longest: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and labels [n, W] and each record's length [n], from encode_record.
+
+    W is seq_len, or with ``to_longest`` the longest record's length (evaluation batches). Right
+    padding plus a causal mask keeps every real position's logits exact."""
+    encoded = [encode_record(record, tokenizer, seq_len) for record in records]
+    lengths = torch.tensor([len(token_ids) for token_ids, _ in encoded], dtype=torch.long)
+    width = int(lengths.max()) if to_longest and encoded else seq_len
+    ids = torch.full((len(records), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (token_ids, token_labels) in enumerate(encoded):
+        ids[row, :len(token_ids)] = torch.tensor(token_ids)
+        labels[row, :len(token_labels)] = torch.tensor(token_labels)
+    return ids, labels, lengths
+
+
 def common_prefix_length(sequences: list[list[int]]) -> int:
     """How many leading token ids every sequence shares (0 without sequences)."""
     if not sequences:
@@ -95,13 +112,7 @@ class OwnerData:
                  micro_batches: int, seed: int) -> None:
         if seq_len < 2:
             raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-        self._ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-        self._labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
-        for row, record in enumerate(records):
-            ids, labels = encode_record(record, tokenizer, seq_len)
-            self._ids[row, :len(ids)] = torch.tensor(ids)
-            self._labels[row, :len(labels)] = torch.tensor(labels)
-        self._lengths = (self._ids != tokenizer.pad_token_id).sum(dim=1)
+        self._ids, self._labels, self._lengths = pad_records(records, tokenizer, seq_len)
         self.micro_batch_size = micro_batch_size
         self.seq_len = seq_len
         self.micro_batches = micro_batches

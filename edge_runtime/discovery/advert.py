@@ -45,6 +45,9 @@ class AgentAdvert:
     """Execution runtime: torch or executorch."""
     has_data: bool
     """True when the agent holds private data, i.e. it can be the run's owner."""
+    busy: str = ""
+    """Lineage of the run the agent serves while its coordinator is heard from ("": free); a coordinator
+    counting devices takes only free agents (or those busy with the run it resumes)."""
 
     def __post_init__(self) -> None:
         if not self.agent_id or not self.name:
@@ -89,7 +92,7 @@ class AgentAdvert:
         properties = {"txtvers": TXT_VERSION, "id": self.agent_id, "name": self.name,
                       "ver": self.version, "ctl": self.control_url, "cores": str(self.cores),
                       "ram": str(self.ram_bytes), "gflops": f"{self.gflops:.6g}",
-                      "rt": self.runtime, "data": "1" if self.has_data else "0"}
+                      "rt": self.runtime, "data": "1" if self.has_data else "0", "busy": self.busy}
         for key, value in properties.items():
             if len(key) + 1 + len(value.encode()) > _TXT_ITEM_MAX:
                 raise AdvertError(f"TXT item {key!r} is over {_TXT_ITEM_MAX} bytes: shorten the agent's {key}")
@@ -106,7 +109,7 @@ class AgentAdvert:
             return cls(agent_id=text["id"], name=text["name"], version=text["ver"],
                        control_url=text["ctl"], cores=int(text["cores"]), ram_bytes=int(text["ram"]),
                        gflops=float(text["gflops"]), runtime=text["rt"],  # type: ignore[arg-type]
-                       has_data=text["data"] == "1")
+                       has_data=text["data"] == "1", busy=text.get("busy", ""))
         except KeyError as missing:
             raise AdvertError(f"TXT record lacks {missing}") from None
         except AdvertError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from dataclasses import replace
 
 import ifaddr
 from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf
@@ -36,6 +37,15 @@ class Advertiser:
             self._zeroconf.close()
             raise
         log.info("advertising %s as %s on %s", advert.control_url, self._info.name, interfaces)
+
+    def set_busy(self, lineage: str | None) -> None:
+        """Re-announce the advert saying which run the agent serves now (None: none)."""
+        if self._closed or (lineage or "") == self.advert.busy:
+            return
+        self.advert = replace(self.advert, busy=lineage or "")
+        self._info = ServiceInfo(SERVICE_TYPE, self._info.name, port=self.advert.port, properties=self.advert.to_txt(),
+                                 server=self._info.server, parsed_addresses=self._info.parsed_addresses())
+        self._zeroconf.update_service(self._info)
 
     def close(self) -> None:
         """Say goodbye on the network (peers drop the agent at once) and release the sockets."""

@@ -27,7 +27,7 @@ def parse_interfaces(values: Sequence[str] | None) -> Interfaces:
     """
     if not values:
         return ALL
-    local = _local_ipv4()
+    local = local_ipv4()
     known = {ip for ips in local.values() for ip in ips}
     addresses: list[str] = []
     for value in values:
@@ -40,7 +40,7 @@ def parse_interfaces(values: Sequence[str] | None) -> Interfaces:
     return addresses
 
 
-def _local_ipv4() -> dict[str, list[str]]:
+def local_ipv4() -> dict[str, list[str]]:
     """Interface name -> its IPv4 addresses (ifaddr gives IPv6 as tuples, which are skipped)."""
     return {adapter.nice_name: [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
             for adapter in ifaddr.get_adapters()}

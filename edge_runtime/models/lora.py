@@ -1,7 +1,6 @@
 """LoRA through peft on the blocks' linear layers, and the adapter directory peft loads back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,13 +31,10 @@ def adapter_key(param_name: str) -> str:
     return param_name.replace(f".{ADAPTER_NAME}.", ".")
 
 
-def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor],
-                  metadata: dict | None = None) -> Path:
+def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor]) -> Path:
     """Write adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec.to_peft(base_model).save_pretrained(str(out_dir))
     state = {adapter_key(name): t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if metadata is not None:
-        (out_dir / "ringtune.json").write_text(json.dumps(metadata, indent=1))
     return out_dir

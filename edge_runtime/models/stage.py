@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
-from edge_runtime.models.structure import DecoderParts, find_parts
+from edge_runtime.models.structure import ATTENTION_MASKS, DecoderParts, find_parts
 from ringtune.plan import Role
 
 IGNORE_INDEX = -100
@@ -15,9 +14,10 @@ class StageModule(nn.Module):
     """Blocks [start, end) of a (peft-wrapped) causal LM; head/full stages also embed, tail/full
     stages also apply the final norm and the LM head.
 
-    Every stage rebuilds position ids, the rotary embedding and the causal mask locally from the
-    sequence length, so only hidden states travel between stages. Sequences are right-padded:
-    under a causal mask no real token attends to a pad, so no padding mask is needed.
+    Every stage rebuilds position ids, the rotary embeddings and the causal (or sliding-window)
+    masks of its blocks' attention types locally from the sequence length, so only hidden states
+    travel between stages. Sequences are right-padded: under a causal mask no real token attends
+    to a pad, so no padding mask is needed.
     """
 
     def __init__(self, parts: DecoderParts, config, layers: tuple[int, int], role: Role) -> None:
@@ -26,7 +26,10 @@ class StageModule(nn.Module):
         self.layers = layers
         self.config = config
         self.blocks = nn.ModuleList(parts.blocks[layers[0]:layers[1]])
+        self.attention_types = parts.attention_types[layers[0]:layers[1]]
         self.rotary = parts.rotary
+        self.rotary_takes_type = parts.rotary_takes_type
+        self.logit_softcap = parts.logit_softcap
         embeds = role in ("head", "full")
         self.embed = parts.embed if embeds else None
         self.position_embed = parts.position_embed if embeds else None
@@ -39,8 +42,15 @@ class StageModule(nn.Module):
         logits [B, T, V] (tail/full)."""
         hidden = self._blocks_forward(inputs)
         if self.head is not None:
-            return self.head(self.final_norm(hidden))
+            return self.logits(self.final_norm(hidden))
         return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on normed hidden states [..., d] -> [..., V], soft-capped where the model caps."""
+        logits = self.head(hidden)
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
     def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed next-token loss (tail/full). The LM head runs only where a label is scored: on
@@ -56,7 +66,7 @@ class StageModule(nn.Module):
         """Summed next-token loss from the normed hidden [B, T, d] (tail/full)."""
         targets = labels[:, 1:]  # [B, T-1]
         scored = targets != IGNORE_INDEX
-        logits = self.head(hidden[:, :-1][scored])  # [N, V]
+        logits = self.logits(hidden[:, :-1][scored])  # [N, V]
         return nn.functional.cross_entropy(logits, targets[scored], reduction="sum")
 
     def _blocks_forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -67,16 +77,25 @@ class StageModule(nn.Module):
             hidden = self.embed(inputs)
             if self.position_embed is not None:
                 hidden = hidden + self.position_embed(position_ids)
-        block_kwargs = {"position_ids": position_ids}
-        if self.rotary is not None:
-            block_kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
-        block_kwargs["attention_mask"] = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-            position_ids=position_ids)
-        for block in self.blocks:
-            out = block(hidden, **block_kwargs)
+        per_type = {kind: self._block_inputs(kind, hidden, position_ids) for kind in set(self.attention_types)}
+        for block, kind in zip(self.blocks, self.attention_types):
+            out = block(hidden, **per_type[kind])
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _block_inputs(self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """What a block of attention type `kind` takes besides the hidden state [B, T, d]: position
+        ids [1, T], the rotary's (cos, sin) [1, T, head_dim] and the mask (None where attention is
+        causal by itself)."""
+        inputs = {"position_ids": position_ids}
+        if self.rotary is not None:
+            extra = (kind,) if self.rotary_takes_type else ()
+            inputs["position_embeddings"] = self.rotary(hidden, position_ids, *extra)
+        # No position ids for the mask: they are 0..T-1 in every sequence (nothing is packed), and
+        # without them the mask needs no tensor values, so the cost table traces it on meta tensors.
+        inputs["attention_mask"] = ATTENTION_MASKS[kind](
+            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=None)
+        return inputs
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -53,13 +53,16 @@ def clip_tokens(x: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 class NoiseStream:
-    """Independent generators per (step, micro-batch, purpose), so the noise does not depend on the
-    order a schedule runs micro-batches in. The seed comes from the run's settings (reproducible runs)
+    """Independent generators per (global step, micro-batch, stage, purpose), so the noise depends neither on
+    the order a schedule runs micro-batches in nor on how often or on which split a step ran (a step
+    replayed after a restore draws the same noise). The stage is the owner's role (head, tail), which a
+    re-plan keeps, not its ring index, which a re-plan changes. The seed comes from the run's settings (reproducible runs)
     or from the operating system's CSPRNG (``secrets``) when none is given."""
 
     def __init__(self, seed: int | None) -> None:
         self.seed = secrets.randbits(64) if seed is None else seed
 
-    def generator(self, step: int, microbatch: int, purpose: str) -> torch.Generator:
-        digest = hashlib.blake2b(f"{self.seed}/{step}/{microbatch}/{purpose}".encode(), digest_size=8).digest()
+    def generator(self, step: int, microbatch: int, stage: str, purpose: str) -> torch.Generator:
+        key = f"{self.seed}/{step}/{microbatch}/{stage}/{purpose}"
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -2,11 +2,13 @@
 
 The noise a preset adds is relative to what is sent: its mean norm is ``noise_ratio`` x the median token
 norm after the owner's K blocks on public text (Python's documentation), and each token is clipped to a
-quantile of those norms. Public text, never the owner's data, so the numbers reveal nothing private and
-the coordinator (which holds the public model) can compute them before anything is sent.
+quantile of those norms. Public text, never the owner's data, so the numbers reveal nothing private: the
+coordinator computes them on the owner's head slice (coordinator.slices.owner_head) before anything is sent
+and records them in the plan.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -20,15 +22,21 @@ PUBLIC_SEQUENCES = 96
 """Public-text sequences the calibration runs through the owner's blocks."""
 
 
-def calibrate(spec: PrivacySpec, model: torch.nn.Module, tokenizer, owner_blocks: int, seq_len: int) -> PrivacySpec:
-    """spec with its preset's clip and epsilon for a cut after owner_blocks blocks (spec itself when it has
-    none to compute)."""
+@torch.no_grad()
+def calibrate(spec: PrivacySpec, head: Callable[[torch.Tensor], torch.Tensor], tokenizer, seq_len: int) -> PrivacySpec:
+    """spec with its preset's clip and epsilon at the cut after head, the owner's head stage (ids [B, T] ->
+    hidden states [B, T, d] as sent), or spec itself when it has none to compute."""
     if spec.calibrated:
         return spec
     preset = PRESETS[spec.preset]
-    ids = public_token_batches(tokenizer, PUBLIC_SEQUENCES, seq_len)
-    states = torch.cat([head_states(model, batch, [owner_blocks])[owner_blocks] for batch in ids.split(8)])
+    ids = public_token_batches(tokenizer, PUBLIC_SEQUENCES, seq_len)  # [S, T]
+    states = torch.cat([head(batch) for batch in ids.split(8)])  # [S, T, d]
     return calibrated(spec, states, preset.noise_ratio, preset.clip_quantile)
+
+
+def head_stage(model: torch.nn.Module, owner_blocks: int) -> StageModule:
+    """The head stage of a whole model cut after owner_blocks blocks."""
+    return StageModule(find_parts(model), model.config, (0, owner_blocks), "head")
 
 
 def calibrated(spec: PrivacySpec, states: torch.Tensor, noise_ratio: float, clip_quantile: float) -> PrivacySpec:

@@ -7,7 +7,8 @@ from edge_runtime.privacy.base import GradientMechanism, HiddenMechanism, NoiseS
 from edge_runtime.privacy.dchi import DChiMechanism
 from edge_runtime.privacy.gaussian import GaussianMechanism
 from edge_runtime.privacy.maxnorm import MaxNormMechanism
-from edge_runtime.runners.base import OptimizerSpec, StageRunner
+from edge_runtime.runners.base import StageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.privacy_spec import PrivacySpec
 
 
@@ -44,7 +45,10 @@ class PrivateStageRunner(StageRunner):
     travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip.
     The tail's gradient w.r.t. its input is privatized before it is returned (and sent). With spec.public
     = N the head sends positions < N as they are, after checking that every sequence starts with the N
-    token ids of the run's first micro-batch."""
+    token ids of the run's first micro-batch. Noise is keyed by (seed, global step, micro-batch, stage), the
+    stage being the owner's role (head or tail: its ring index changes when a re-plan adds or drops
+    devices), so a step replayed after a restore, on any split, draws the same noise; the training state is
+    the inner runner's."""
 
     def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> None:
         super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
@@ -56,7 +60,11 @@ class PrivateStageRunner(StageRunner):
         self.hidden = hidden_mechanism(spec) if inner.role == "head" else None
         self.gradient = gradient_mechanism(spec) if inner.role == "tail" else None
         self._clip_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._step = 0
+        self._step = 0  # the global step being run (begin_step)
+
+    def begin_step(self, step):
+        self._step = step
+        self.inner.begin_step(step)
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
         if self.hidden is not None and self.spec.public:
@@ -66,7 +74,7 @@ class PrivateStageRunner(StageRunner):
             return output
         plain = output.detach().requires_grad_(True)  # [B, T, d]
         with torch.enable_grad():
-            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, "hidden"),
+            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, self.role, "hidden"),
                                         self.spec.public)
         self._clip_graph[microbatch] = (plain, private)
         return private.detach()
@@ -84,18 +92,23 @@ class PrivateStageRunner(StageRunner):
         grad_input = self.inner.backward(microbatch, grad_output)
         if self.gradient is None or grad_input is None:
             return grad_input
-        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, "gradient"))
+        return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, self.role, "gradient"))
 
     def step(self):
         assert not self._clip_graph, f"micro-batches {sorted(self._clip_graph)} were never backpropagated"
         self.inner.step()
-        self._step += 1
 
     def lora_state(self):
         return self.inner.lora_state()
 
     def load_lora_state(self, state):
         self.inner.load_lora_state(state)
+
+    def training_state(self):
+        return self.inner.training_state()
+
+    def load_training_state(self, state):
+        self.inner.load_training_state(state)
 
 
 def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> StageRunner:

@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Role
-
-
-@dataclass(frozen=True, slots=True)
-class OptimizerSpec:
-    lr: float = 1e-3
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW moment coefficients."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
 
 
 class StageRunner(ABC):
@@ -48,6 +36,10 @@ class StageRunner(ABC):
     @abstractmethod
     def backward(self, microbatch: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
         """Accumulate LoRA grads; return the gradient w.r.t. the stage input (None on head/full)."""
+
+    def begin_step(self, step: int) -> None:
+        """Called before the first micro-batch of global step ``step`` (a runner whose randomness is keyed
+        by the step reads it here)."""
 
     def step(self) -> None:
         """Apply the accumulated gradient with AdamW and clear it (the step boundary)."""

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from edge_runtime.runners.base import OptimizerSpec, StageRunner
+from edge_runtime.runners.base import StageRunner
+
+from ringtune.optimizer_spec import OptimizerSpec
 from exporters.manifest import (
     ExportManifest,
     ManifestError,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from edge_runtime.models.stage import StageModule
-from edge_runtime.runners.base import OptimizerSpec, StageRunner
+from edge_runtime.runners.base import StageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 
 
 class TorchStageRunner(StageRunner):

@@ -68,9 +68,24 @@ def test_timeout_names_the_missing_agents(registry: MemoryRegistry) -> None:
 
 def test_timeout_for_a_count_says_how_many_are_missing(registry: MemoryRegistry) -> None:
     MemoryAdvertiser(registry, make_advert("pi-a"))
-    with pytest.raises(DiscoveryTimeout, match="found 1 of 3 agents .* 2 missing") as caught:
+    with pytest.raises(DiscoveryTimeout, match="found 1 of 3 free agents .* 2 missing") as caught:
         MemoryDiscovery(registry).wait_for(3, timeout=0.1)
     assert caught.value.missing_count == 2
+
+
+def test_a_count_takes_only_agents_not_busy_with_a_run(registry: MemoryRegistry) -> None:
+    MemoryAdvertiser(registry, make_advert("pi-a"))
+    MemoryAdvertiser(registry, dataclasses.replace(make_advert("pi-b", port=7802), busy="0123456789abcdef"))
+    assert [a.name for a in MemoryDiscovery(registry).wait_for(1, timeout=0)] == ["pi-a"]
+    with pytest.raises(DiscoveryTimeout, match=r"found 1 of 2 free agents .*pi-b \(busy with another run\)"):
+        MemoryDiscovery(registry).wait_for(2, timeout=0.1)
+    assert len(MemoryDiscovery(registry).wait_for(2, timeout=0, lineage="0123456789abcdef")) == 2  # resuming it
+    assert MemoryDiscovery(registry).wait_for(["pi-b"], timeout=0)[0].busy  # named: the run refuses it, saying why
+
+
+def test_busy_survives_the_txt_record() -> None:
+    advert = dataclasses.replace(make_advert("pi-a"), busy="0123456789abcdef")
+    assert type(advert).from_txt(advert.to_txt()) == advert
 
 
 def test_a_closed_advertiser_is_no_longer_seen(registry: MemoryRegistry) -> None:

@@ -7,15 +7,16 @@ from edge_runtime.models.lora import LoraSpec
 from exporters.manifest import RunShape
 from ringtune.plan import even_plan
 
+from helpers import hello_reply
+
 PLAN = even_plan("tiny-llama", 4, ["owner", "node1", "node2"], "owner")
 SHAPE = RunShape(2, 24)
 
 
 def test_only_executorch_agents_without_their_own_export_get_programs():
-    assert needs_export({"runtime": "executorch", "export_dir": False})
-    assert not needs_export({"runtime": "executorch", "export_dir": True})
-    assert not needs_export({"runtime": "torch"})
-    assert not needs_export({})  # an agent from before runtimes existed runs torch
+    assert needs_export(hello_reply(runtime="executorch", export_dir=False))
+    assert not needs_export(hello_reply(runtime="executorch", export_dir=True))
+    assert not needs_export(hello_reply(runtime="torch"))
 
 
 def test_one_runtime_for_all_or_one_per_agent():

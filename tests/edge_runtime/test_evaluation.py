@@ -4,7 +4,7 @@ import torch
 
 from helpers import ARCHITECTURES
 from edge_runtime.data.dataset import Record, encode_record
-from edge_runtime.evaluation import evaluate, label_set
+from edge_runtime.evaluation import evaluate, greedy_completion, label_set
 from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.models.stage import IGNORE_INDEX, token_loss_sum
 
@@ -36,3 +36,19 @@ def test_batched_evaluation_equals_scoring_each_label_alone(model_name):
     assert result.loss == pytest.approx(expected_loss, rel=1e-5)
     assert result.accuracy == pytest.approx(expected_accuracy)
     assert result.examples == len(RECORDS)
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+def test_greedy_completion_takes_the_argmax_token_each_step(model_name):
+    """generate with its KV cache continues exactly as a full forward per token would."""
+    model, tokenizer = load_model(model_name).eval(), load_tokenizer(model_name)
+    prompt = "Tweet: what a day\nSentiment:"
+    ids = tokenizer.encode(prompt)
+    expected = []
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = int(model(input_ids=torch.tensor([ids + expected])).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            expected.append(next_id)
+    assert greedy_completion(model, tokenizer, prompt, max_new_tokens=12) == tokenizer.decode(expected)

@@ -6,9 +6,10 @@ from helpers import ARCHITECTURES, write_text_data
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
-from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.training_state import pack_state, unpack_state
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
 
@@ -17,11 +18,12 @@ OPTIMIZER = OptimizerSpec(lr=1e-2, weight_decay=0.01)
 B, T, M, STEPS = 2, 24, 4, 3
 
 
-def train_ring(model_name, devices, schedule, data, steps=range(STEPS), restore=None):
+def train_ring(model_name, devices, schedule, data, steps=range(STEPS), restore=None, base_dtype="fp32"):
     """restore: a training state (StageRunner.training_state of some split) to start from."""
     plan = even_plan(model_name, load_config(model_name).num_hidden_layers, devices, devices[0], schedule, M)
-    result = train_ring_in_process(apply_lora(load_model(model_name), LORA), plan, data, OPTIMIZER, steps,
-                                   timeout=60, restore=restore)
+    model = apply_lora(load_model(model_name), LORA)
+    compact_model(model, base_dtype)
+    result = train_ring_in_process(model, plan, data, OPTIMIZER, steps, timeout=60, restore=restore)
     return result.adapter, result.losses, result.training_state
 
 
@@ -41,6 +43,21 @@ def test_ring_equals_single_process_training(model_name, schedule, devices, data
     reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)
     assert max_difference(ring, reference) < 1e-5
     assert any(float(t.abs().max()) > 0 for k, t in ring.items() if "lora_B" in k), "training changed nothing"
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+@pytest.mark.parametrize("base_dtype", ["bf16", "int8", "int4"])
+def test_compact_base_weights_train_the_same_on_one_and_three_devices(model_name, base_dtype, data_for):
+    """Frozen weights quantized once, identically wherever the cut falls; the tiled fp32 matmuls equal plain
+    peft on a model holding the dequantized values."""
+    data = data_for(model_name)
+    one, _, _ = train_ring(model_name, ["a"], "1f1b", data, base_dtype=base_dtype)
+    three, losses, _ = train_ring(model_name, ["a", "b", "c"], "1f1b", data, base_dtype=base_dtype)
+    assert max_difference(one, three) < 1e-5
+    assert max_difference(three, reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, base_dtype=base_dtype)) < 1e-5
+    assert max_difference(three, reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)) > 1e-6, \
+        "compact weights changed nothing"
     assert losses[-1] < losses[0]
 
 

@@ -1,9 +1,10 @@
 """An ExecuTorch stage program vs the eager reference runner, and the runner's refusals.
 
 Lowering costs ~30 s a block, so this module exports one stage: the "full" role over one block of
-tiny-gpt2-2l (whose tied embedding and LM head then sit in one program), the role the 3-device
-rings of tests/integration/test_train_executorch.py do not run. Those rings cover head, middle and
-tail on both architectures, and export determinism.
+tiny-gemma3 (whose tied embedding and LM head then sit in one program, with a scaled embedding, a
+sliding-window block, q/k norms and soft-capped logits), the role the 3-device rings of
+tests/integration/test_train_executorch.py do not run. Those rings cover head, middle and tail on
+LLaMA and GPT-2, and export determinism.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.executorch_runner import (
     ExecuTorchNotInstalledError,
     ExecuTorchStageRunner,
@@ -29,8 +30,8 @@ from exporters.executorch_export import export_executorch_stage
 from exporters.manifest import ExportManifest, ManifestError, RunShape
 from ringtune.plan import StageSpec
 
-MODEL = "tiny-gpt2-2l"
-SHAPE = RunShape(micro_batch_size=2, seq_len=16)
+MODEL = "tiny-gemma3"
+SHAPE = RunShape(micro_batch_size=2, seq_len=16)  # longer than tiny-gemma3's window (8)
 LORA = LoraSpec(r=4, alpha=8, seed=3)
 # Embedding + one block + norm + LM head + loss: every part of a model in one program pair.
 FULL = StageSpec("dev", (0, 1), "full")
@@ -54,7 +55,8 @@ def lora_model(eager_attention: bool):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    stage = export_executorch_stage(lora_model(eager_attention=True), FULL, 0, SHAPE, out)
+    stage = export_executorch_stage(*build_stage(lora_model(eager_attention=True), FULL.layers, FULL.role), FULL, 0,
+                                    SHAPE, out)
     ExportManifest(MODEL, "executorch", SHAPE.micro_batch_size, SHAPE.seq_len, LORA.to_dict(), {}, (stage,)).write(out)
     return out
 

@@ -52,8 +52,8 @@ def test_cli_writes_manifest_and_refuses_wrong_runtime(tmp_path):
     assert (manifest.model, manifest.runtime, manifest.lora["r"]) == ("tiny-gpt2", "torch", 4)
     assert [s.role for s in manifest.stages] == ["head", "middle", "tail"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["torch"].startswith("2.")
-    from edge_runtime.runners.base import OptimizerSpec
     from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner
+    from ringtune.optimizer_spec import OptimizerSpec
     with pytest.raises(ManifestError, match="--runtime executorch"):
         ExecuTorchStageRunner(tmp_path / "out", 0, OptimizerSpec())
 

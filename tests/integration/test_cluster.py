@@ -1,6 +1,7 @@
 """An emulated cluster (namespaces, tc, cgroups) trained through by discovery, and torn down (root)."""
 import json
 import os
+import re
 import subprocess
 import uuid
 
@@ -106,3 +107,76 @@ def test_without_root_the_agents_run_on_loopback_and_say_nothing_is_emulated(any
     assert [s.state for s in cluster.status(state)] == ["running", "running"]
     cluster.down(state)
     assert not any(device.running() for device in state.devices)
+
+
+@pytest.mark.root
+def test_doctor_inside_an_emulated_device_sees_its_caps(prefix, tmp_path):
+    state = cluster.up(["rpi5-8gb:doc"], prefix=prefix, core_gflops=CORE_GFLOPS, start_agents=False,
+                       say=lambda _: None)
+    device = state.device("doc")
+    clock_url = f"tcp://{state.coordinator_ip}:7731"
+    server = subprocess.Popen(state.coordinator_command(ringtune_command("doctor", "--serve-clock", clock_url)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving the time" in server.stdout.readline()
+        doctor = device.spawn(ringtune_command("doctor", "--json", "--interface", device.ip, "--profile", "rpi5-8gb",
+                                               "--threads", "1", "--seconds", "0.5", "--state-dir",
+                                               str(tmp_path / "state"), "--coordinator", clock_url),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = doctor.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(10)
+    found = {f["check"]: f for f in json.loads(out)}
+    assert "7.00 GB (cgroup limit" in found["cgroup limit"]["detail"], err  # the device's RAM, not this machine's
+    interface = next(check for check in found if check.startswith("mDNS "))
+    assert found[interface]["status"] == "ok" and device.ip in found[interface]["detail"]
+    assert "of the rpi5-8gb profile's 30" in found["matmul speed"]["detail"]
+    assert found["clock"]["status"] == "ok" and clock_url in found["clock"]["detail"]
+    assert found[f"port 7720"]["status"] == "ok" and device.ip in found["port 7720"]["detail"]
+
+
+@pytest.mark.root
+def test_link_bandwidth_is_measured_within_a_fifth_of_the_tbf_cap(prefix):
+    caps = {"slow": 40e6 / 8, "wifi": 100e6 / 8}  # bytes/s, as tc tbf shapes each device's link both ways
+    devices = [DeviceProfile(name, ram_bytes=2_000_000_000, cores=1, gflops=30.0, link_bytes_per_s=cap)
+               for name, cap in caps.items()]
+    state = cluster.up(devices, prefix=prefix, core_gflops=CORE_GFLOPS, start_agents=False, say=lambda _: None)
+    for name, cap in caps.items():
+        device = state.device(name)
+        url = f"tcp://{device.ip}:7740"
+        sink = device.spawn(ringtune_module("edge_runtime.transport.link_probe", "serve", url),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert "link probe sink" in sink.stdout.readline()
+            measured = subprocess.run(state.coordinator_command(ringtune_module(
+                "edge_runtime.transport.link_probe", "measure", url, "--seconds", "1.5")),
+                capture_output=True, text=True, timeout=120)
+        finally:
+            sink.stdin.close()
+            sink.wait(10)
+        assert measured.returncode == 0, measured.stderr
+        mbit = float(measured.stdout.split()[0])
+        assert mbit == pytest.approx(cap * 8 / 1e6, rel=0.2), measured.stdout
+
+
+def ringtune_module(module: str, *args: str) -> list[str]:
+    import sys
+    return [sys.executable, "-m", module, *args]
+
+
+@pytest.mark.root
+def test_train_measures_each_agents_link_and_plans_with_it(prefix, tmp_path):
+    caps = {"own": 100e6 / 8, "slow": 40e6 / 8}
+    devices = [DeviceProfile(name, ram_bytes=2_000_000_000, cores=1, gflops=30.0, link_bytes_per_s=cap)
+               for name, cap in caps.items()]
+    state = cluster.up(devices, write_text_data(tmp_path / "data.jsonl"), prefix=prefix, core_gflops=CORE_GFLOPS,
+                       say=lambda _: None)
+    trained = run_as_coordinator(state, "train", "--discover", "2", "--interface", state.coordinator_ip,
+                                 "--out", str(tmp_path / "run"), "--model", "tiny-llama", "--steps", "1",
+                                 "--micro-batches", "2", "--seq-len", "16", "--seed", "5")
+    assert trained.returncode == 0, trained.stderr
+    [line] = [line for line in trained.stdout.splitlines() if "link bandwidth:" in line]
+    measured = dict(re.findall(r"(\w+) (\d+) Mbit/s", line))
+    assert {name: float(mbit) for name, mbit in measured.items()} == {
+        name: pytest.approx(cap * 8 / 1e6, rel=0.2) for name, cap in caps.items()}, line

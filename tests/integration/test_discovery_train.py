@@ -1,12 +1,16 @@
 """Agents found over mDNS and trained through, on loopback and across network namespaces (root)."""
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
+from helpers import TOKEN, AgentProcess, files_holding, ringtune_command, write_text_data
 from reference import max_difference
 
 pytestmark = pytest.mark.slow
@@ -53,6 +57,9 @@ def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
                           load_file(tmp_path / "given" / "adapter_model.safetensors")) == 0.0
     # the second run found every slice in the agents' caches
     assert owner.alive() and helper.alive()
+    # nothing either run wrote holds the token: not the adapter, run.json, metrics, plan, checkpoints nor logs
+    assert (tmp_path / "given" / "run.json").exists() and (tmp_path / "given" / "ringtune.json").exists()
+    assert files_holding(tmp_path, TOKEN) == []
 
 
 def test_plan_over_discovered_agents(loopback_agents):
@@ -103,34 +110,75 @@ def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
                           load_file(tmp_path / "local" / "adapter_model.safetensors")) == 0.0
 
 
-def test_ctrl_c_stops_the_run_and_leaves_agents_ready(loopback_agents, tmp_path):
-    import signal
+CTRL_C_RUNS = int(os.environ.get("RINGTUNE_CTRL_C_RUNS", "2"))
+"""Ctrl-C runs in a row (20 for a report: RINGTUNE_CTRL_C_RUNS=20)."""
 
-    from coordinator.client import AgentClient
 
-    owner, helper = loopback_agents
-    process = subprocess.Popen(ringtune_command("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
-                                                "--out", str(tmp_path / "stopped"), *TRAIN[:2], "--steps", "100000",
-                                                *TRAIN[4:]),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def cpu_hog():
+    """A process spinning on a core beside the test (Ctrl-C used to hang under load)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield hog
+    hog.kill()
+    hog.wait()
+
+
+def interrupted_at_step_2(command: list[str]) -> subprocess.CompletedProcess:
+    """Start a run, send SIGINT once step 2 is done; the coordinator's exit. If it does not exit within 60 s,
+    its threads' stacks (faulthandler, SIGUSR1) are in the failure message: where SIGINT landed."""
+    # SIGINT as from a terminal: a test run in the background (a shell's `&`) inherits it ignored
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("step 2/"):
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
-    for agent in (owner, helper):
-        client = AgentClient(agent.url)
-        client.pair(TOKEN, "after-ctrl-c")
-        assert client.call("status")["state"] == "free"
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the coordinator hung after Ctrl-C; its stacks:\n{stderr[-20000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_ctrl_c_stops_the_run_and_leaves_agents_ready(loopback_agents, cpu_hog, tmp_path):
+    from coordinator.client import AgentClient
+    from ringtune.protocol import Status
+
+    owner, helper = loopback_agents
+    for attempt in range(CTRL_C_RUNS):
+        stopped = interrupted_at_step_2(ringtune_command(
+            "train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
+            "--out", str(tmp_path / f"stopped-{attempt}"), *TRAIN[:2], "--steps", "100000", *TRAIN[4:]))
+        assert stopped.returncode == 130, f"attempt {attempt}: {stopped.stderr}"
+        assert "interrupted" in stopped.stderr and "Traceback" not in stopped.stderr
+        for agent in (owner, helper):
+            client = AgentClient(agent.url)
+            client.pair(TOKEN, "after-ctrl-c")
+            assert client.request(Status()).state == "free"
+            client.close()
     again = run("train", "--agents", f"{owner.url},{helper.url}", "--owner", owner.name,
                 "--out", str(tmp_path / "again"), *TRAIN)
     assert again.returncode == 0, again.stderr
 
 
-def test_systemd_unit_runs_the_same_agent_command(tmp_path):
-    result = run("agent", "--name", "pi-kitchen", "--token", TOKEN, "--interface", "eth0", "--print-systemd-unit")
-    assert result.returncode == 0
+def test_systemd_unit_runs_the_same_agent_command_and_reads_the_token_from_the_state_dir(tmp_path):
+    import os
+    import stat
+
+    state = tmp_path / "state"
+    result = run("agent", "--name", "pi-kitchen", "--token", TOKEN, "--interface", "eth0", "--state-dir", str(state),
+                 "--print-systemd-unit")
+    assert result.returncode == 0, result.stderr
     exec_line = next(line for line in result.stdout.splitlines() if line.startswith("ExecStart="))
     assert "agent --name pi-kitchen" in exec_line and "--interface eth0" in exec_line
     assert "--print-systemd-unit" not in exec_line and "WantedBy=multi-user.target" in result.stdout
+    assert TOKEN not in result.stdout and "--token" not in exec_line and f"--state-dir {state}" in exec_line
+    assert (state / "token").read_text().strip() == TOKEN
+    assert stat.S_IMODE(os.stat(state / "token").st_mode) == 0o600
+    again = run("agent", "--name", "pi-kitchen", "--token", "another-token-0123456789", "--state-dir", str(state),
+                "--print-systemd-unit")
+    assert again.returncode != 0 and "holds another token" in again.stderr

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,17 +74,28 @@ class Uninterrupted:
     """The owner's copy of its checkpoints."""
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(agents, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
+def run_uninterrupted(agents, out, *extra) -> Uninterrupted:
     middle = AgentProcess("node1", out / "node1")
     try:
-        finish(coordinator([agents["owner"].url, middle.url, agents["node2"].url], out))
+        finish(coordinator([agents["owner"].url, middle.url, agents["node2"].url], out, *extra))
     finally:
         middle.stop()
     lineage = json.loads((out / "run.json").read_text())["lineage"]
     return Uninterrupted(load_file(out / "adapter_model.safetensors"), out,
                          agents["owner"].log.parent / "checkpoints" / lineage)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(agents, tmp_path_factory):
+    return run_uninterrupted(agents, tmp_path_factory.mktemp("uninterrupted"))
+
+
+PRIVATE = ["--privacy", "dchi:epsilon=2,clip=50,seed=7", "--grad-privacy", "maxnorm"]
+
+
+@pytest.fixture(scope="module")
+def private_uninterrupted(agents, tmp_path_factory):
+    return run_uninterrupted(agents, tmp_path_factory.mktemp("private"), *PRIVATE)
 
 
 def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(agents, uninterrupted, tmp_path):
@@ -136,11 +148,13 @@ def test_an_agent_restarted_at_step_6_leaves_and_is_taken_back_at_the_next_check
     assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
 
 
-def test_a_new_device_found_by_discovery_is_taken_in_at_the_next_checkpoint(uninterrupted, tmp_path):
-    """--discover --rebalance over loopback mDNS: the helper is killed at step 6, the run goes on alone from
-    checkpoint 4, and a new agent (another name, same token) started meanwhile is taken in at checkpoint 8.
-    The heartbeat timeout exceeds the few seconds the coordinator is frozen while the new agent starts and
-    is seen advertising (a call pending across the freeze would time out)."""
+def test_a_device_back_at_a_new_address_is_found_by_discovery_and_only_named_devices_are_taken_in(
+        uninterrupted, tmp_path):
+    """--discover NAMES --rebalance over loopback mDNS: the helper is killed at step 6, the run goes on alone from
+    checkpoint 4; the helper comes back at a new address (same name) and another agent (not named) appears, both
+    advertising with the token: at checkpoint 8 the helper is taken in, the other never is. The heartbeat
+    timeout exceeds the few seconds the coordinator is frozen while the agents start and are seen advertising
+    (a call pending across the freeze would time out)."""
     tag = uuid.uuid4().hex[:6]  # other runs may advertise on loopback too
     data = write_text_data(tmp_path / "train.jsonl", records=40)
     owner = AgentProcess(f"own-{tag}", tmp_path / "owner", data=data, interfaces=("127.0.0.1",))
@@ -153,8 +167,12 @@ def test_a_new_device_found_by_discovery_is_taken_in_at_the_next_checkpoint(unin
         with MdnsDiscovery(interfaces=["127.0.0.1"]) as discovery:
             run_until_step(process, 6)
             helpers[0].process.kill()
+            helpers.append(AgentProcess(f"pi-{tag}", tmp_path / "pi-again", interfaces=("127.0.0.1",)))
             helpers.append(AgentProcess(f"new-{tag}", tmp_path / "new", interfaces=("127.0.0.1",)))
-            discovery.wait_for([f"new-{tag}"], 20)  # advertised before the coordinator goes on
+            deadline = time.monotonic() + 30  # both advertised before the coordinator goes on
+            while {a.control_url for a in discovery.table.seen()[1]} < {helpers[1].url, helpers[2].url}:
+                assert time.monotonic() < deadline, "the new agents were not seen advertising"
+                time.sleep(0.2)
         os.kill(process.pid, signal.SIGCONT)
         stdout = finish(process)
     finally:
@@ -164,9 +182,9 @@ def test_a_new_device_found_by_discovery_is_taken_in_at_the_next_checkpoint(unin
     failed, = events(tmp_path / "run", "failed")
     joined, = events(tmp_path / "run", "joined")
     assert failed["agent"] == f"pi-{tag}" and failed["resume_at_step"] == 4
-    assert joined["agent"] == f"new-{tag}" and "found by discovery" in stdout
+    assert joined["agent"] == f"pi-{tag}" and joined["url"] == helpers[1].url and "found by discovery" in stdout
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert {stage["device"] for stage in plan["stages"]} == {f"own-{tag}", f"new-{tag}"}
+    assert {stage["device"] for stage in plan["stages"]} == {f"own-{tag}", f"pi-{tag}"}  # never new-{tag}
     assert max_difference(load_file(tmp_path / "run" / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
 
 
@@ -203,3 +221,36 @@ def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(agents, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint of step 4" in resumed.stdout, resumed.stdout
     assert max_difference(load_file(out / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
+
+
+def test_a_private_run_with_a_middle_agent_killed_then_its_coordinator_killed_and_resumed_ends_exactly(
+        agents, private_uninterrupted, uninterrupted, tmp_path):
+    """Private runs restore exactly: checkpoints hold the owner's AdamW state, and the noise is keyed by (seed,
+    step, micro-batch, stage), so the steps replayed after node1 is killed at step 6 (from checkpoint 4), and
+    after the coordinator is killed at step 10 and resumed (from checkpoint 8, without the seed: run.json does
+    not hold it, the owner kept it), draw the noise the uninterrupted private run drew."""
+    middle = AgentProcess("node1", tmp_path / "node1")
+    urls = [agents["owner"].url, middle.url, agents["node2"].url]
+    process = coordinator(urls, tmp_path, *PRIVATE)
+    try:
+        run_until_step(process, 6)
+        middle.process.kill()
+        middle.process.wait()
+        os.kill(process.pid, signal.SIGCONT)
+        run_until_step(process, 10)
+        process.kill()
+        process.wait()
+        assert '"seed"' not in json.dumps(json.loads((tmp_path / "run.json").read_text())["settings"]["privacy"])
+        resumed = subprocess.run(ringtune_command("train", "--resume", str(tmp_path), "--agents",
+                                                  f"{agents['owner'].url},{agents['node2'].url}", "--token", TOKEN),
+                                 capture_output=True, text=True, timeout=240)
+    finally:
+        process.kill()
+        middle.stop()
+    assert resumed.returncode == 0, resumed.stderr
+    failed, = events(tmp_path, "failed")
+    assert failed["agent"] == "node1" and failed["steps_replayed"] == 2
+    assert "resuming from the checkpoint of step 8" in resumed.stdout and "step 12/12" in resumed.stdout
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    assert max_difference(adapter, private_uninterrupted.adapter) < 1e-5
+    assert max_difference(private_uninterrupted.adapter, uninterrupted.adapter) > 1e-4, "the noise changed nothing"

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
-from coordinator.training import step_records
+from coordinator.run_store import step_records
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.runners.base import OptimizerSpec
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,30 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft(name, schedule, data, 
     metrics = step_records(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["devices"]["node1"]["bytes_sent"] > 0 for m in metrics)
+
+
+def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_peft(data, tmp_path, monkeypatch):
+    """Slices cut and quantized by the coordinator, computed with on the agents: the adapter equals plain peft on
+    the dequantized weights (1e-5), says what dtype was chosen, and loads in peft on the fp32 base model."""
+    from peft import PeftModel
+
+    monkeypatch.setenv("RINGTUNE_CACHE", str(tmp_path / "cache"))  # slices are cut and shipped, not found in a
+    monkeypatch.setenv("RINGTUNE_STATE", str(tmp_path / "state"))  # cache
+    name = "tiny-llama"
+    result = train("--model", name, "--local", "3", "--data", str(data), "--base-dtype", "int8",
+                   "--out", str(tmp_path / "run"), *SHAPE)
+    assert result.returncode == 0, result.stderr
+    assert "base weights: int8 (asked for with --base-dtype int8)" in result.stdout
+    assert "cutting int8 slices for owner, node1, node2: done, 4/4 blocks" in result.stdout
+    assert "shipping to node1: done" in result.stdout
+    ring = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    owner_data = OwnerData(read_records(data), load_tokenizer(name), 2, 24, 4, seed=11)
+    reference = reference_adapter(name, LoraSpec(4, 8, seed=11), OptimizerSpec(lr=0.01), owner_data, 3,
+                                  base_dtype="int8")
+    assert max_difference(ring, reference) < 1e-5
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["base_dtype"] == "int8"
+    loaded = PeftModel.from_pretrained(load_model(name), str(tmp_path / "run"))
+    assert any(float(t.abs().max()) > 0 for n, t in loaded.state_dict().items() if "lora_B" in n)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

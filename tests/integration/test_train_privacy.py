@@ -11,8 +11,8 @@ from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.privacy.calibration import calibrate
-from edge_runtime.runners.base import OptimizerSpec
+from edge_runtime.privacy.calibration import calibrate, head_stage
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
@@ -39,8 +39,8 @@ def test_private_run_over_agents_equals_the_in_process_ring_and_is_recorded(tmp_
     spec = replace(PrivacySpec.from_dict(plan.privacy), seed=5)
     if spec.preset:
         head_blocks = plan.stages[0].layers[1]
-        assert spec == calibrate(PrivacySpec.parse(privacy), load_model("tiny-llama"), load_tokenizer("tiny-llama"),
-                                 head_blocks, 24)
+        assert spec == calibrate(PrivacySpec.parse(privacy), head_stage(load_model("tiny-llama"), head_blocks),
+                                 load_tokenizer("tiny-llama"), 24)
     else:
         assert spec == PrivacySpec.parse(PRIVACY, "maxnorm")
     assert f"privacy: {spec.describe()}" in result.stdout

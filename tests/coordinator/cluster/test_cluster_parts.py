@@ -7,7 +7,7 @@ from coordinator.cluster import cgroups, netns
 from coordinator.cluster.emulate import check_prefix, device_records
 from coordinator.cluster.state import ClusterState, DeviceRecord, load_state
 from device_profiles import BUILTIN_PROFILES
-from device_profiles.live import _cgroup_memory
+from device_profiles.live import cgroup_memory
 
 
 def test_cpu_quotas_follow_device_speed_and_shrink_together_to_fit():
@@ -84,7 +84,7 @@ def test_state_file_round_trip_is_private_and_versioned(tmp_path):
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_an_agent_sees_its_cgroup_memory_limit(tmp_path, version):
+def test_an_agent_sees_itscgroup_memory_limit(tmp_path, version):
     group = tmp_path / "memory" / "g" if version == "v1" else tmp_path / "g"
     group.mkdir(parents=True)
     names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == "v1" else ("memory.max", "memory.current")
@@ -92,6 +92,6 @@ def test_an_agent_sees_its_cgroup_memory_limit(tmp_path, version):
     (group / names[1]).write_text("1000\n")
     proc = tmp_path / "cgroup"
     proc.write_text("4:memory:/g\n1:cpu:/\n" if version == "v1" else "0::/g\n")
-    assert _cgroup_memory(proc, tmp_path) == (3_000_000_000, 1000)
+    assert cgroup_memory(proc, tmp_path) == (3_000_000_000, 1000)
     (group / names[0]).write_text("max\n")
-    assert version == "v1" or _cgroup_memory(proc, tmp_path) is None
+    assert version == "v1" or cgroup_memory(proc, tmp_path) is None

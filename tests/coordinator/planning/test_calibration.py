@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import ARCHITECTURES
 from coordinator.planning import RunShape, model_cost_table, partition
 from coordinator.planning.calibration import calibrated_profile
 from device_profiles import DeviceProfile
@@ -17,7 +18,7 @@ def device(name: str, gflops: float = 100.0) -> DeviceProfile:
     return DeviceProfile(name, ram_bytes=8_000_000_000, cores=1, gflops=gflops, link_bytes_per_s=1e9)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("model", ARCHITECTURES)
 def test_calibrated_speed_predicts_the_measured_block_time(model):
     table = model_cost_table(model, LoraSpec(), SHAPE.seq_len)
     profile = calibrated_profile(device("a"), table, SHAPE, block_seconds=0.004)
@@ -42,7 +43,7 @@ def test_a_non_positive_block_time_is_refused():
         calibrated_profile(device("a"), table, SHAPE, block_seconds=0.0)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("model", ARCHITECTURES)
 def test_block_seconds_times_a_real_block(model):
     seconds = block_seconds(load_config(model).to_dict(), LoraSpec(), 2, 16, min_seconds=0.05)
     assert 0 < seconds < 5

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ARCHITECTURES
 from coordinator.planning import DoesNotFitError, RunShape, config_from_file, model_cost_table, plan_run
 from coordinator.planning.partitioner import partition
 from device_profiles import resolve_device
@@ -13,13 +14,14 @@ from edge_runtime.models.registry import load_model
 from edge_runtime.models.structure import find_parts
 
 LLAMA_7B = Path(__file__).parent / "data" / "llama-2-7b" / "config.json"
+GEMMA3_1B = Path(__file__).parent / "data" / "gemma-3-1b" / "config.json"
 
 
 def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_table_matches_the_real_model(name):
     table = model_cost_table(name, LoraSpec(r=4), seq_len=16)
     peft_model = apply_lora(load_model(name), LoraSpec(r=4))
@@ -51,6 +53,17 @@ def test_llama_7b_plans_on_eight_pi5():
     for name, used in plan.predicted["memory_bytes"].items():
         assert used <= devices[0].ram_bytes
     assert sum(plan.predicted["memory_bytes"].values()) > 27e9  # fp32 weights of 6.7 B parameters
+
+
+def test_gemma3_1b_plans_from_its_config():
+    """Gemma-3 1B (26 blocks: 5 sliding-window to 1 full, a 262k-token tied embedding) by config alone."""
+    devices = [resolve_device("rpi4-4gb:pi-a"), resolve_device("rpi5-8gb:pi-b")]
+    table = model_cost_table(config_from_file(GEMMA3_1B), seq_len=64, name="gemma-3-1b")
+    assert table.num_blocks == 26 and len(set(table.block_param_bytes)) == 1
+    assert table.head_end.param_bytes == 262144 * 1152 * 4  # the tied embedding, counted once
+    plan = partition(table, devices, "pi-a", RunShape())
+    assert plan.stages[-1].layers[1] == 26
+    assert all(used <= 7e9 for used in plan.predicted["memory_bytes"].values())
 
 
 def test_llama_7b_on_two_pi4_fails_with_a_clear_error():

@@ -38,6 +38,15 @@ def test_plan_json_and_device_file(tmp_path):
     assert plan.predicted["step_seconds"] > 0
 
 
+def test_plan_over_tiny_gemma3():
+    result = ringtune("plan", "--model", "tiny-gemma3", "--device", "rpi4-4gb:pi-a", "--device", "rpi4-4gb:pi-b",
+                      "--json", "--seq-len", "24")
+    assert result.returncode == 0, result.stderr
+    plan = Plan.from_json(result.stdout)
+    validate_plan(plan, 4)
+    assert plan.model == "tiny-gemma3" and plan.predicted["step_seconds"] > 0
+
+
 def test_plan_that_does_not_fit_exits_2_with_one_line():
     result = ringtune("plan", "--model-config", str(LLAMA_7B), "--device", "rpi4-4gb:pi-a",
                       "--device", "rpi4-4gb:pi-b")

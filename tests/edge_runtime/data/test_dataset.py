@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edge_runtime.data.dataset import (DataError, OwnerData, Record, common_prefix_length, encode_record,
-                                      read_records)
+                                      pad_records, read_records)
 from edge_runtime.models.stage import IGNORE_INDEX
 from edge_runtime.models.tokenizer import ByteTokenizer
 
@@ -31,6 +31,21 @@ def test_a_prompt_that_fits_is_kept_whole(seq_len):
     # the room left after the completion is more than the prompt but less than twice it at 13..20
     ids, _ = encode_record(Record("0123456789", "ab"), ByteTokenizer(), seq_len)
     assert ByteTokenizer().decode(ids) == "0123456789ab"
+
+
+@pytest.mark.parametrize("to_longest", [False, True])
+def test_records_are_right_padded_with_their_lengths(to_longest):
+    tokenizer = ByteTokenizer()
+    records = [Record("ab", "c"), Record("", "defg"), Record("0123456789", "x")]
+    ids, labels, lengths = pad_records(records, tokenizer, 8, to_longest=to_longest)
+    assert ids.shape == labels.shape == (3, 8)  # the longest record fills seq_len here
+    assert lengths.tolist() == [4, 5, 8]
+    for row, record in enumerate(records):
+        token_ids, token_labels = encode_record(record, tokenizer, 8)
+        assert ids[row, :lengths[row]].tolist() == token_ids and labels[row, :lengths[row]].tolist() == token_labels
+        assert (ids[row, lengths[row]:] == tokenizer.pad_token_id).all()
+        assert (labels[row, lengths[row]:] == IGNORE_INDEX).all()
+    assert pad_records(records[:1], tokenizer, 8, to_longest=True)[0].shape == (1, 4)
 
 
 def test_common_prefix_length():

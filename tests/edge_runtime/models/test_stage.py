@@ -56,5 +56,5 @@ def test_a_model_without_decoder_structure_is_refused():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(UnknownModelError, match="tiny-llama, tiny-gpt2, tiny-llama-2l, tiny-gpt2-2l, smollm2-135m"):
+    with pytest.raises(UnknownModelError, match="tiny-llama, tiny-gpt2, tiny-gemma3, tiny-llama-2l, tiny-gpt2-2l, smollm2-135m"):
         load_model("gpt-5")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edge_runtime.models.registry import load_model, load_tokenizer
-from edge_runtime.privacy.calibration import calibrate, calibrated, head_states
+from edge_runtime.privacy.calibration import calibrate, calibrated, head_stage, head_states
 from edge_runtime.privacy.runner import hidden_mechanism
 from ringtune.privacy_spec import PRESETS, PrivacySpec
 
@@ -25,10 +25,10 @@ def test_a_preset_is_calibrated_at_the_cut_and_refused_by_the_owner_before():
     spec = PrivacySpec.parse("strong,public=2")
     with pytest.raises(ValueError, match="preset strong has no clip and noise yet"):
         hidden_mechanism(spec)
-    done = calibrate(spec, model, tokenizer, owner_blocks=1, seq_len=16)
-    assert done.calibrated and done.preset == "strong" and done.public == 2 and calibrate(done, None, None, 1, 16) == done
+    done = calibrate(spec, head_stage(model, 1), tokenizer, seq_len=16)
+    assert done.calibrated and done.preset == "strong" and done.public == 2 and calibrate(done, None, None, 16) == done
     ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")[:16]])
     norms = head_states(model, ids, [1])[1][:, 2:].norm(dim=-1)
     ratio = hidden_mechanism(done).mean_noise_norm(model.config.hidden_size) / float(norms.median())
     assert 0.5 * PRESETS["strong"].noise_ratio < ratio < 2 * PRESETS["strong"].noise_ratio  # public text, not this
-    assert calibrate(spec, model, tokenizer, owner_blocks=2, seq_len=16) != done  # another cut, other numbers
+    assert calibrate(spec, head_stage(model, 2), tokenizer, seq_len=16) != done  # another cut, other numbers

@@ -89,12 +89,14 @@ def test_maxnorm_equalizes_expected_squared_norms():
     assert torch.equal(mechanism.apply(grad, torch.Generator().manual_seed(0))[largest], grad[largest])
 
 
-def test_noise_stream_depends_on_step_microbatch_and_purpose_only():
+def test_noise_stream_depends_on_step_microbatch_stage_and_purpose_only():
     a, b = NoiseStream(7), NoiseStream(7)
     draw = lambda stream, *key: torch.rand(3, generator=stream.generator(*key))
-    assert torch.equal(draw(a, 1, 2, "hidden"), draw(b, 1, 2, "hidden"))
-    assert not torch.equal(draw(a, 1, 2, "hidden"), draw(a, 1, 3, "hidden"))
-    assert not torch.equal(draw(a, 1, 2, "hidden"), draw(a, 1, 2, "gradient"))
+    assert torch.equal(draw(a, 1, 2, "head", "hidden"), draw(b, 1, 2, "head", "hidden"))
+    assert not torch.equal(draw(a, 1, 2, "head", "hidden"), draw(a, 1, 3, "head", "hidden"))
+    assert not torch.equal(draw(a, 1, 2, "head", "hidden"), draw(a, 2, 2, "head", "hidden"))
+    assert not torch.equal(draw(a, 1, 2, "head", "hidden"), draw(a, 1, 2, "tail", "hidden"))
+    assert not torch.equal(draw(a, 1, 2, "head", "hidden"), draw(a, 1, 2, "head", "gradient"))
     assert NoiseStream(None).seed != NoiseStream(None).seed  # from the CSPRNG
 
 

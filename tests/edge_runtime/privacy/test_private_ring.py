@@ -15,8 +15,8 @@ from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import check_public_prefix, privatize
-from edge_runtime.runners.base import OptimizerSpec
 from edge_runtime.runners.torch_runner import TorchStageRunner
+from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
 from ringtune.privacy_spec import PrivacySpec
@@ -45,8 +45,7 @@ def ring(model_name, devices, schedule, data, privacy):
 def test_private_ring_equals_single_process_with_the_same_cuts_and_noise(model_name, privacy, data_for):
     data = data_for(model_name)
     plan, result = ring(model_name, ["a", "b"], "1f1b", data, privacy)
-    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
-    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, cuts)
+    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, plan)
     assert max_difference(result.adapter, reference) < 1e-5
     plain = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)
     assert max_difference(result.adapter, plain) > 1e-4, "the noise changed nothing"
@@ -114,8 +113,7 @@ def test_the_head_sends_public_positions_as_they_are_and_refuses_another_prefix(
 
 def test_a_ring_with_public_positions_trains_exactly_and_repeats_under_a_seed(prompt_data):
     plan, result = ring("tiny-llama", ["a", "b"], "1f1b", prompt_data, PREFIXED)
-    cuts = (plan.stages[0].layers[1], plan.stages[-1].layers[0])
-    reference = reference_adapter("tiny-llama", LORA, OPTIMIZER, prompt_data, STEPS, PREFIXED, cuts)
+    reference = reference_adapter("tiny-llama", LORA, OPTIMIZER, prompt_data, STEPS, PREFIXED, plan)
     assert max_difference(result.adapter, reference) < 1e-5 and all(map(math.isfinite, result.losses))
     again = ring("tiny-llama", ["a", "b"], "gpipe", prompt_data, PREFIXED)[1].adapter
     assert max_difference(result.adapter, again) < 1e-6
@@ -126,3 +124,16 @@ def test_a_ring_with_public_positions_trains_exactly_and_repeats_under_a_seed(pr
 def test_a_ring_refuses_public_positions_that_differ_between_sequences(data_for):
     with pytest.raises(ValueError, match="lower public= or put the fixed public prompt first"):
         ring("tiny-llama", ["a", "b"], "1f1b", data_for("tiny-llama"), replace(PREFIXED, public=3))
+
+
+def test_a_private_ring_restored_on_another_split_replays_the_same_noise(data_for):
+    """What recovery does: the state of step 2 taken on a 3-device ring, restored on a 2-device ring (the tail's
+    ring index changes), steps 2 and 3 replayed: the adapter equals the uninterrupted 3-device ring's."""
+    data, spec = data_for("tiny-llama"), PRIVACY[0]
+    plan_of = lambda devices: even_plan("tiny-llama", 4, devices, devices[0], "1f1b", M)
+    three, two = plan_of(["a", "b", "c"]), plan_of(["a", "c"])
+    whole = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), three, data, OPTIMIZER, 4, spec).adapter
+    first = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), three, data, OPTIMIZER, 2, spec)
+    rest = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), two, data, OPTIMIZER, range(2, 4), spec,
+                                 restore=first.training_state)
+    assert max_difference(rest.adapter, whole) < 1e-6
