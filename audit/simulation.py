@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from audit.attacks import LinearInverter, forward_label_auc, label_auc, nearest_neighbour_recovery
-from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, pad_records
+from edge_runtime.data.dataset import OwnerData, Record, common_prefix_length, encode_record, pad_records
 from edge_runtime.evaluation import evaluate, label_set
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora, lora_parameters, write_adapter
