@@ -164,6 +164,11 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
     tokenizer = load_tokenizer(settings.model)
     num_blocks = len(find_parts(model).blocks)
     ks = tuple(sorted({*settings.owner_blocks, *(PRESETS[s.preset].owner_blocks for s in settings.privacy if s.preset)}))
+    for spec in settings.privacy:
+        if spec.preset and 2 * PRESETS[spec.preset].owner_blocks >= num_blocks:
+            raise ValueError(f"--privacy {spec.preset} keeps {PRESETS[spec.preset].owner_blocks} blocks at each end "
+                             f"and a neighbour needs one: this model has {num_blocks}; audit it with --owner-blocks "
+                             f"and --dchi-ratios instead")
     for k in ks:
         if not 1 <= k or 2 * k >= num_blocks:
             raise ValueError(f"--owner-blocks {k}: the owner keeps K blocks at each end and a neighbour needs "

@@ -39,7 +39,7 @@ from exporters.manifest import RunShape as ExportShape
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, even_plan, validate_plan
-from ringtune.privacy_spec import PrivacySpec
+from ringtune.privacy_spec import PRESETS, PrivacySpec
 from ringtune.security import new_key, wrap_key
 
 # Each status poll costs an agent CPU (about 3.6% of a core at 10 ms, measured on the emulated cluster):
@@ -170,6 +170,12 @@ class RingSession:
         if s.privacy.active:
             self.progress.event("privacy: " + self.privacy.describe() + (
                 "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))
+        head_blocks = plan.stages[0].num_layers
+        if s.privacy.preset and len(plan.stages) > 1 and head_blocks < PRESETS[s.privacy.preset].owner_blocks:
+            self.progress.event(f"privacy: warning: preset {s.privacy.preset} was measured with the owner keeping "
+                                f"{PRESETS[s.privacy.preset].owner_blocks} blocks at each end; this plan keeps "
+                                f"{head_blocks}, which hides less (use --split planned, which keeps the preset's "
+                                f"blocks, or a model with more blocks)")
         return plan
 
     def _calibrated_privacy(self, plan: Plan) -> PrivacySpec:

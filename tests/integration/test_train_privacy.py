@@ -44,6 +44,8 @@ def test_private_run_over_agents_equals_the_in_process_ring_and_is_recorded(tmp_
     else:
         assert spec == PrivacySpec.parse(PRIVACY, "maxnorm")
     assert f"privacy: {spec.describe()}" in result.stdout
+    assert ("preset strong was measured with the owner keeping 4 blocks at each end; this plan keeps 1"
+            in result.stdout) == bool(spec.preset)  # the even split of tiny-llama's 4 blocks
     owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 24, 2, seed=11)
     expected = train_ring_in_process(apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=11)), plan,
                                      owner_data, OptimizerSpec(lr=0.01), 2, spec).adapter
