@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,9 +16,10 @@ from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
 from exporters import commands
 from exporters.export import export_plan
-from exporters.manifest import ExportManifest, ManifestError, RunShape
 from exporters.torch_export import load_torch_stage
+from ringtune.manifest import ExportManifest, ManifestError
 from ringtune.plan import Plan, even_plan
+from ringtune.run_shape import RunShape
 
 LORA = LoraSpec(r=4, alpha=8, seed=5)
 
@@ -67,3 +70,22 @@ def test_corrupt_weights_are_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match=r"stage 0: file .*weights\.safetensors is corrupt"):
         load_torch_stage(tmp_path, 0)
+
+
+def test_compact_stages_export_for_torch_and_executorch_refuses_them_in_one_line(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(even_plan("tiny-llama", 4, ["owner", "b"], "owner").to_json())
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["export", "--plan", str(plan_path), "--out", str(tmp_path / "torch"), "--runtime", "torch",
+                              "--base-dtype", "int4", "--micro-batch-size", "1", "--seq-len", "8"])
+    assert args.run(args) == 0
+    assert ExportManifest.read(tmp_path / "torch").base_dtype == "int4"
+    module, _ = load_torch_stage(tmp_path / "torch", 1)
+    assert any(name.endswith("qweight") and t.dtype == torch.uint8 for name, t in module.named_buffers())
+    result = subprocess.run([sys.executable, "-m", "ringtune.cli", "export", "--plan", str(plan_path), "--out",
+                             str(tmp_path / "et"), "--runtime", "executorch", "--base-dtype", "int8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "ExecuTorch stages take --base-dtype fp32 only" in result.stderr

@@ -53,3 +53,31 @@ def test_plan_that_does_not_fit_exits_2_with_one_line():
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(error) == 1 and "pi-a 3.0 GB" in error[0] and "add devices" in error[0]
+
+
+def test_base_dtype_auto_takes_the_widest_that_fits_and_says_why():
+    four = [arg for i in range(4) for arg in ("--device", f"rpi5-8gb:pi-{i}")]
+    auto = ringtune("plan", "--model-config", str(LLAMA_7B), *four, "--owner", "pi-0", "--json")
+    assert auto.returncode == 0, auto.stderr
+    plan = Plan.from_json(auto.stdout)
+    assert plan.base_dtype == "bf16"
+    assert plan.base_dtype_reason == "it does not fit these devices at fp32; bf16 is the widest dtype that fits"
+    two = ringtune("plan", "--model-config", str(LLAMA_7B), *four[:4], "--owner", "pi-0")
+    assert "base weights: int8 (it does not fit these devices at fp32, bf16; int8 is the widest dtype" in two.stdout
+    forced = ringtune("plan", "--model-config", str(LLAMA_7B), *four, "--owner", "pi-0", "--base-dtype", "fp32")
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr
+    assert "needs at least 28.7 GB" in forced.stderr and "it fits at --base-dtype bf16 (or auto)" in forced.stderr
+    fits = ringtune("plan", "--model-config", str(LLAMA_7B), *EIGHT_PI5, "--owner", "pi-0", "--json")
+    assert Plan.from_json(fits.stdout).base_dtype == "fp32"
+
+
+def test_compact_dtypes_price_less_memory_per_device():
+    memory = {}
+    for dtype in ("fp32", "bf16", "int8", "int4"):
+        result = ringtune("plan", "--model-config", str(LLAMA_7B), *EIGHT_PI5, "--owner", "pi-0", "--json",
+                          "--base-dtype", dtype)
+        assert result.returncode == 0, result.stderr
+        plan = Plan.from_json(result.stdout)
+        assert plan.base_dtype == dtype and plan.base_dtype_reason == f"asked for with --base-dtype {dtype}"
+        memory[dtype] = sum(plan.predicted["memory_bytes"].values())
+    assert memory["fp32"] > memory["bf16"] > memory["int8"] > memory["int4"]
