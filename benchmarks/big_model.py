@@ -5,7 +5,7 @@
 
 1. The planner's answer (``ringtune plan``, pure): for each base dtype, the fewest --profile devices the
    fixture fits on, and the refusal for one device at fp32 (GB needed against GB available).
-2. For each dtype, a fresh emulated cluster of --devices devices (coordinator.cluster: a network
+2. For each dtype, a fresh emulated cluster of --devices devices (cluster: a network
    namespace, a shaped link, a CPU quota and a cgroup memory limit of the profile's RAM each) trains
    --steps steps of BxTxM (B sequences of T tokens, M micro-batches; 1F1B). The fp32 run is planned
    by the partitioner; the other dtypes run the same plan file with their --base-dtype, so their
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.cluster import down, status, up
+from cluster import down, status, up
 from coordinator.run_store import step_records
 from device_profiles import resolve_device
 from edge_runtime.models.registry import cache_dir

@@ -17,7 +17,7 @@ from typing import Callable
 
 from safetensors.torch import load as load_tensors
 
-from coordinator.client import AgentUnreachable
+from coordinator.client import AgentUnreachable, DeadlineMissed
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.link_bandwidth import agent_link_bytes_per_s
@@ -27,17 +27,18 @@ from coordinator.planning.calibration import calibrated_profile
 from coordinator.planning.memory import check_fits
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
-from coordinator.slices import ModelShipment, cut_model
+from coordinator.slices import ModelShipment, cut_model, owner_head
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.checkpoint_store import Checkpoint
-from edge_runtime.models.registry import load_config
+from edge_runtime.models.registry import load_config, load_tokenizer
+from edge_runtime.privacy.calibration import calibrate
 from edge_runtime.training_state import pack_state
 from exporters.export import check_executorch_dtype
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, even_plan, validate_plan
-from ringtune.privacy_spec import PrivacySpec
+from ringtune.privacy_spec import PRESETS, PrivacySpec
 from ringtune.progress import Progress, amount_text
 from ringtune.run_shape import RunShape
 from ringtune.security import new_key, wrap_key
@@ -49,6 +50,11 @@ POLL_SECONDS = 0.05
 
 class RingBroken(RunFailed):
     """A stage stopped because a ring link failed while every agent still answers (the ring is rebuilt)."""
+
+
+class CoordinatorStalled(RunFailed):
+    """The coordinator was not running past a reply's deadline: who is gone is unknown, so the ring is rebuilt from
+    the last checkpoint on the agents present (one that is really gone is found then), none declared gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,7 @@ class RingSession:
         self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
+        self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
 
     # --- plan -----------------------------------------------------------------------------
     def make_plan(self) -> Plan:
@@ -158,11 +165,12 @@ class RingSession:
     def prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
-        plan = replace(plan, privacy=s.privacy.public_dict())
         if s.base_dtype not in (AUTO, plan.base_dtype):  # a saved plan run at another dtype
             plan = replace(plan, base_dtype=s.base_dtype,
                            base_dtype_reason=f"asked for with --base-dtype {s.base_dtype} (the plan had {plan.base_dtype})")
         validate_plan(plan, load_config(s.model).num_hidden_layers)
+        self.privacy = self._calibrated_privacy(plan)
+        plan = replace(plan, privacy=self.privacy.public_dict())
         unknown = sorted(set(plan.devices()) - set(self.members.present()))
         if unknown:
             raise RunFailed(f"the plan names devices {unknown} but the agents are {sorted(self.members.present())}: "
@@ -183,9 +191,24 @@ class RingSession:
                             + (f" ({plan.base_dtype_reason})" if plan.base_dtype_reason else ""))
         self.store.write_plan(plan)
         if s.privacy.active:
-            self.progress.event("privacy: " + s.privacy.describe() + (
+            self.progress.event("privacy: " + self.privacy.describe() + (
                 "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))
+        head_blocks = plan.stages[0].num_layers
+        if s.privacy.preset and len(plan.stages) > 1 and head_blocks < PRESETS[s.privacy.preset].owner_blocks:
+            self.progress.event(f"privacy: warning: preset {s.privacy.preset} was measured with the owner keeping "
+                                f"{PRESETS[s.privacy.preset].owner_blocks} blocks at each end; this plan keeps "
+                                f"{head_blocks}, which hides less (use --split planned, which keeps the preset's "
+                                f"blocks, or a model with more blocks)")
         return plan
+
+    def _calibrated_privacy(self, plan: Plan) -> PrivacySpec:
+        """The run's privacy with a preset's clip and noise computed at this plan's cut, on public text through
+        the owner's head slice (edge_runtime.privacy.calibration)."""
+        s = self.settings
+        if s.privacy.calibrated or plan.stages[0].role != "head":
+            return s.privacy
+        head = owner_head(s.model, s.lora, plan, self.progress)
+        return calibrate(s.privacy, head, load_tokenizer(s.model), s.seq_len)
 
     # --- ship, assign, connect ------------------------------------------------------------
     def assign(self, plan: Plan) -> Assigned:
@@ -205,7 +228,7 @@ class RingSession:
                 hidden_size=shipment.hidden_size, lora=s.lora, optimizer=s.optimizer,
                 micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, seed=s.seed,
                 run_key=wrap_key(self.members.client(name).session_key, run_key), timeout=s.data_timeout,
-                encrypt=s.encrypt, privacy=s.privacy if name == plan.owner else PrivacySpec(),
+                encrypt=s.encrypt, privacy=self.privacy if name == plan.owner else PrivacySpec(),
                 slice=shipment.slices[name].sha256 if runs_torch(hello) else None,
                 export=exports[name].manifest.sha256 if name in exports else None,
                 tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None)
@@ -350,6 +373,8 @@ class RingSession:
         self.interrupt.check()
         try:
             reply = action()
+        except DeadlineMissed as error:
+            raise CoordinatorStalled(str(error)) from None
         except (AgentUnreachable, protocol.SessionLost) as error:
             self.members.check_alive([name])  # a more precise reason when we know it (process exited)
             raise AgentGone(name, f"agent {name} left the run: {error}") from None
