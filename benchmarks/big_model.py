@@ -94,10 +94,11 @@ def fewest_devices(args, model: Path, dtype: str) -> dict:
         devices = [a for i in range(count) for a in ("--device", f"{args.profile}:pi{i + 1}")]
         done = subprocess.run([sys.executable, "-m", "ringtune.cli", "plan", "--model", str(model), *devices,
                                "--base-dtype", dtype, *shape_args(args), "--json"], capture_output=True, text=True)
+        plan = json.loads(done.stdout) if done.returncode == 0 else None
         if count == 1:
-            answer["one_device"] = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()[-1]
-        if done.returncode == 0:
-            plan = json.loads(done.stdout)
+            answer["one_device"] = (done.stderr.strip().splitlines()[-1] if plan is None else
+                                    f"fits: predicted {plan['predicted']['memory_bytes']['pi1'] / 1e9:.2f} GB")
+        if plan is not None:
             return {**answer, "fewest_devices": count, "predicted_bytes": plan["predicted"].get("memory_bytes")}
     return {**answer, "fewest_devices": None}
 
