@@ -22,8 +22,8 @@ import torch
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import load_config
 from exporters.export import export_plan
-from exporters.manifest import RunShape
 from ringtune.plan import even_plan
+from ringtune.run_shape import RunShape
 
 RESULTS = Path(__file__).parent / "results" / "executorch_export.json"
 

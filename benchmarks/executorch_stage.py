@@ -65,9 +65,10 @@ def export_both(args, root: Path) -> dict:
     from edge_runtime.models.slices import skeleton
     from edge_runtime.models.stage import build_stage
     from exporters.executorch_export import export_executorch_stage
-    from exporters.manifest import ExportManifest, RunShape, toolchain_versions
     from exporters.torch_export import export_torch_stage
+    from ringtune.manifest import ExportManifest, toolchain_versions
     from ringtune.plan import StageSpec
+    from ringtune.run_shape import RunShape
 
     spec = StageSpec("bench", tuple(args.layers), "middle")
     shape = RunShape(args.micro_batch_size, args.seq_len)
@@ -113,7 +114,7 @@ def non_delegated_ops(path: Path) -> dict:
 
 
 def measure(runtime: str, export_dir: Path, repeats: int) -> dict:
-    from exporters.manifest import ExportManifest
+    from ringtune.manifest import ExportManifest
 
     manifest = ExportManifest.read(export_dir)
     stage = manifest.stage(0)

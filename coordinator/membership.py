@@ -60,6 +60,9 @@ class Membership:
 
     # --- who is in ------------------------------------------------------------------------
     def present(self) -> list[str]:
+        """The agents in the run, in the order they first joined: one that comes back keeps its place, so the ring
+        it left is rebuilt (the same plan, whose slices the agents still hold) and a plan depends on who is in,
+        not on who left when."""
         return [name for name, member in self.members.items() if member.present]
 
     def departed(self) -> list[str]:

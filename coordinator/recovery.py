@@ -25,13 +25,13 @@ from pathlib import Path
 
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
-from coordinator.progress import Progress
 from coordinator.run_store import RunStore
 from coordinator.session import RingBroken, RingSession
 from coordinator.settings import RecoverySettings, TrainSettings
 from edge_runtime.checkpoint_store import Checkpoint
 from edge_runtime.training_state import unpack_state
 from ringtune.plan import Plan, PlanError
+from ringtune.progress import Progress
 
 REJOIN_POLL_SECONDS = 1.0
 STOP_AT_END_SECONDS = 1.0

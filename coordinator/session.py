@@ -21,10 +21,9 @@ from coordinator.client import AgentUnreachable
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.link_bandwidth import agent_link_bytes_per_s
-from coordinator.planning import CostTable, RunShape, model_cost_table, partition
+from coordinator.planning import CostTable, model_cost_table, partition
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
-from coordinator.progress import Progress, amount_text
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
 from coordinator.slices import ModelShipment, cut_model
@@ -34,11 +33,12 @@ from edge_runtime.checkpoint_store import Checkpoint
 from edge_runtime.models.registry import load_config
 from edge_runtime.training_state import pack_state
 from exporters.export import check_executorch_dtype
-from exporters.manifest import RunShape as ExportShape
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, even_plan, validate_plan
 from ringtune.privacy_spec import PrivacySpec
+from ringtune.progress import Progress, amount_text
+from ringtune.run_shape import RunShape
 from ringtune.security import new_key, wrap_key
 
 # Each status poll costs an agent CPU (about 3.6% of a core at 10 ms, measured on the emulated cluster):
@@ -209,7 +209,7 @@ class RingSession:
             return {}
         self.progress.event(f"ExecuTorch stages for {', '.join(names)} (exported once, then cached) ...")
         started = time.perf_counter()
-        exports, exported = agent_exports(s.model, plan, names, ExportShape(s.micro_batch_size, s.seq_len), s.lora,
+        exports, exported = agent_exports(s.model, plan, names, RunShape(s.micro_batch_size, s.seq_len), s.lora,
                                           progress=self.progress)
         self.progress.event(f"exported stages {exported} in {time.perf_counter() - started:.0f} s" if exported
                             else "ExecuTorch stages found in the export cache")

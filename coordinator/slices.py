@@ -10,13 +10,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.progress import PlainProgress, Progress
+from ringtune.manifest import sha256_file, toolchain_versions
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import cache_dir, load_config, load_tokenizer, model_identity, weight_source
 from edge_runtime.models.slices import SLICE_FORMAT, cut_slice, skeleton
 from edge_runtime.models.tokenizer import tokenizer_blob
-from exporters.manifest import sha256_file, toolchain_versions
 from ringtune.plan import Plan
+from ringtune.progress import PlainProgress, Progress
 
 KEEP_SLICES_DAYS = 14
 """Cached slices unused for this long are deleted when new ones are cut."""

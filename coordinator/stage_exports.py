@@ -22,9 +22,10 @@ from coordinator.slices import Blob
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import cache_dir, model_identity
 from exporters.export import export_manifest, export_stages, export_versions
-from exporters.manifest import FORMAT_VERSION, ManifestError, RunShape, StageManifest
+from ringtune.manifest import FORMAT_VERSION, ManifestError, StageManifest
 from ringtune.plan import Plan
 from ringtune.protocol import HelloReply
+from ringtune.run_shape import RunShape
 
 RUNTIME = "executorch"
 STAGE_MANIFEST = "stage.json"

@@ -1,4 +1,8 @@
-"""Measure this device: cores, RAM (psutil), sustained matmul GFLOP/s, link speed if the OS knows it."""
+"""Measure this device: cores, RAM (psutil), sustained matmul GFLOP/s, link speed if the OS knows it.
+
+Only the matmul measurements import torch: the RAM and cgroup readers (the doctor's memory checks)
+need psutil and /proc alone.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +11,6 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 from device_profiles.profile import DeviceProfile
 
@@ -23,6 +26,8 @@ BENCH_HIDDEN = 1024
 
 def matmul_gflops(tokens: int = BENCH_TOKENS, hidden: int = BENCH_HIDDEN, seconds: float = 1.0) -> float:
     """Sustained fp32 GFLOP/s of torch.matmul at a stage-like shape, after one warm-up call."""
+    import torch
+
     x = torch.randn(tokens, hidden)
     w = torch.randn(hidden, 4 * hidden)
     flops_per_call = 2 * tokens * hidden * 4 * hidden
@@ -82,6 +87,8 @@ def link_speed() -> tuple[float, str]:
 
 def measure(name: str | None = None, seconds: float = 1.0) -> DeviceProfile:
     """This device's profile, measured now."""
+    import torch
+
     total, available = usable_ram()
     cores = torch.get_num_threads()
     link, link_source = link_speed()

@@ -43,10 +43,11 @@ from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
 from edge_runtime.transport.link_probe import ProbeSink
 from edge_runtime.transport.pynng_edge import PynngEdge
 from edge_runtime.worker import LocalStage, run_stages_step
-from exporters.manifest import ExportManifest, RunShape as ExportShape
 from ringtune import control, protocol
 from ringtune.base_dtype import check_base_dtype
+from ringtune.manifest import ExportManifest
 from ringtune.protocol import ProtocolError
+from ringtune.run_shape import RunShape
 from ringtune.security import AuthError, unwrap_key
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class Agent:
             raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
                              f"on the coordinator or start the agent with --export-dir DIR")
         export_dir = self.export_dir or export_from_cache(self.cache, s.export, self.state_dir / "exports")
-        return executorch_runners(export_dir, s.plan, indices, ExportShape(s.micro_batch_size, s.seq_len),
+        return executorch_runners(export_dir, s.plan, indices, RunShape(s.micro_batch_size, s.seq_len),
                                   s.lora, s.optimizer)
 
     def _edge_config(self, run: ActiveRun, stage: int, peer: int) -> EdgeConfig:

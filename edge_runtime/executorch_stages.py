@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from edge_runtime.models.lora import LoraSpec
+from ringtune.manifest import MANIFEST_NAME, ExportManifest, ManifestError
 from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.executorch_runner import (
     INSTALL_HINT,
@@ -17,8 +18,8 @@ from edge_runtime.runners.executorch_runner import (
     ExecuTorchStageRunner,
 )
 from edge_runtime.slice_cache import SliceCache
-from exporters.manifest import MANIFEST_NAME, ExportManifest, ManifestError, RunShape
 from ringtune.plan import Plan
+from ringtune.run_shape import RunShape
 
 
 def require_executorch() -> None:

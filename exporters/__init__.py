@@ -2,5 +2,5 @@
 safetensors), with a manifest of shapes, LoRA order and file hashes.
 
 Submodules import heavy toolchains (transformers, executorch.exir) lazily: a device that only
-runs stages imports ``exporters.manifest`` alone.
+runs stages imports ``ringtune.manifest`` alone.
 """

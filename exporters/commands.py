@@ -6,10 +6,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from exporters.manifest import RunShape
 from ringtune.base_dtype import BASE_DTYPES
 from ringtune.lora_spec import LoraSpec
 from ringtune.plan import Plan
+from ringtune.run_shape import RunShape
 
 DEFAULT_LORA = LoraSpec()
 

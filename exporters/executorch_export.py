@@ -23,8 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edge_runtime.models.stage import StageModule, token_loss_sum
-from exporters.manifest import (
-    RunShape,
+from ringtune.manifest import (
     StageManifest,
     TensorSpec,
     dtype_name,
@@ -32,6 +31,7 @@ from exporters.manifest import (
     stage_io,
 )
 from ringtune.plan import StageSpec
+from ringtune.run_shape import RunShape
 
 LOSS_ROLES = ("tail", "full")
 

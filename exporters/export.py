@@ -15,9 +15,10 @@ from pathlib import Path
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import load_config, weight_source
 from edge_runtime.models.slices import cut_slice, materialize, skeleton
-from exporters.manifest import ExportManifest, RunShape, StageManifest, toolchain_versions
+from ringtune.manifest import ExportManifest, StageManifest, toolchain_versions
 from ringtune.plan import Plan, validate_plan
 from ringtune.quiet import quiet_libraries
+from ringtune.run_shape import RunShape
 
 RUNTIMES = ("executorch", "torch")
 DEFAULT_SHAPE = RunShape(micro_batch_size=1, seq_len=128)
@@ -62,7 +63,7 @@ def export_stages(model_name: str, plan: Plan, indices, out_dir: Path, runtime: 
                   workers: int = 1, progress=None) -> tuple[StageManifest, ...]:
     """Write the artifacts of the plan stages at ``indices`` under out_dir/stage{i}/. Each stage is cut from the
     model's weights on its own (no process holds the whole model)."""
-    from coordinator.progress import PlainProgress
+    from ringtune.progress import PlainProgress
 
     progress = progress or PlainProgress()
     if runtime not in RUNTIMES:

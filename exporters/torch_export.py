@@ -17,10 +17,9 @@ from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import Skeleton, SliceError, build_stages, cut_slice, materialize
 from edge_runtime.models.stage import StageModule, stage_lora
 from edge_runtime.models.weights import WeightSource
-from exporters.manifest import (
+from ringtune.manifest import (
     ExportManifest,
     ManifestError,
-    RunShape,
     StageManifest,
     TensorSpec,
     dtype_name,
@@ -29,6 +28,7 @@ from exporters.manifest import (
     verified_path,
 )
 from ringtune.plan import StageSpec
+from ringtune.run_shape import RunShape
 
 CONFIG_NAME = "config.json"
 

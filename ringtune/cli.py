@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import faulthandler
-import importlib
 import logging
 import os
 import signal
@@ -16,27 +15,18 @@ import sys
 
 from ringtune.quiet import quiet_libraries
 
-COMMAND_MODULES = (
-    "edge_runtime.commands.agent",
-    "coordinator.commands.train",
-    "edge_runtime.commands.data",
-    "edge_runtime.commands.evaluate",
-    "edge_runtime.commands.profile",
-    "edge_runtime.commands.doctor",
-    "coordinator.commands.plan",
-    "coordinator.commands.devices",
-    "coordinator.commands.cluster",
-    "exporters.commands",
-    "audit.command",
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, after main() quieted the libraries: a command module may import one that warns.
+    from audit import command as audit
+    from coordinator.commands import cluster, devices, plan, train
+    from edge_runtime.commands import agent, data, doctor, evaluate, profile
+    from exporters import commands as export
+
     parser = argparse.ArgumentParser(prog="ringtune", description="Private split fine-tuning on the devices you own.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for command in (agent, train, data, evaluate, profile, doctor, plan, devices, cluster, export, audit):
+        command.register(subparsers)
     return parser
 
 

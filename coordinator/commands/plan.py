@@ -66,8 +66,9 @@ def devices_from_args(args) -> list:
 
 
 def run(args) -> int:
-    from coordinator.planning import RunShape, plan_run
+    from coordinator.planning import plan_run
     from ringtune.lora_spec import LoraSpec
+    from ringtune.run_shape import RunShape
 
     devices = devices_from_args(args)
     owner = args.owner or devices[0].name

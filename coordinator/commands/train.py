@@ -114,13 +114,13 @@ def train(args, discovery) -> int:
     from coordinator.interrupt import Interrupt
     from coordinator.local import local_names, start_local_agents, stop_local_agents
     from coordinator.membership import AgentGone, Membership
-    from coordinator.progress import progress_for_terminal
     from coordinator.recovery import ResilientTrainer
     from coordinator.run_store import RunStore
     from coordinator.settings import RecoverySettings
     from edge_runtime.models.registry import load_config
     from edge_runtime.models.structure import sliceable_meta_model
     from ringtune.plan import Plan
+    from ringtune.progress import progress_for_terminal
     from ringtune.protocol import Timeouts
     from ringtune.security import generate_token
 

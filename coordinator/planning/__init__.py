@@ -11,13 +11,14 @@ from typing import Any
 
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.costs import CostTable, EndCost
-from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
+from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles.profile import DeviceProfile
 from ringtune.base_dtype import AUTO
 from ringtune.lora_spec import LoraSpec
 from ringtune.plan import Plan
+from ringtune.run_shape import RunShape
 
-__all__ = ["CostTable", "DoesNotFitError", "EndCost", "RunShape", "config_from_file", "model_cost_table",
+__all__ = ["CostTable", "DoesNotFitError", "EndCost", "config_from_file", "model_cost_table",
            "partition", "plan_run"]
 _TRACING = ("config_from_file", "model_cost_table")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coordinator.planning.costs import CostTable
-from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
+from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles.profile import DeviceProfile
 from ringtune.base_dtype import AUTO, BASE_DTYPES, check_base_dtype
+from ringtune.run_shape import RunShape
 
 
 def choose_base_dtype(requested: str, table_for: Callable[[str], CostTable], profiles: list[DeviceProfile],

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from coordinator.planning.costs import CostTable
-from coordinator.planning.partitioner import RunShape
 from device_profiles.profile import DeviceProfile
+from ringtune.run_shape import RunShape
 
 
 def calibrated_profile(profile: DeviceProfile, table: CostTable, shape: RunShape,

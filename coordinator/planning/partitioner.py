@@ -34,7 +34,8 @@ import numpy as np
 
 from coordinator.planning.costs import CostTable
 from device_profiles.profile import DeviceProfile
-from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, Schedule, StageSpec, validate_plan
+from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, StageSpec, validate_plan
+from ringtune.run_shape import RunShape
 
 GB = 1e9
 INF = float("inf")
@@ -42,25 +43,6 @@ INF = float("inf")
 
 class DoesNotFitError(PlanError):
     """No plan fits the devices' memory; the message names the devices and what would make it fit."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunShape:
-    """What one optimizer step processes, and how."""
-    micro_batch_size: int = 2
-    """Sequences per micro-batch (B)."""
-    seq_len: int = 64
-    """Tokens per sequence (T)."""
-    micro_batches: int = 4
-    """Micro-batches per optimizer step (M)."""
-    schedule: Schedule = "1f1b"
-    """Pipeline schedule: 1f1b (S - s micro-batches in flight on stage s) or gpipe (all M)."""
-    min_owner_blocks: int = 1
-    """Blocks the owner keeps at each end (its head and its tail), so raw embeddings never leave it."""
-
-    @property
-    def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from edge_runtime.runners.base import StageRunner
 
-from ringtune.optimizer_spec import OptimizerSpec
-from exporters.manifest import (
+from ringtune.manifest import (
     ExportManifest,
     ManifestError,
     StageManifest,
     TensorSpec,
     verified_path,
 )
+from ringtune.optimizer_spec import OptimizerSpec
 
 INSTALL_HINT = "pip install 'ringtune[executorch]'"
 

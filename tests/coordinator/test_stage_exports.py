@@ -4,8 +4,8 @@ import pytest
 from coordinator.local import agent_runtimes
 from coordinator.stage_exports import needs_export, stage_key
 from edge_runtime.models.lora import LoraSpec
-from exporters.manifest import RunShape
 from ringtune.plan import even_plan
+from ringtune.run_shape import RunShape
 
 from helpers import hello_reply
 

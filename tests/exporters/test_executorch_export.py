@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
+from ringtune.manifest import ExportManifest, ManifestError
 from ringtune.optimizer_spec import OptimizerSpec
 from edge_runtime.runners.executorch_runner import (
     ExecuTorchNotInstalledError,
@@ -27,8 +28,8 @@ from edge_runtime.runners.executorch_runner import (
 )
 from edge_runtime.runners.torch_runner import TorchStageRunner
 from exporters.executorch_export import export_executorch_stage
-from exporters.manifest import ExportManifest, ManifestError, RunShape
 from ringtune.plan import StageSpec
+from ringtune.run_shape import RunShape
 
 MODEL = "tiny-gemma3"
 SHAPE = RunShape(micro_batch_size=2, seq_len=16)  # longer than tiny-gemma3's window (8)

@@ -16,9 +16,10 @@ from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
 from exporters import commands
 from exporters.export import export_plan
-from exporters.manifest import ExportManifest, ManifestError, RunShape
 from exporters.torch_export import load_torch_stage
+from ringtune.manifest import ExportManifest, ManifestError
 from ringtune.plan import Plan, even_plan
+from ringtune.run_shape import RunShape
 
 LORA = LoraSpec(r=4, alpha=8, seed=5)
 

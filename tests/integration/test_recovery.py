@@ -122,7 +122,8 @@ def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(
 
 def test_an_agent_restarted_at_step_6_leaves_and_is_taken_back_at_the_next_checkpoint(agents, uninterrupted, tmp_path):
     """--rebalance: node1 restarts on its address between two heartbeats (its session is lost: it has left);
-    the run goes on without it from checkpoint 4 and takes it back at checkpoint 8."""
+    the run goes on without it from checkpoint 4 and takes it back at checkpoint 8, in its place: the ring is
+    the one it left, so every agent still holds its slice and nothing is shipped again."""
     middle = AgentProcess("node1", tmp_path / "node1")
     url = middle.url
     # The coordinator stays frozen while node1 restarts (seconds under load): a status call pending across the
@@ -144,7 +145,9 @@ def test_an_agent_restarted_at_step_6_leaves_and_is_taken_back_at_the_next_check
     rejoined, = events(tmp_path, "rejoined")
     assert rejoined["agent"] == "node1" and "node1 is back" in stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert [stage["device"] for stage in plan["stages"]] == ["owner", "node2", "node1", "owner"]
+    assert plan["stages"] == json.loads((uninterrupted.out / "plan.json").read_text())["stages"]
+    assert [stage["device"] for stage in plan["stages"]] == ["owner", "node1", "node2", "owner"]
+    assert "shipping to" not in stdout.split("node1 is back")[1], stdout
     assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
 
 

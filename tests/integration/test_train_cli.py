@@ -1,5 +1,6 @@
 """`ringtune train` end to end: real agent subprocesses, real pynng sockets on loopback."""
 import json
+import re
 import subprocess
 import time
 
@@ -176,7 +177,9 @@ def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     shape = SHAPE[:SHAPE.index("--split")]  # planned, not even
     result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape)
     assert result.returncode == 0, result.stderr
-    timed = next(line for line in result.stdout.splitlines() if "one block forward + backward:" in line)
-    assert "owner" in timed and "node1" in timed and " ms" in timed
+    timed = re.search(r"^one block forward \+ backward \((\w+) weights\): (.*)$", result.stdout, re.MULTILINE)
+    assert timed, result.stdout
+    assert "owner" in timed[2] and "node1" in timed[2] and " ms" in timed[2]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["predicted"]["step_seconds"] > 0
+    assert timed[1] == plan["base_dtype"]  # timed at the dtype the plan runs

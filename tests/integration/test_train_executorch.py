@@ -24,11 +24,12 @@ from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from exporters.export import export_stages
-from exporters.manifest import RunShape, StageManifest
+from ringtune.manifest import StageManifest
 from ringtune.optimizer_spec import OptimizerSpec
 from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
 from reference import max_difference, reference_adapter
 from ringtune.plan import Plan
+from ringtune.run_shape import RunShape
 
 pytest.importorskip("executorch")
 pytestmark = pytest.mark.slow

@@ -44,7 +44,9 @@ def convert_gguf(path: Path, target: Path) -> None:
             f"{path.name}: GGUF architecture {architecture!r} is not supported; ringtune converts LLaMA-family "
             f"GGUF files ({', '.join(SUPPORTED_ARCHITECTURES)}): give a Hugging Face safetensors directory instead")
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    names = _hf_names(config, get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers))
+    model = _meta_model(config)
+    names = _hf_names(model, get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers))
+    config.architectures = [type(model).__name__]  # as save_pretrained writes it: tools pick the class by it
     tensors = {t.name: t for t in reader.tensors if t.name in names}
     layout = [TensorLayout(names[name], tuple(int(n) for n in reversed(t.shape)), torch.float32)
               for name, t in tensors.items()]
@@ -59,12 +61,16 @@ def convert_gguf(path: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _hf_names(config, name_map) -> dict[str, str]:
-    """GGUF tensor name -> Hugging Face state-dict name, for every tensor of the model."""
+def _meta_model(config) -> torch.nn.Module:
+    """The causal LM for config, without memory behind its weights."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _hf_names(model: torch.nn.Module, name_map) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face state-dict name, for every tensor of the model."""
     names = {}
     for hf_name in model.state_dict():
         stem, _, suffix = hf_name.rpartition(".")

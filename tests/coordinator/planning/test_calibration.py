@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 
 from helpers import ARCHITECTURES
-from coordinator.planning import RunShape, model_cost_table, partition
+from coordinator.planning import model_cost_table, partition
 from coordinator.planning.calibration import calibrated_profile
 from device_profiles import DeviceProfile
 from edge_runtime.calibration import block_seconds
 from edge_runtime.models.registry import load_config
 from ringtune.lora_spec import LoraSpec
+from ringtune.run_shape import RunShape
 
 SHAPE = RunShape(micro_batch_size=2, seq_len=16, micro_batches=4)
 

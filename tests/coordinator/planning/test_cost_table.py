@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from helpers import ARCHITECTURES
-from coordinator.planning import DoesNotFitError, RunShape, config_from_file, model_cost_table, plan_run
+from coordinator.planning import DoesNotFitError, config_from_file, model_cost_table, plan_run
 from coordinator.planning.partitioner import partition
 from device_profiles import resolve_device
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.structure import find_parts
+from ringtune.run_shape import RunShape
 
 LLAMA_7B = Path(__file__).parent / "data" / "llama-2-7b" / "config.json"
 GEMMA3_1B = Path(__file__).parent / "data" / "gemma-3-1b" / "config.json"

@@ -8,9 +8,10 @@ import random
 import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
-from coordinator.planning.partitioner import DoesNotFitError, RunShape, partition
+from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
 from ringtune.plan import Plan, validate_plan
+from ringtune.run_shape import RunShape
 
 
 def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile], RunShape]:

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ringtune.plan import Role
+from ringtune.run_shape import RunShape
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -20,14 +21,6 @@ FORMAT_VERSION = 1
 
 class ManifestError(ValueError):
     """A manifest or an exported file that cannot be used; the message says how to fix it."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunShape:
-    micro_batch_size: int
-    """Sequences per micro-batch (B)."""
-    seq_len: int
-    """Tokens per sequence (T); shorter sequences are right-padded to it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,30 @@
+"""The run shape: what one optimizer step processes, and how; one definition for the planner, the
+exporters and the runtimes.
+
+ExecuTorch programs have fixed tensor shapes: the exporters and the runtimes read the micro-batch's
+(B, T) only; the planner reads all of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringtune.plan import Schedule
+
+
+@dataclass(frozen=True, slots=True)
+class RunShape:
+    """What one optimizer step processes, and how."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch (B)."""
+    seq_len: int = 64
+    """Tokens per sequence (T); shorter sequences are right-padded to it."""
+    micro_batches: int = 4
+    """Micro-batches per optimizer step (M)."""
+    schedule: Schedule = "1f1b"
+    """Pipeline schedule: 1f1b (S - s micro-batches in flight on stage s) or gpipe (all M)."""
+    min_owner_blocks: int = 1
+    """Blocks the owner keeps at each end (its head and its tail), so raw embeddings never leave it."""
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
