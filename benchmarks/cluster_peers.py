@@ -4,7 +4,7 @@
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
         [--executorch]
 
-For each device count it brings up an emulated cluster (coordinator.cluster: a network namespace
+For each device count it brings up an emulated cluster (cluster: a network namespace
 per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit per device) of
 identical devices, and for each micro-batch count runs, on the same model, batches and stage split:
 
@@ -37,8 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.cluster import ClusterState, down, up
-from coordinator.cluster.cgroups import Cgroup
+from cluster import ClusterState, down, up
+from cluster.cgroups import Cgroup
 from coordinator.run_store import step_records
 from device_profiles import resolve_device
 from ringtune.plan import Plan

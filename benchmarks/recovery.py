@@ -13,7 +13,7 @@ to the same point ("restored the checkpoint" on its output), then interrupted.
 Agents start with empty slice caches in both cases. On this machine's loopback; writes
 benchmarks/results/recovery.json.
 
---cluster (root): the same on an emulated cluster of three rpi5-8gb devices (coordinator.cluster,
+--cluster (root): the same on an emulated cluster of three rpi5-8gb devices (cluster,
 prefix "rtr": a network namespace per device, links capped at the profile's gigabit, CPU quotas and
 memory limits), the coordinator in the cluster's coordinator namespace. Detection is by heartbeat,
 as for real remote devices (the coordinator is not told the cluster's state). By hand: a new
@@ -67,7 +67,7 @@ def loopback_agents(data: Path, out: Path, count: int = 3) -> Agents:
 def cluster_agents(data: Path, out: Path, names: tuple[str, ...] = ("owner", "node1", "node2"),
                    core_gflops: float | None = None) -> tuple[Agents, float]:
     """An emulated cluster (one device per name, the first owns data) and its measured GFLOP/s per core."""
-    from coordinator import cluster
+    import cluster
 
     state = cluster.up([f"{CLUSTER_PROFILE}:{name}" for name in names], owner_data=data, token=TOKEN,
                        prefix=CLUSTER_PREFIX, state_path=out / f"{CLUSTER_PREFIX}.json", core_gflops=core_gflops,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
+from edge_runtime.commands.agent import READY
+
 START_TIMEOUT = 300.0
 """Seconds a local agent may take to start (imports torch and transformers: over 2 min on a loaded 2-core machine)."""
 

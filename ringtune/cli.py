@@ -18,7 +18,8 @@ from ringtune.quiet import quiet_libraries
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, after main() quieted the libraries: a command module may import one that warns.
     from audit import command as audit
-    from coordinator.commands import cluster, devices, plan, train
+    from cluster import command as cluster
+    from coordinator.commands import devices, plan, train
     from edge_runtime.commands import agent, data, doctor, evaluate, profile
     from exporters import commands as export
 

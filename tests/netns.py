@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from coordinator.cluster import netns
+from cluster import netns
 
 
 @pytest.fixture

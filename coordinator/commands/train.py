@@ -110,7 +110,7 @@ def train(args, discovery) -> int:
     import secrets
 
     from coordinator.client import AgentClient
-    from coordinator.cluster.state import cluster_devices
+    from cluster.state import cluster_devices
     from coordinator.interrupt import Interrupt
     from coordinator.local import local_names, start_local_agents, stop_local_agents
     from coordinator.membership import AgentGone, Membership

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
@@ -10,6 +11,8 @@ import threading
 from pathlib import Path
 
 DEFAULT_STATE = Path(os.environ.get("RINGTUNE_STATE", Path.home() / ".local" / "state" / "ringtune"))
+READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
+"""The line an agent prints once it listens (its name, its control URL): what starters of agents wait for."""
 
 
 def register(subparsers) -> None:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from coordinator.client import AgentClient
-from coordinator.cluster import cgroups
+from cluster import cgroups
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import cut_slice, skeleton
 from edge_runtime.models.weights.in_memory import InMemoryWeights

@@ -33,8 +33,8 @@ def prefix(tmp_path, monkeypatch):
     import os
     import uuid
 
-    from coordinator import cluster
-    from coordinator.cluster import cgroups, netns
+    import cluster
+    from cluster import cgroups, netns
 
     if os.geteuid() != 0:
         pytest.skip("needs root for namespaces and cgroups (run the tests as root, e.g. in CI)")
@@ -56,8 +56,8 @@ def test_a_private_run_on_an_emulated_cluster_survives_a_link_down_and_a_resume_
     import subprocess
     import threading
 
-    from coordinator import cluster
-    from coordinator.cluster import netns
+    import cluster
+    from cluster import netns
     from helpers import ringtune_command
 
     data = write_text_data(tmp_path / "train.jsonl", records=40)

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
-from coordinator import cluster
-from coordinator.cluster import cgroups, netns
+import cluster
+from cluster import cgroups, netns
 from device_profiles import DeviceProfile
 from helpers import ringtune_command, write_text_data
 from reference import max_difference

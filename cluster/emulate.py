@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from coordinator.cluster import cgroups
-from coordinator.cluster.hosts import Hosts
-from coordinator.cluster.loopback import WARNING, LoopbackHosts
-from coordinator.cluster.namespaces import NamespaceHosts
-from coordinator.cluster.state import ClusterState, DeviceRecord, default_state_path, load_state
-from coordinator.local import READY
+from cluster import cgroups
+from cluster.hosts import Hosts
+from cluster.loopback import WARNING, LoopbackHosts
+from cluster.namespaces import NamespaceHosts
+from cluster.state import ClusterState, DeviceRecord, default_state_path, load_state
 from device_profiles import DeviceProfile, resolve_device
+from edge_runtime.commands.agent import READY
 
 AGENT_PORT = 7720
 START_TIMEOUT = 300.0  # a 0.1-core device needs a while just to import torch

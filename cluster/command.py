@@ -48,13 +48,13 @@ def run(args) -> int:
 
 
 def _state_path(args) -> Path:
-    from coordinator.cluster import default_state_path
+    from cluster import default_state_path
 
     return args.state or default_state_path(args.prefix)
 
 
 def _up(args) -> int:
-    from coordinator import cluster
+    import cluster
 
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     say(f"bringing up {len(args.device)} device(s) ...")
@@ -69,7 +69,7 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from coordinator import cluster
+    import cluster
 
     removed = cluster.down(_state_path(args), prefix=args.prefix)
     print("\n".join(f"removed {item}" for item in removed) or f"nothing of cluster {args.prefix!r} was left")
@@ -77,7 +77,7 @@ def _down(args) -> int:
 
 
 def _status(args) -> int:
-    from coordinator import cluster
+    import cluster
 
     state = cluster.load_state(_state_path(args))
     report = cluster.status(state)
@@ -93,7 +93,7 @@ def _status(args) -> int:
 
 
 def _exec(args) -> int:
-    from coordinator import cluster
+    import cluster
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:

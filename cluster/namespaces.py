@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.cluster import cgroups, netns
-from coordinator.cluster.hosts import Hosts
-from coordinator.cluster.state import ClusterState
+from cluster import cgroups, netns
+from cluster.hosts import Hosts
+from cluster.state import ClusterState
 
 # Addresses are private to the cluster's bridge, so every cluster can use the same subnet.
 SUBNET = "10.77.0"

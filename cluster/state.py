@@ -11,8 +11,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from coordinator.cluster.cgroups import Cgroup
-from coordinator.cluster.netns import in_namespace
+from cluster.cgroups import Cgroup
+from cluster.netns import in_namespace
 
 STATE_VERSION = 1
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.cluster.hosts import Hosts
-from coordinator.cluster.state import ClusterState
+from cluster.hosts import Hosts
+from cluster.state import ClusterState
 
 LOOPBACK = "127.0.0.1"
 WARNING = ("not root: the agents run on loopback (127.0.0.1) with this machine's full network, CPU and RAM; "

@@ -3,9 +3,9 @@ import stat
 
 import pytest
 
-from coordinator.cluster import cgroups, netns
-from coordinator.cluster.emulate import check_prefix, device_records
-from coordinator.cluster.state import ClusterState, DeviceRecord, load_state
+from cluster import cgroups, netns
+from cluster.emulate import check_prefix, device_records
+from cluster.state import ClusterState, DeviceRecord, load_state
 from device_profiles import BUILTIN_PROFILES
 from device_profiles.live import cgroup_memory
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from coordinator.cluster.state import ClusterState
+from cluster.state import ClusterState
 
 
 class Hosts(ABC):

@@ -22,8 +22,8 @@ API (stable; benchmarks build on it):
   starts any command in that device's namespace and cgroup (same link, CPU and RAM caps);
   ``device.command(argv)`` only the namespace part; ``device.exit_status()``.
 """
-from coordinator.cluster.emulate import ClusterError, DeviceStatus, down, status, up
-from coordinator.cluster.state import ClusterState, DeviceRecord, default_state_path, load_state
+from cluster.emulate import ClusterError, DeviceStatus, down, status, up
+from cluster.state import ClusterState, DeviceRecord, default_state_path, load_state
 
 __all__ = ["ClusterError", "ClusterState", "DeviceRecord", "DeviceStatus", "default_state_path", "down",
            "load_state", "status", "up"]
