@@ -5,8 +5,13 @@ Token recovery from the hidden states leaving the owner's head (top-1 accuracy o
 - learned inverter: a linear decoder trained on public text's privatized hidden states to predict
   each token's input embedding (ridge regression, closed form), decoded by the nearest embedding row,
   i.e. an nn.Linear(d, vocab) whose weight is E @ A, fitted by least squares instead of cross-entropy.
-Label inference from the gradients the owner's tail sends back: ROC-AUC of the gradient norm and of the
-cosine to a known positive example's gradient (0.5 = no leak; reported as max(AUC, 1 - AUC)).
+Label inference, as ROC-AUC of positive against the other labels (0.5 = no leak; reported as
+max(AUC, 1 - AUC)):
+- from the gradients the owner's tail sends back: their norm; their cosine to a known positive example's
+  gradient; the same cosine after aligning every sequence at its end (the attacker sees where the gradient
+  stops, so it can compare the positions that predict the label);
+- from the hidden states the head sends: in causal LM fine-tuning the completion (the label) is also an
+  input token, so its position's state carries it; the learned inverter scores the candidate labels there.
 """
 from __future__ import annotations
 
@@ -37,21 +42,49 @@ class LinearInverter:
         self.bias = -0.5 * embeddings.pow(2).sum(dim=-1)  # [V]: argmax of e.y - |e|^2/2 is the L2-nearest row
 
     def recovery(self, states: torch.Tensor, tokens: torch.Tensor) -> float:
-        predicted = _with_bias(states.double()).float() @ self.weight  # [N, d]
-        guesses = _argmax_rows(predicted, self.embeddings.T, self.bias)
+        guesses = _argmax_rows(self._predicted(states), self.embeddings.T, self.bias)
         return float((guesses == tokens).float().mean())
+
+    def scores(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[N, C] how strongly each state [N, d] decodes to each candidate token id [C] (higher: nearer)."""
+        return self._predicted(states) @ self.embeddings[candidates].T + self.bias[candidates]
+
+    def _predicted(self, states: torch.Tensor) -> torch.Tensor:
+        return _with_bias(states.double()).float() @ self.weight  # [N, d]: the predicted input embeddings
 
 
 def label_auc(gradients: torch.Tensor, positive: torch.Tensor) -> dict[str, float]:
-    """gradients [n, ...] per example as the middle device receives them, positive [n] bool.
+    """gradients [n, T, d] per example as the middle device receives them, positive [n] bool.
 
-    The direction attack knows one positive example (the first) and scores the others by cosine to it."""
+    The direction attacks know one positive example (the first) and score the others by cosine to it: over
+    the positions as sent, and with every example shifted so that its last position with a gradient comes
+    last (right-padded sequences end at different positions; the zero rows after the end show where)."""
     flat = gradients.flatten(1).double()
-    norm_score = flat.norm(dim=1)
     known = int(positive.nonzero()[0])
     rest = torch.arange(len(flat)) != known
-    cosine = torch.nn.functional.cosine_similarity(flat[rest], flat[known].unsqueeze(0), dim=1)
-    return {"norm_auc": _leak_auc(norm_score, positive), "direction_auc": _leak_auc(cosine, positive[rest])}
+
+    def cosine_auc(rows: torch.Tensor) -> float:
+        return _leak_auc(torch.nn.functional.cosine_similarity(rows[rest], rows[known].unsqueeze(0), dim=1),
+                         positive[rest])
+
+    return {"norm_auc": _leak_auc(flat.norm(dim=1), positive), "direction_auc": cosine_auc(flat),
+            "aligned_direction_auc": cosine_auc(_end_aligned(gradients).flatten(1).double())}
+
+
+def _end_aligned(gradients: torch.Tensor) -> torch.Tensor:
+    """[n, T, d] each example's rows rolled so that its last nonzero row is row T - 1 ([n, d]: as is)."""
+    if gradients.dim() < 3:
+        return gradients
+    received = gradients.flatten(2).abs().sum(dim=-1) > 0  # [n, T]
+    after_last = received.flip(1).int().argmax(dim=1)  # [n]: zero rows after the last one received
+    return torch.stack([g.roll(int(shift), dims=0) for g, shift in zip(gradients, after_last)])
+
+
+def forward_label_auc(scores: torch.Tensor, positive_column: int, positive: torch.Tensor) -> float:
+    """Label inference from the hidden state at each example's label position: scores [n, C] of the
+    candidate labels there (LinearInverter.scores); the positive label's margin over the best other."""
+    others = torch.cat([scores[:, :positive_column], scores[:, positive_column + 1:]], dim=1)
+    return _leak_auc((scores[:, positive_column] - others.max(dim=1).values).double(), positive)
 
 
 def _leak_auc(score: torch.Tensor, positive: torch.Tensor) -> float:

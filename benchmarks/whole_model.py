@@ -22,8 +22,8 @@ from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.runners.torch_runner import TorchStageRunner
+from edge_runtime.memory import peak_rss
 from ringtune.optimizer_spec import OptimizerSpec
-from peak_memory import peak_rss
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from cluster.namespaces import NamespaceHosts
 from cluster.state import ClusterState, DeviceRecord, default_state_path, load_state
 from device_profiles import DeviceProfile, resolve_device
 from edge_runtime.commands.agent import READY
+from edge_runtime.memory import process_memory
 
 AGENT_PORT = 7720
 START_TIMEOUT = 300.0  # a 0.1-core device needs a while just to import torch
@@ -236,19 +237,9 @@ def status(state: ClusterState) -> list[DeviceStatus]:
     report = []
     for device in state.devices:
         group = cgroups.Cgroup(device.cgroup) if device.cgroup else None
-        memory = _process_memory(device.pid) if device.running() else {}
+        memory = process_memory(device.pid) if device.running() else {}
         report.append(DeviceStatus(
             name=device.name, state="running" if memory else device.exit_status(),
             rss_bytes=memory.get("VmRSS", 0), peak_rss_bytes=memory.get("VmHWM", 0),
             peak_bytes=group.memory_peak() if group else 0, oom_kills=group.oom_kills() if group else 0))
     return report
-
-
-def _process_memory(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, ... of /proc/PID/status in bytes ({} if it is gone)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = (line.split() for line in lines if line.startswith("Vm") and line.endswith("kB"))
-    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in fields}

@@ -7,6 +7,7 @@ needs (``Request.reply_seconds``): heartbeats stay short, uploads scale with the
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from ringtune.security import AuthError, CoordinatorHandshake
 
 class AgentUnreachable(RuntimeError):
     """An agent did not answer in time."""
+
+
+class DeadlineMissed(AgentUnreachable):
+    """The wait ended long after its deadline: the coordinator itself was not running (Ctrl-Z, a paused VM), so
+    the agent may well have answered (nng drops the request at the deadline); this says nothing about the agent."""
 
 
 class PairingFailed(RuntimeError):
@@ -72,10 +78,16 @@ class AgentClient:
 
     def _exchange(self, data: bytes, cmd: str, seconds: float) -> dict:
         self._socket.recv_timeout = self._socket.send_timeout = max(1, int(seconds * 1000))
+        started = time.monotonic()
         try:
             self._socket.send(data)
             return control.unpack(self._socket.recv())
         except pynng.Timeout:
+            waited = time.monotonic() - started
+            if waited > 2 * seconds:  # a timer that fires a whole wait late was not running either
+                raise DeadlineMissed(f"the coordinator did not run for about {waited - seconds:.0f} s while it waited "
+                                     f"{seconds:g} s for agent {self.name}'s answer to {cmd!r} (was it suspended?)"
+                                     ) from None
             raise AgentUnreachable(f"agent {self.name} at {self.url} did not answer {cmd!r} within "
                                    f"{seconds:g} s (is it running and reachable?)") from None
 

@@ -8,7 +8,8 @@ survivors drop the broken ring, the planner splits the model over them, the slic
 every stage restores the last checkpoint and the steps since are run again: the data order is a
 pure function of (seed, step), and privacy noise of (seed, step, micro-batch, stage), so nothing is
 lost, applied twice or drawn differently. A ring link that failed while every agent answers is
-rebuilt on the same agents the same way. ``resume`` continues a run whose coordinator stopped, from
+rebuilt on the same agents the same way, and so is a ring whose coordinator did not run past a reply's
+deadline (Ctrl-Z, a paused VM: nobody is declared gone for it). ``resume`` continues a run whose coordinator stopped, from
 the newer of the local and the owner's checkpoint.
 
 The policy: the owner gone, or survivors that cannot hold the model, pause the run until a departed
@@ -26,7 +27,7 @@ from pathlib import Path
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.run_store import RunStore
-from coordinator.session import RingBroken, RingSession
+from coordinator.session import CoordinatorStalled, RingBroken, RingSession
 from coordinator.settings import RecoverySettings, TrainSettings
 from edge_runtime.checkpoint_store import Checkpoint
 from edge_runtime.training_state import unpack_state
@@ -37,7 +38,7 @@ REJOIN_POLL_SECONDS = 1.0
 STOP_AT_END_SECONDS = 1.0
 """How long the end of a run (or Ctrl-C) waits for each agent to drop its ring."""
 RING_RETRIES = 3
-"""Ring failures in a row (every agent answering) before the run gives up."""
+"""Ring failures in a row (every agent answering), or stalls of the coordinator, before the run gives up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +110,16 @@ class ResilientTrainer:
                         checkpoint = self._checkpoint(ring, step, losses)
                         if self.recovery.rebalance and self._take_back():
                             ring = None
-                except (AgentGone, RingBroken) as error:
-                    ring_failures = ring_failures + 1 if isinstance(error, RingBroken) else 0
+                except (AgentGone, RingBroken, CoordinatorStalled) as error:
+                    ring_failures = 0 if isinstance(error, AgentGone) else ring_failures + 1
                     if ring_failures > RING_RETRIES:
-                        raise RunFailed(f"{error} ({RING_RETRIES} times in a row: check the network between "
-                                        f"the devices)") from None
-                    failure = self._lose(error, step, checkpoint, failure)
+                        check = ("keep the coordinator running" if isinstance(error, CoordinatorStalled)
+                                 else "check the network between the devices")
+                        raise RunFailed(f"{error} ({RING_RETRIES} times in a row: {check})") from None
+                    if isinstance(error, CoordinatorStalled):
+                        self._stalled(error, step, checkpoint)
+                    else:
+                        failure = self._lose(error, step, checkpoint, failure)
                     ring = None
                     step, losses = _rollback(checkpoint)
             if ring is None:  # resumed after the last step: nothing left to train
@@ -190,6 +195,15 @@ class ResilientTrainer:
             earlier.agents.append(agent)
             return earlier
         return _Failure([agent], detected, step - resume_at)
+
+    def _stalled(self, error: CoordinatorStalled, step: int, checkpoint: Checkpoint | None) -> None:
+        """The coordinator itself stopped past a deadline: stop the ring and rebuild it from the checkpoint, on the
+        agents present (one that is really gone is found while the ring is set up again)."""
+        self.session.stop(self.members.present())
+        resume_at = checkpoint.step if checkpoint is not None else 0
+        self.store.log({"event": "stalled", "reason": str(error), "at_step": step + 1, "resume_at_step": resume_at,
+                        "time": time.time()})
+        self.progress.event(f"{error}; rebuilding the ring from step {resume_at}")
 
     def _recovered(self, plan: Plan, failure: _Failure, ship_seconds: float) -> None:
         seconds = time.monotonic() - failure.detected

@@ -17,26 +17,28 @@ from typing import Callable
 
 from safetensors.torch import load as load_tensors
 
-from coordinator.client import AgentUnreachable
+from coordinator.client import AgentUnreachable, DeadlineMissed
 from coordinator.interrupt import Interrupt
 from coordinator.membership import AgentGone, Membership, RunFailed
 from coordinator.link_bandwidth import agent_link_bytes_per_s
 from coordinator.planning import CostTable, model_cost_table, partition
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
+from coordinator.planning.memory import check_fits
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
-from coordinator.slices import ModelShipment, cut_model
+from coordinator.slices import ModelShipment, cut_model, owner_head
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.checkpoint_store import Checkpoint
-from edge_runtime.models.registry import load_config
+from edge_runtime.models.registry import load_config, load_tokenizer
+from edge_runtime.privacy.calibration import calibrate
 from edge_runtime.training_state import pack_state
 from exporters.export import check_executorch_dtype
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, even_plan, validate_plan
-from ringtune.privacy_spec import PrivacySpec
+from ringtune.privacy_spec import PRESETS, PrivacySpec
 from ringtune.progress import Progress, amount_text
 from ringtune.run_shape import RunShape
 from ringtune.security import new_key, wrap_key
@@ -48,6 +50,11 @@ POLL_SECONDS = 0.05
 
 class RingBroken(RunFailed):
     """A stage stopped because a ring link failed while every agent still answers (the ring is rebuilt)."""
+
+
+class CoordinatorStalled(RunFailed):
+    """The coordinator was not running past a reply's deadline: who is gone is unknown, so the ring is rebuilt from
+    the last checkpoint on the agents present (one that is really gone is found then), none declared gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class RingSession:
         self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
+        self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
 
     # --- plan -----------------------------------------------------------------------------
     def make_plan(self) -> Plan:
@@ -91,14 +99,7 @@ class RingSession:
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
         links = self._link_bytes_per_s(devices)
-        measured = {}
-        for name in devices:
-            hello = self.members.hello(name)
-            measured[name] = DeviceProfile(name, ram_bytes=hello.ram_available, cores=hello.threads, gflops=hello.gflops,
-                                           link_bytes_per_s=links[name],
-                                           sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now",
-                                                    "link_bytes_per_s": "--link-mbit" if s.link_bytes_per_s else
-                                                    "measured: timed transfer from the coordinator"})
+        measured = {p.name: p for p in self._profiles(devices, links)}
         # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
         dtype, why = choose_base_dtype(s.base_dtype, self._table, list(measured.values()), s.owner, shape, dtypes)
         table = self._table(dtype)
@@ -113,6 +114,21 @@ class RingSession:
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule, base_dtype=dtype, base_dtype_reason=why)
+
+    def _profiles(self, names: list[str], links: dict[str, float]) -> list[DeviceProfile]:
+        """The agents as their hellos describe them: the RAM their process may grow into (available now
+        plus what it holds), their runtime's own memory, their matmul speed; their links as measured."""
+        profiles = []
+        for name in names:
+            hello = self.members.hello(name)
+            profiles.append(DeviceProfile(
+                name, ram_bytes=min(hello.ram_bytes, hello.ram_available + hello.rss), cores=hello.threads,
+                gflops=hello.gflops, link_bytes_per_s=links[name], baseline_bytes=hello.baseline_bytes,
+                sources={"gflops": "measured by the agent (matmul)", "ram_bytes": "available now + the agent's RSS",
+                         "baseline_bytes": "measured by the agent",
+                         "link_bytes_per_s": "--link-mbit" if self.settings.link_bytes_per_s else
+                         "measured: timed transfer from the coordinator"}))
+        return profiles
 
     def _link_bytes_per_s(self, names: list[str]) -> dict[str, float]:
         """--link-mbit for every agent, or each agent's link measured once per run (coordinator.link_bandwidth)."""
@@ -149,25 +165,50 @@ class RingSession:
     def prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
         s = self.settings
-        plan = replace(plan, privacy=s.privacy.public_dict())
         if s.base_dtype not in (AUTO, plan.base_dtype):  # a saved plan run at another dtype
             plan = replace(plan, base_dtype=s.base_dtype,
                            base_dtype_reason=f"asked for with --base-dtype {s.base_dtype} (the plan had {plan.base_dtype})")
         validate_plan(plan, load_config(s.model).num_hidden_layers)
+        self.privacy = self._calibrated_privacy(plan)
+        plan = replace(plan, privacy=self.privacy.public_dict())
         unknown = sorted(set(plan.devices()) - set(self.members.present()))
         if unknown:
             raise RunFailed(f"the plan names devices {unknown} but the agents are {sorted(self.members.present())}: "
                             f"start those agents or make a plan for these (ringtune plan --discover)")
+        # Whoever made the plan (the planner, --split even, a --plan file), it must fit as it will run:
+        # its schedule, its micro-batches, this run's micro-batch shape, these agents' memory.
+        shape = RunShape(s.micro_batch_size, s.seq_len, plan.micro_batches, plan.schedule)
+        profiles = self._profiles(plan.devices(), self._link_bytes_per_s(plan.devices()))
+        memory = check_fits(self._table(plan.base_dtype), shape, plan, profiles)
+        step = f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if "step_seconds" in plan.predicted else ""
+        plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},
+                                        "memory": {n: f.to_dict() for n, f in memory.items()}})
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})"
                                                  for st in plan.stages)
-                            + (f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if plan.predicted else ""))
+                            + step + "; memory " + ", ".join(f"{p.name} {memory[p.name].total / 1e9:.2f} of "
+                                                             f"{p.ram_bytes / 1e9:.1f} GB" for p in profiles))
         self.progress.event(f"base weights: {plan.base_dtype}"
                             + (f" ({plan.base_dtype_reason})" if plan.base_dtype_reason else ""))
         self.store.write_plan(plan)
         if s.privacy.active:
-            self.progress.event("privacy: " + s.privacy.describe() + (
+            self.progress.event("privacy: " + self.privacy.describe() + (
                 "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))
+        head_blocks = plan.stages[0].num_layers
+        if s.privacy.preset and len(plan.stages) > 1 and head_blocks < PRESETS[s.privacy.preset].owner_blocks:
+            self.progress.event(f"privacy: warning: preset {s.privacy.preset} was measured with the owner keeping "
+                                f"{PRESETS[s.privacy.preset].owner_blocks} blocks at each end; this plan keeps "
+                                f"{head_blocks}, which hides less (use --split planned, which keeps the preset's "
+                                f"blocks, or a model with more blocks)")
         return plan
+
+    def _calibrated_privacy(self, plan: Plan) -> PrivacySpec:
+        """The run's privacy with a preset's clip and noise computed at this plan's cut, on public text through
+        the owner's head slice (edge_runtime.privacy.calibration)."""
+        s = self.settings
+        if s.privacy.calibrated or plan.stages[0].role != "head":
+            return s.privacy
+        head = owner_head(s.model, s.lora, plan, self.progress)
+        return calibrate(s.privacy, head, load_tokenizer(s.model), s.seq_len)
 
     # --- ship, assign, connect ------------------------------------------------------------
     def assign(self, plan: Plan) -> Assigned:
@@ -187,7 +228,7 @@ class RingSession:
                 hidden_size=shipment.hidden_size, lora=s.lora, optimizer=s.optimizer,
                 micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, seed=s.seed,
                 run_key=wrap_key(self.members.client(name).session_key, run_key), timeout=s.data_timeout,
-                encrypt=s.encrypt, privacy=s.privacy if name == plan.owner else PrivacySpec(),
+                encrypt=s.encrypt, privacy=self.privacy if name == plan.owner else PrivacySpec(),
                 slice=shipment.slices[name].sha256 if runs_torch(hello) else None,
                 export=exports[name].manifest.sha256 if name in exports else None,
                 tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None)
@@ -249,7 +290,7 @@ class RingSession:
         return {"step": step + 1, "loss": owner.loss, "tokens": owner.tokens,
                 "tokens_per_s": owner.tokens / elapsed, "step_seconds": elapsed,
                 "devices": {name: {"compute_seconds": st.result.compute_seconds, "bytes_sent": st.result.bytes_sent,
-                                   "rss": st.rss}
+                                   "rss": st.rss, "peak_rss": st.peak_rss}
                             for name, st in results.items()}}
 
     def wait_all(self, plan: Plan, done: Callable[[protocol.StatusReply], bool], timeout: float | None,
@@ -336,6 +377,8 @@ class RingSession:
         self.interrupt.check()
         try:
             reply = action()
+        except DeadlineMissed as error:
+            raise CoordinatorStalled(str(error)) from None
         except (AgentUnreachable, protocol.SessionLost) as error:
             self.members.check_alive([name])  # a more precise reason when we know it (process exited)
             raise AgentGone(name, f"agent {name} left the run: {error}") from None

@@ -13,7 +13,8 @@ from pathlib import Path
 from ringtune.manifest import sha256_file, toolchain_versions
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import cache_dir, load_config, load_tokenizer, model_identity, weight_source
-from edge_runtime.models.slices import SLICE_FORMAT, cut_slice, skeleton
+from edge_runtime.models.slices import SLICE_FORMAT, cut_slice, materialize, skeleton
+from edge_runtime.models.stage import StageModule
 from edge_runtime.models.tokenizer import tokenizer_blob
 from ringtune.plan import Plan
 from ringtune.progress import PlainProgress, Progress
@@ -79,6 +80,13 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan, progress: Progress | None 
             os.utime(used)  # recently used: kept by _prune
         slices[device] = Blob.of_file(path, digest.read_text())
     return ModelShipment(config.to_dict(), config.hidden_size, slices, Blob.of_bytes(tokenizer_blob(load_tokenizer(model))))
+
+
+def owner_head(model: str, lora: LoraSpec, plan: Plan, progress: Progress | None = None) -> StageModule:
+    """The owner's head stage (plan's first) as the owner will run it, from its slice (cut unless cached; the
+    shipment reuses it): what a privacy preset is calibrated on."""
+    owner_slice = cut_model(model, lora, plan, progress, [plan.owner]).slices[plan.owner]
+    return materialize(owner_slice.path, load_config(model).to_dict(), lora, {0: plan.stages[0]})[0][0]
 
 
 def _cut(model: str, lora: LoraSpec, plan: Plan, devices: list[str], paths: dict[str, Path], progress: Progress) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 GB = 1e9
 FIELDS = ("ram_bytes", "cores", "gflops", "link_bytes_per_s")
+BASELINE_BYTES = 450_000_000
+"""An agent's runtime with no run loaded, as measured here (x86-64, torch 2.13, transformers, peft)."""
+BASELINE_SOURCE = "estimate: an idle agent measured 0.45 GB on x86-64 with torch 2.13"
 
 
 class ProfileError(ValueError):
@@ -25,7 +28,7 @@ class DeviceProfile:
     name: str
     """Device (agent) name; unique within a run."""
     ram_bytes: int
-    """RAM ringtune's tensors may use: total minus the OS, Python and torch themselves."""
+    """RAM the agent process may use: total minus the OS (its own runtime, ``baseline_bytes``, included)."""
     cores: int
     """CPU cores torch uses."""
     gflops: float
@@ -34,15 +37,17 @@ class DeviceProfile:
     """Network bandwidth of the device's link (one direction), in bytes per second."""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     """Where each number comes from (a measurement or "estimate"), by field name."""
+    baseline_bytes: int = BASELINE_BYTES
+    """Resident bytes of the agent's runtime with no run loaded (Python, torch, transformers, peft),
+    measured by each agent; the planner adds its stages' memory to it."""
 
     def __post_init__(self) -> None:
-        for name in FIELDS:
+        for name in (*FIELDS, "baseline_bytes"):
             if not getattr(self, name) > 0:
                 raise ProfileError(f"device {self.name!r}: {name} must be > 0, got {getattr(self, name)}")
 
     def renamed(self, name: str) -> "DeviceProfile":
-        return DeviceProfile(name, self.ram_bytes, self.cores, self.gflops, self.link_bytes_per_s,
-                             dict(self.sources))
+        return replace(self, name=name, sources=dict(self.sources))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,14 +61,15 @@ def profile_from_dict(data: dict, origin: str = "profile") -> DeviceProfile:
     if "link_mbit_s" in data:
         data["link_bytes_per_s"] = float(data.pop("link_mbit_s")) * 1e6 / 8
     missing = [name for name in ("name", *FIELDS) if name not in data]
-    unknown = sorted(set(data) - {"name", "sources", *FIELDS})
+    unknown = sorted(set(data) - {"name", "sources", "baseline_bytes", *FIELDS})
     if missing or unknown:
         raise ProfileError(
             f"{origin}: missing {missing} / unknown {unknown} fields; a device needs name, ram_bytes "
             f"(or ram_gb), cores, gflops and link_bytes_per_s (or link_mbit_s)")
     return DeviceProfile(name=str(data["name"]), ram_bytes=int(data["ram_bytes"]), cores=int(data["cores"]),
                          gflops=float(data["gflops"]), link_bytes_per_s=float(data["link_bytes_per_s"]),
-                         sources={str(k): str(v) for k, v in dict(data.get("sources", {})).items()})
+                         sources={str(k): str(v) for k, v in dict(data.get("sources", {})).items()},
+                         baseline_bytes=int(data.get("baseline_bytes", BASELINE_BYTES)))
 
 
 def parse_profiles(text: str, suffix: str, origin: str = "profile file") -> list[DeviceProfile]:

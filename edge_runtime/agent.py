@@ -26,9 +26,10 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
-from edge_runtime.calibration import block_seconds
+from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.memory import peak_rss, release_free_memory, rss
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
@@ -76,10 +77,14 @@ class ActiveRun:
 class Agent:
     def __init__(self, name: str, listen: str, token: str, state_dir: Path, data_path: str | None = None,
                  threads: int | None = None, runtime: str = "torch", export_dir: Path | None = None,
-                 on_busy: Callable[[str | None], None] = lambda lineage: None) -> None:
-        """on_busy(lineage) is called (from the control loop) when what ``busy`` says changes."""
+                 on_busy: Callable[[str | None], None] = lambda lineage: None,
+                 max_memory: int | None = None) -> None:
+        """on_busy(lineage) is called (from the control loop) when what ``busy`` says changes. max_memory:
+        bytes this agent's process may use for a run, its runtime included (default: what the machine,
+        or its cgroup, has)."""
         self.name = name
         self.on_busy = on_busy
+        self.max_memory = max_memory
         self.runtime = runtime
         self.export_dir = export_dir
         self.state_dir = state_dir
@@ -98,6 +103,7 @@ class Agent:
         self.host = listen.split("://", 1)[1].rsplit(":", 1)[0]
         self.probe = ProbeSink(f"tcp://{self.host}:0")  # the coordinator times a transfer to it before planning
         self._gflops: float | None = None
+        self._baseline: int | None = None
         self._block_seconds: dict[str, float] = {}  # calibrations by (model config, LoRA, shape)
         self._run: ActiveRun | None = None
         self._retired: threading.Thread | None = None  # the worker of the last stopped run, maybe still ending
@@ -178,6 +184,25 @@ class Agent:
             self._gflops = matmul_gflops(seconds=0.3)
         return self._gflops
 
+    def measure(self) -> None:
+        """Measure what hello reports (matmul speed, the runtime's own memory) now, not on the first hello."""
+        _ = self.gflops, self.baseline_bytes
+
+    @property
+    def baseline_bytes(self) -> int:
+        """Resident bytes of this agent with the training runtime warmed up and no run, measured once."""
+        if self._baseline is None:
+            self._baseline = runtime_baseline()
+        return self._baseline
+
+    def ram(self) -> tuple[int, int]:
+        """(total, available now) bytes of RAM for this agent: the machine's or its cgroup's, capped by
+        --max-memory (which counts the agent's own resident memory as used)."""
+        total, available = usable_ram()  # a cgroup (container, emulated device) may cap it
+        if self.max_memory is None:
+            return total, available
+        return min(total, self.max_memory), max(0, min(available, self.max_memory - rss()))
+
     @property
     def busy(self) -> str | None:
         """The lineage of the run this agent serves, while its coordinator is heard from (else None)."""
@@ -193,13 +218,13 @@ class Agent:
             self.on_busy(busy)
 
     def _cmd_hello(self, _: protocol.Hello, __: str) -> protocol.HelloReply:
-        ram_total, ram_available = usable_ram()  # a cgroup (container, emulated device) may cap it
+        ram_total, ram_available = self.ram()
         return protocol.HelloReply(
             protocol=protocol.PROTOCOL_VERSION, name=self.name, agent_id=self.pairing.agent_id,
             version=ringtune.__version__, has_data=self.records is not None, pid=os.getpid(),
             cores=psutil.cpu_count() or 1, threads=torch.get_num_threads(), ram_bytes=ram_total,
-            ram_available=ram_available, runtime=self.runtime, export_dir=self.export_dir is not None,
-            gflops=self.gflops, busy=self.busy,
+            ram_available=ram_available, rss=rss(), baseline_bytes=self.baseline_bytes, runtime=self.runtime,
+            export_dir=self.export_dir is not None, gflops=self.gflops, busy=self.busy,
             probe_port=int(self.probe.url.rsplit(":", 1)[1]))
 
     def _cmd_pair_begin(self, msg: protocol.PairBegin, peer: str) -> protocol.PairBeginReply:
@@ -213,7 +238,10 @@ class Agent:
         return protocol.HaveReply(missing=[d for d in msg.digests if not self.cache.has(d)])
 
     def _cmd_upload(self, msg: protocol.Upload) -> protocol.UploadReply:
-        return protocol.UploadReply(complete=self.cache.append(msg.sha256, msg.offset, msg.total, msg.data))
+        complete = self.cache.append(msg.sha256, msg.offset, msg.total, msg.data)
+        if complete:
+            release_free_memory()  # the chunks' buffers
+        return protocol.UploadReply(complete=complete)
 
     def _cmd_calibrate(self, msg: protocol.Calibrate) -> protocol.CalibrateReply:
         """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
@@ -222,6 +250,7 @@ class Agent:
         if key not in self._block_seconds:
             self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len,
                                                      base_dtype)
+            release_free_memory()  # the calibration block
         return protocol.CalibrateReply(block_seconds=self._block_seconds[key])
 
     def _cmd_assign(self, msg: protocol.Assign) -> protocol.AssignReply:
@@ -264,7 +293,7 @@ class Agent:
 
     def _cmd_status(self, _: protocol.Status) -> protocol.StatusReply:
         run = self._run
-        common = {"rss": psutil.Process().memory_info().rss, "refused_control": self.pairing.refused,
+        common = {"rss": rss(), "peak_rss": peak_rss(), "refused_control": self.pairing.refused,
                   "pairing_backoff": self.pairing.backed_off}
         if run is None:
             return protocol.StatusReply(state="free", **common)
@@ -326,6 +355,7 @@ class Agent:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
                                      s.plan.micro_batches, s.seed)
+            release_free_memory()
             with self._lock:
                 if run.state == "loading":
                     run.state = "ready"
@@ -350,6 +380,7 @@ class Agent:
                                          compute_seconds={i: r.compute_seconds for i, r in results.items()},
                                          wall_seconds={i: r.wall_seconds for i, r in results.items()},
                                          bytes_sent=sum(edge.bytes_sent for _, _, edge in run.edges))
+            release_free_memory()  # what the step freed goes back before the next one
             with self._lock:
                 run.result, run.state = result, "idle"
         except Exception as error:

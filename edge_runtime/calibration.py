@@ -14,8 +14,10 @@ import warnings
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from edge_runtime.memory import release_free_memory, rss
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.quantization import compact_model
+from edge_runtime.models.registry import TINY_CONFIGS
 from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts
 
@@ -44,6 +46,20 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
         forward_backward()
         calls += 1
     return (time.perf_counter() - start) / calls
+
+
+def runtime_baseline() -> int:
+    """Bytes this process keeps resident once the training runtime has run: a tiny LoRA block's
+    forward, backward and AdamW step start autograd, the thread pool and the model, peft and optimizer
+    code, then everything the block held is freed. The planner adds it to every stage's own memory."""
+    stage, hidden_size = _one_block_stage(TINY_CONFIGS["tiny-llama"]().to_dict(), LoraSpec(), "fp32")
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    out = stage(torch.randn(1, 8, hidden_size, requires_grad=True))  # [1, 8, d]
+    out.backward(torch.ones_like(out))
+    torch.optim.AdamW(trainable).step()
+    del stage, trainable, out
+    release_free_memory()
+    return rss()
 
 
 def _one_block_stage(config_dict: dict, lora: LoraSpec, base_dtype: str) -> tuple[StageModule, int]:

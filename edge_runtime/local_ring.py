@@ -2,6 +2,7 @@
 agents use, for simulations (``ringtune audit``) and exactness tests."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,11 @@ class RingResult:
 
 def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerData, optimizer: OptimizerSpec,
                           steps: int | range, privacy: PrivacySpec = PrivacySpec(), timeout: float = 600.0,
-                          restore: dict[str, torch.Tensor] | None = None) -> RingResult:
+                          restore: dict[str, torch.Tensor] | None = None,
+                          after_step: Callable[[int], None] | None = None) -> RingResult:
     """Train peft_model's LoRA in place over plan's stages for ``steps`` (a count, or the step indices to run,
-    e.g. a replay from a checkpoint); ``restore`` is a training state to start from."""
+    e.g. a replay from a checkpoint); ``restore`` is a training state to start from. ``after_step(step)`` runs
+    between steps, when peft_model holds the weights after that step (e.g. to evaluate a learning curve)."""
     noise = NoiseStream(privacy.seed)
     runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise)
                for s in plan.stages]
@@ -48,7 +51,11 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
              for i in range(len(runners) - 1)]
     stages = [LocalStage(i, runner, edges[i - 1][1] if i else None, edges[i][0] if i < len(edges) else None)
               for i, runner in enumerate(runners)]
-    losses = [_ring_step(stages, plan, step, data) for step in (range(steps) if isinstance(steps, int) else steps)]
+    losses = []
+    for step in range(steps) if isinstance(steps, int) else steps:
+        losses.append(_ring_step(stages, plan, step, data))
+        if after_step is not None:
+            after_step(step)
     adapter, training_state = {}, {}
     for runner in runners:
         adapter.update({adapter_key(n): t for n, t in runner.lora_state().items()})

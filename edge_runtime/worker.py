@@ -1,14 +1,18 @@
 """Run one stage through one optimizer step: follow its schedule, move frames, step the optimizer."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from edge_runtime.data.dataset import StepBatch
+from edge_runtime.memory import rss
 from edge_runtime.runners.base import StageRunner
 from edge_runtime.schedules import Action, schedule_for
 from edge_runtime.transport.base import Edge
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: S
             compute += time.perf_counter() - t0
             if stage.prev is not None:
                 stage.prev.send("gradient", step, mb, grad_input)
+        if log.isEnabledFor(logging.DEBUG):  # memory per micro-batch in flight (ringtune -v agent ...)
+            log.debug("step %d stage %d after %s%d: RSS %.1f MB", step, stage.index, action.kind, mb, rss() / 1e6)
     t0 = time.perf_counter()
     runner.step()
     compute += time.perf_counter() - t0

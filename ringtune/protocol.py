@@ -28,9 +28,10 @@ from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
-4: hello names the agent's link probe port."""
+4: hello names the agent's link probe port;
+5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -102,6 +103,11 @@ class HelloReply(Reply):
     """RAM usable for training (a cgroup limit when there is one)."""
     ram_available: int
     """RAM available now."""
+    rss: int
+    """The agent's resident memory now (it can grow into ram_available beyond it)."""
+    baseline_bytes: int
+    """Resident memory of the agent's warmed-up runtime with no run loaded, measured at start (the planner
+    adds its stages' memory to it)."""
     runtime: str
     """torch or executorch."""
     export_dir: bool
@@ -112,6 +118,9 @@ class HelloReply(Reply):
     """Lineage of the run the agent is serving for a coordinator heard from recently (None: free)."""
     probe_port: int
     """Port of the agent's link probe sink (edge_runtime.transport.link_probe), on its control host."""
+
+    def __post_init__(self) -> None:
+        _check_memory(self, "ram_bytes", "ram_available", "rss", "baseline_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +187,8 @@ class StatusReply(Reply):
     """free (no run), loading, ready, running, idle (a step is done) or error."""
     rss: int
     """Resident memory of the agent process, bytes."""
+    peak_rss: int
+    """Its peak resident memory since it started (VmHWM), bytes: what the plan's prediction is held to."""
     refused_control: int
     """Control messages refused (failed pairings, bad seals, malformed requests)."""
     pairing_backoff: int
@@ -190,6 +201,9 @@ class StatusReply(Reply):
     """The run failed waiting on a ring link (a neighbour's fault, not this agent's)."""
     result: StepResult | None = None
     """The last step's measurements."""
+
+    def __post_init__(self) -> None:
+        _check_memory(self, "rss", "peak_rss")
     refused: dict[str, int] = field(default_factory=dict)
     """Data-plane frames refused, by reason."""
 
@@ -232,7 +246,7 @@ class Hello(Request):
     PUBLIC: ClassVar[bool] = True
 
     def reply_seconds(self, timeouts: Timeouts) -> float:
-        return max(timeouts.heartbeat, 10.0)  # the first hello measures the agent's matmul speed
+        return max(timeouts.heartbeat, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +506,13 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _check_memory(message, *names: str) -> None:
+    """Byte counts the planner sums: negative ones would make a plan fit that does not."""
+    negative = [n for n in names if getattr(message, n) < 0]
+    if negative:
+        raise ValueError(f"negative byte counts {negative}")
 
 
 def _build(cls: type, fields: dict, where: str):

@@ -35,7 +35,8 @@ def hello_reply(**fields):
     from ringtune.protocol import PROTOCOL_VERSION, HelloReply
 
     defaults = dict(protocol=PROTOCOL_VERSION, name="pi-a", agent_id="pi-a@host", version="0", has_data=False,
-                    pid=1, cores=4, threads=4, ram_bytes=8 << 30, ram_available=6 << 30, runtime="torch",
+                    pid=1, cores=4, threads=4, ram_bytes=8 << 30, ram_available=6 << 30, rss=450 << 20,
+                    baseline_bytes=440 << 20, runtime="torch",
                     export_dir=False, gflops=10.0, busy=None, probe_port=7721)
     return HelloReply(**{**defaults, **fields})
 

@@ -86,17 +86,21 @@ def run(args) -> int:
 
 
 def print_plan(plan, devices: list) -> None:
-    """The plan as a table (one row per stage), then the predicted step time and throughput."""
+    """The plan as a table (one row per stage), each device's predicted memory, then the step time and throughput."""
     from ringtune.console import print_table
 
     ram = {d.name: d.ram_bytes for d in devices}
     p = plan.predicted
     rows = [(str(i), stage.device, stage.role, f"[{stage.layers[0]}, {stage.layers[1]})",
-             f"{p['memory_bytes'][stage.device] / 1e9:.2f} / {ram[stage.device] / 1e9:.2f} GB",
              f"{p['stage_compute_seconds'][i]:.3f}", f"{p['stage_link_seconds'][i]:.3f}")
             for i, stage in enumerate(plan.stages)]
-    print_table(("stage", "device", "role", "layers", "memory used / available", "compute s", "link s"), rows,
-                right=("stage", "compute s", "link s"))
+    print_table(("stage", "device", "role", "layers", "compute s", "link s"), rows, right=("stage", "compute s", "link s"))
+    terms = ("baseline", "weights", "trainable", "activations", "workspace", "buffers")
+    memory = [(name, f"{p['memory'][name]['total'] / 1e9:.2f} / {ram[name] / 1e9:.2f} GB",
+               *(f"{p['memory'][name][term] / 1e9:.3f}" for term in terms)) for name in plan.devices()]
+    print_table(("device", "predicted peak / RAM", "runtime", "weights", "LoRA+AdamW", "activations", "workspace",
+                 "frames"), memory, title="memory per device (GB)",
+                right=("runtime", "weights", "LoRA+AdamW", "activations", "workspace", "frames"))
     print(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
           f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
           f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")

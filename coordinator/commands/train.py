@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
 
 
 def register(subparsers) -> None:
@@ -51,7 +51,8 @@ def register(subparsers) -> None:
                         help="planned: the exact partitioner over the agents' measured profiles (devices that "
                              "would slow the step are left out); even: blocks split evenly over all agents")
     parser.add_argument("--min-owner-blocks", type=int, default=1,
-                        help="blocks the owner keeps at each end with --split planned")
+                        help="blocks the owner keeps at each end with --split planned (a --privacy preset raises it "
+                             "to its own)")
     parser.add_argument("--privacy", default="off", help="noise on hidden states leaving the owner: " + PRIVACY_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
@@ -89,14 +90,16 @@ def settings_from_args(args, owner: str):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+    privacy = PrivacySpec.parse(args.privacy, args.grad_privacy)
     return TrainSettings(model=args.model, owner=owner, steps=args.steps, micro_batches=args.micro_batches,
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
-                         encrypt=args.encrypt, split=args.split, min_owner_blocks=args.min_owner_blocks,
+                         encrypt=args.encrypt, split=args.split, min_owner_blocks=max(args.min_owner_blocks, (
+                             PRESETS[privacy.preset].owner_blocks if privacy.preset else 0)),
                          link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
-                         privacy=PrivacySpec.parse(args.privacy, args.grad_privacy), base_dtype=args.base_dtype)
+                         privacy=privacy, base_dtype=args.base_dtype)
 
 
 def run(args) -> int:

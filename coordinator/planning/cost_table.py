@@ -3,17 +3,23 @@
 Nothing is loaded: the model is built on the meta device, wrapped with LoRA as in training, and
 one block of each distinct structure and attention type is traced forward and backward on meta
 tensors, as the one-block stage an agent runs (rotary, mask and all). Torch's FlopCounterMode
-counts the FLOPs and a saved-tensors hook sees every tensor autograd keeps for backward, so the
-numbers follow the real modules (LLaMA family, Gemma-3, GPT-2, ...) instead of formulas.
+counts the FLOPs, a saved-tensors hook sees every tensor autograd keeps for backward, and a
+dispatch mode follows every tensor the trace allocates until it is freed (the transient peak), so
+the numbers follow the real modules (LLaMA family, Gemma-3, GPT-2, ...) instead of formulas. Meta
+tensors have no data but real sizes and lifetimes: on real agents the traced bytes matched what a
+block kept per micro-batch to 3% (benchmarks/agent_memory.py).
 """
 from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -71,6 +77,7 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         block_param_bytes=tuple(b.param_bytes for b in per_block),
         block_trainable_bytes=tuple(b.trainable_bytes for b in per_block),
         block_activation_bytes=tuple(b.activation_bytes for b in per_block),
+        block_workspace_bytes=tuple(b.workspace_bytes for b in per_block),
         block_forward_flops=tuple(b.forward_flops for b in per_block),
         block_backward_flops=tuple(b.backward_flops for b in per_block),
         cut_bytes=float(config.hidden_size * 4),
@@ -115,8 +122,40 @@ def _param_bytes(modules: list[nn.Module], exclude: list[nn.Module] = ()) -> tup
     return total, trainable * TRAINABLE_COPIES
 
 
-def _trace(forward, inputs: torch.Tensor, params: set[int]) -> tuple[float, float, float]:
-    """(forward FLOPs, backward FLOPs, bytes saved for backward except parameters) of one call."""
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors allocated under this mode that are still alive, and their peak.
+
+    A storage counts from the op that creates it until it is freed (views and in-place results share
+    their input's storage and are not counted again); tensors made before the mode (parameters, the
+    traced input) are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key not in inputs and key not in self.live:
+                self.live[key] = storage.nbytes()
+                self.now += self.live[key]
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+
+def _trace(forward, inputs: torch.Tensor, params: set[int]) -> tuple[float, float, float, float]:
+    """(forward FLOPs, backward FLOPs, bytes saved for backward except parameters, peak bytes live)
+    of one call, forward and backward."""
     saved: dict[int, torch.Tensor] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,24 +164,26 @@ def _trace(forward, inputs: torch.Tensor, params: set[int]) -> tuple[float, floa
             saved[id(base)] = base  # views of one tensor share its memory
         return tensor
 
-    with FlopCounterMode(display=False) as counter:
+    with _LiveBytes() as live, FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = forward(inputs)
         forward_flops = counter.get_total_flops()
+        saved_bytes = sum(t.untyped_storage().nbytes() for t in saved.values())
+        saved.clear()  # from here on only the graph keeps them, and backward frees them
         output.backward(torch.ones_like(output))
+        del output
         backward_flops = counter.get_total_flops() - forward_flops
-    saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
-    return float(forward_flops), float(backward_flops), float(saved_bytes)
+    return float(forward_flops), float(backward_flops), float(saved_bytes), float(live.peak)
 
 
 def _block_cost(parts: DecoderParts, config: PreTrainedConfig, index: int, seq_len: int) -> EndCost:
     block = parts.blocks[index]
     stage = StageModule(parts, config, (index, index + 1), "middle")
     hidden = torch.empty(1, seq_len, parts.embed.embedding_dim, device="meta", requires_grad=True)
-    forward_flops, backward_flops, saved = _trace(stage, hidden, {id(t) for t in _tensors(block)})
+    forward_flops, backward_flops, saved, peak = _trace(stage, hidden, {id(t) for t in _tensors(block)})
     param_bytes, trainable_bytes = _param_bytes([block])
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
-                   backward_flops / seq_len)
+                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len)
 
 
 def _tail_cost(parts: DecoderParts, config: PreTrainedConfig, seq_len: int, exclude: list[nn.Module]) -> EndCost:
@@ -151,7 +192,7 @@ def _tail_cost(parts: DecoderParts, config: PreTrainedConfig, seq_len: int, excl
     modules = [parts.final_norm, parts.head]
     params = {id(t) for m in modules for t in _tensors(m)}
     tail = StageModule(parts, config, (len(parts.blocks), len(parts.blocks)), "tail")
-    forward_flops, backward_flops, saved = _trace(lambda x: token_loss_sum(tail(x), labels), hidden, params)
+    forward_flops, backward_flops, saved, peak = _trace(lambda x: token_loss_sum(tail(x), labels), hidden, params)
     param_bytes, trainable_bytes = _param_bytes(modules, exclude)
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
-                   backward_flops / seq_len)
+                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len)

@@ -20,6 +20,9 @@ class EndCost:
     """Forward FLOPs per token."""
     backward_flops: float
     """Backward FLOPs per token."""
+    workspace_bytes: float = 0.0
+    """Bytes per token live at the peak of one forward + backward beyond those kept for backward
+    (gradients on their way through, temporaries of the largest op)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,8 @@ class CostTable:
     """LoRA tensors + gradients + AdamW state of each block."""
     block_activation_bytes: tuple[float, ...]
     """Bytes each block keeps for backward, per token of a micro-batch."""
+    block_workspace_bytes: tuple[float, ...]
+    """Transient bytes per token of each block's forward + backward beyond what it keeps."""
     block_forward_flops: tuple[float, ...]
     """Forward FLOPs per token of each block."""
     block_backward_flops: tuple[float, ...]

@@ -8,9 +8,11 @@ a_head + a_tail; a middle device's busy time is its a_s. One optimizer step take
 
     sum_s a_s  +  (M - 1) * max over devices of busy time
 
-(pipeline fill and drain, then the steady-state bottleneck). Memory per device: weights + LoRA
-+ gradients + AdamW state + the activations its stages keep in flight (1F1B: S - s micro-batches
-on stage s of S; GPipe: all M).
+(pipeline fill and drain, then the steady-state bottleneck). Memory per device is
+``coordinator.planning.memory``'s model of an agent's peak (its runtime, weights, LoRA + AdamW,
+the activations its stages keep in flight: 1F1B S - s micro-batches on stage s of S, GPipe all M,
+workspace and frame buffers), evaluated on whole block-range matrices with the same formula that
+checks a finished plan.
 
 Search, exact. Devices with equal RAM, GFLOP/s and link are interchangeable, so a chain of middle
 stages is a multiset of device types ("state"). A DP runs over (state, first type, first block)
@@ -28,21 +30,19 @@ can reach (one min-max DP) or when nothing fits under the cap.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from coordinator.planning.costs import CostTable
+from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel, describe, gb, in_flight,
+                                         plan_memory)
+from ringtune.run_shape import RunShape
 from device_profiles.profile import DeviceProfile
 from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, StageSpec, validate_plan
-from ringtune.run_shape import RunShape
 
-GB = 1e9
 INF = float("inf")
-
-
-class DoesNotFitError(PlanError):
-    """No plan fits the devices' memory; the message names the devices and what would make it fit."""
+__all__ = ["DoesNotFitError", "partition"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +50,12 @@ class _Costs:
     """The run's costs as prefix sums over blocks, per micro-batch (seconds need a device's speed)."""
     num_blocks: int
     """L."""
-    weight_bytes: np.ndarray
-    """[L + 1] prefix sums of parameter + trainable-state bytes."""
-    activation_bytes: np.ndarray
-    """[L + 1] prefix sums of activation bytes per micro-batch."""
+    memory: MemoryModel
+    """Memory terms (prefix sums and range matrices over blocks)."""
     flops: np.ndarray
     """[L + 1] prefix sums of forward + backward FLOPs per micro-batch."""
     cut_bytes: float
     """Bytes of one hidden state (or its gradient) of a micro-batch."""
-    ends_weight_bytes: int
-    """Parameter + trainable-state bytes of both model ends (always on the owner)."""
-    head_activation_bytes: float
-    """Activation bytes per micro-batch of the embedding end."""
-    tail_activation_bytes: float
-    """Activation bytes per micro-batch of the norm + LM head + loss end."""
     head_flops: float
     """FLOPs per micro-batch of the embedding end."""
     tail_flops: float
@@ -72,25 +64,20 @@ class _Costs:
 
 def _costs(table: CostTable, shape: RunShape) -> _Costs:
     tokens = shape.tokens
-    block_weights = [p + s for p, s in zip(table.block_param_bytes, table.block_trainable_bytes)]
     block_flops = [f + b for f, b in zip(table.block_forward_flops, table.block_backward_flops)]
-    ends = table.head_end, table.tail_end
     return _Costs(
         num_blocks=table.num_blocks,
-        weight_bytes=np.concatenate([[0], np.cumsum(block_weights, dtype=np.int64)]),
-        activation_bytes=np.concatenate([[0.0], np.cumsum(table.block_activation_bytes)]) * tokens,
+        memory=MemoryModel(table, shape),
         flops=np.concatenate([[0.0], np.cumsum(block_flops)]) * tokens,
         cut_bytes=table.cut_bytes * tokens,
-        ends_weight_bytes=sum(e.param_bytes + e.trainable_bytes for e in ends),
-        head_activation_bytes=table.head_end.activation_bytes * tokens,
-        tail_activation_bytes=table.tail_end.activation_bytes * tokens,
         head_flops=(table.head_end.forward_flops + table.head_end.backward_flops) * tokens,
         tail_flops=(table.tail_end.forward_flops + table.tail_end.backward_flops) * tokens)
 
 
 def _in_flight(shape: RunShape, stages_to_end: int) -> int:
-    """Micro-batches a stage keeps activations for; stages_to_end = S - s (1 on the tail)."""
-    return shape.micro_batches if shape.schedule == "gpipe" else min(stages_to_end, shape.micro_batches)
+    """Micro-batches a stage keeps activations for; stages_to_end = S - s (1 on the tail). The count
+    depends on nothing else, so it is stage 0's of a ring of stages_to_end stages."""
+    return in_flight(shape.schedule, stages_to_end, 0, shape.micro_batches)
 
 
 def _link_seconds(costs: _Costs, sender: DeviceProfile, receiver: DeviceProfile) -> float:
@@ -122,7 +109,7 @@ class _Search:
 
 def _type_key(device: DeviceProfile) -> tuple:
     """Devices with the same key are interchangeable in every cost."""
-    return device.ram_bytes, device.gflops, device.link_bytes_per_s
+    return device.ram_bytes, device.baseline_bytes, device.gflops, device.link_bytes_per_s
 
 
 def _device_types(devices: list[DeviceProfile]) -> tuple[tuple[DeviceProfile, ...], tuple[int, ...]]:
@@ -134,11 +121,13 @@ def _device_types(devices: list[DeviceProfile]) -> tuple[tuple[DeviceProfile, ..
 
 def _stage_matrix(costs: _Costs, shape: RunShape, device: DeviceProfile, receiver: DeviceProfile,
                   stages_to_end: int) -> np.ndarray:
-    f, w, a = costs.flops, costs.weight_bytes, costs.activation_bytes
+    f = costs.flops
     seconds = (f[None, :] - f[:, None]) / (device.gflops * 1e9) + _link_seconds(costs, device, receiver)
-    memory = (w[None, :] - w[:, None]) + (a[None, :] - a[:, None]) * _in_flight(shape, stages_to_end)
     blocks = np.arange(costs.num_blocks + 1)
-    usable = (blocks[None, :] > blocks[:, None]) & (memory <= device.ram_bytes)
+    start, end = blocks[:, None], blocks[None, :]
+    stage = costs.memory.stage(start, end, "middle", _in_flight(shape, stages_to_end))
+    memory = costs.memory.device(device.baseline_bytes, [stage]).total  # [b, e]
+    usable = (end > start) & (memory <= device.ram_bytes)
     return np.where(usable, seconds, INF)
 
 
@@ -156,13 +145,18 @@ def _search(costs: _Costs, shape: RunShape, owner: DeviceProfile, others: list[D
                    stage_matrices=matrices)
 
 
+def _owner_footprint(search: _Search, num_stages: int) -> Footprint:
+    """[h, t] owner footprint with head [0, h) and tail [t, L) in a ring of num_stages stages."""
+    model, shape, L = search.costs.memory, search.shape, search.costs.num_blocks
+    blocks = np.arange(L + 1)
+    head = model.stage(0, blocks[:, None], "head", _in_flight(shape, num_stages))
+    tail = model.stage(blocks[None, :], L, "tail", _in_flight(shape, 1))
+    return model.device(search.owner.baseline_bytes, [head, tail])
+
+
 def _owner_memory(search: _Search, num_stages: int) -> np.ndarray:
     """[h, t] owner bytes with head [0, h) and tail [t, L) in a ring of num_stages stages."""
-    c, shape = search.costs, search.shape
-    w, a = c.weight_bytes, c.activation_bytes
-    head = w + (c.head_activation_bytes + a) * _in_flight(shape, num_stages)
-    tail = (w[-1] - w) + (a[-1] - a + c.tail_activation_bytes) * _in_flight(shape, 1)
-    return c.ends_weight_bytes + head[:, None] + tail[None, :]
+    return np.broadcast_to(_owner_footprint(search, num_stages).total, (search.costs.num_blocks + 1,) * 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,16 +317,18 @@ def _full_plan_seconds(search: _Search) -> float | None:
 def _full_plan(table: CostTable, search: _Search, step: float) -> Plan:
     L, owner = table.num_blocks, search.owner.name
     busy = float(search.head_seconds[-1] + search.tail_seconds[-1])
-    memory = _full_memory(search)
     stages = (StageSpec(owner, (0, L), "full"),)
-    return _plan(table, search, stages, step, owner, [busy], [0.0], {owner: memory})
+    return _plan(table, search, stages, step, owner, [busy], [0.0])
 
 
-def _full_memory(search: _Search) -> int:
-    c = search.costs
-    return int(c.ends_weight_bytes + c.weight_bytes[-1]
-               + (c.head_activation_bytes + c.activation_bytes[-1] + c.tail_activation_bytes)
-               * _in_flight(search.shape, 1))
+def _full_footprint(search: _Search) -> Footprint:
+    model = search.costs.memory
+    return model.device(search.owner.baseline_bytes,
+                        [model.stage(0, model.num_blocks, "full", _in_flight(search.shape, 1))])
+
+
+def _full_memory(search: _Search) -> float:
+    return float(_full_footprint(search).total)
 
 
 def _split_plan(table: CostTable, search: _Search, best: _Candidate, others: list[DeviceProfile]) -> Plan:
@@ -345,33 +341,35 @@ def _split_plan(table: CostTable, search: _Search, best: _Candidate, others: lis
     stage_busy, peak = _busy_times(search, best)
     ring = [owner, *devices, owner]
     links = [_link_seconds(search.costs, a, b) for a, b in zip(ring, ring[1:])] + [0.0]
-    memory = {owner.name: int(_owner_memory(search, len(stages))[best.head_end, best.tail_start])}
-    for i, (device, (k, b, e)) in enumerate(zip(devices, best.middles)):
-        w, a = search.costs.weight_bytes, search.costs.activation_bytes
-        memory[device.name] = int(w[e] - w[b] + (a[e] - a[b]) * _in_flight(search.shape, len(stages) - 1 - i))
     owner_busy = stage_busy[0] + stage_busy[-1]
     busiest = max([(owner_busy, owner.name), *zip(stage_busy[1:-1], (d.name for d in devices))])[1]
     step = _step_seconds(stage_busy, peak, search.shape.micro_batches)
     compute = [s - l for s, l in zip(stage_busy, links)]
-    return _plan(table, search, stages, step, busiest, compute, links, memory)
+    return _plan(table, search, stages, step, busiest, compute, links, devices)
 
 
 def _plan(table: CostTable, search: _Search, stages: tuple[StageSpec, ...], step: float, bottleneck: str,
-          compute: list[float], links: list[float], memory: dict[str, int]) -> Plan:
+          compute: list[float], links: list[float], devices: list[DeviceProfile] = ()) -> Plan:
+    """The plan, its predictions, and each device's memory from the one model that checks any plan."""
     shape = search.shape
+    plan = Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches)
+    validate_plan(plan, table.num_blocks)
+    baselines = {d.name: d.baseline_bytes for d in [search.owner, *devices]}
+    memory = plan_memory(table, shape, plan, baselines)
+    ram = {d.name: d.ram_bytes for d in [search.owner, *devices]}
+    assert all(f.total <= ram[name] for name, f in memory.items()), "the search kept a plan that does not fit"
     predicted = {
         "step_seconds": step,
         "tokens_per_second": shape.tokens * shape.micro_batches / step if step > 0 else INF,
         "bottleneck": bottleneck,
         "stage_compute_seconds": compute,
         "stage_link_seconds": links,
-        "memory_bytes": memory,
+        "memory_bytes": {name: int(f.total) for name, f in memory.items()},
+        "memory": {name: f.to_dict() for name, f in memory.items()},
         "micro_batch_size": shape.micro_batch_size,
         "seq_len": shape.seq_len,
     }
-    plan = Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches, predicted)
-    validate_plan(plan, table.num_blocks)
-    return plan
+    return Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches, predicted)
 
 
 def _check_input(table: CostTable, profiles: list[DeviceProfile], owner: str, shape: RunShape) -> None:
@@ -390,31 +388,27 @@ def _check_input(table: CostTable, profiles: list[DeviceProfile], owner: str, sh
                         f"{shape.seq_len}: build the table with seq_len={shape.seq_len}")
 
 
-def _gb(num_bytes: float) -> str:
-    return f"{num_bytes / GB:.1f} GB"
-
-
 def _does_not_fit_message(table: CostTable, search: _Search, others: list[DeviceProfile]) -> str:
     """Why nothing fits: the devices that run out, bytes needed against available, what would help."""
-    c, shape, owner = search.costs, search.shape, search.owner
+    shape, owner = search.shape, search.owner
     devices = [owner, *others]
     available = sum(d.ram_bytes for d in devices)
-    weights = c.ends_weight_bytes + int(c.weight_bytes[-1])
-    activations = (c.head_activation_bytes + c.activation_bytes[-1] + c.tail_activation_bytes) * _in_flight(shape, 1)
+    # Every byte the model needs at least once (one micro-batch in flight), plus every device's runtime:
+    # a device that is left out takes its RAM away with its runtime, which is smaller.
+    whole = replace(_full_footprint(search), baseline=sum(d.baseline_bytes for d in devices))
     fix = (f"add devices, or lower --micro-batch-size (now {shape.micro_batch_size}) or --seq-len "
            f"(now {shape.seq_len})" + (", or use --schedule 1f1b" if shape.schedule == "gpipe" else ""))
-    listing = ", ".join(f"{d.name} {_gb(d.ram_bytes)}" for d in devices)
-    if weights + activations > available:
-        return (f"{table.model} does not fit: it needs at least {_gb(weights + activations)} (weights, LoRA "
-                f"and optimizer state {_gb(weights)}, activations {_gb(activations)}) but the devices have "
-                f"{_gb(available)} together ({listing}); {fix} (about "
-                f"{_gb(weights + activations - available)} more is needed)")
-    K, L = shape.min_owner_blocks, c.num_blocks
+    listing = ", ".join(f"{d.name} {gb(d.ram_bytes, 1)}" for d in devices)
+    if whole.running > available:
+        return (f"{table.model} does not fit: it needs at least {gb(whole.running, 1)} ({describe(whole)}) but the "
+                f"devices have {gb(available, 1)} together ({listing}); {fix} (about "
+                f"{gb(whole.running - available, 1)} more is needed)")
+    K, L = shape.min_owner_blocks, search.costs.num_blocks
     owner_least = _full_memory(search) if not others or 2 * K >= L else _owner_memory(search, 3)[K, L - K]
     if owner_least > owner.ram_bytes:
-        return (f"the owner {owner.name} runs out of memory: it needs at least {_gb(owner_least)} for the "
-                f"embedding, the LM head and {K} block(s) at each end but has {_gb(owner.ram_bytes)}; make "
+        return (f"the owner {owner.name} runs out of memory: it needs at least {gb(owner_least, 1)} for the "
+                f"embedding, the LM head and {K} block(s) at each end but has {gb(owner.ram_bytes, 1)}; make "
                 f"a device with more RAM the owner (--owner), lower --min-owner-blocks, or {fix}")
-    return (f"no split of {table.model} into whole blocks fits: the blocks need {_gb(weights + activations)} "
+    return (f"no split of {table.model} into whole blocks fits: the blocks need {gb(whole.running, 1)} "
             f"or more with their activations in flight, and each device must hold its whole range "
             f"({listing}); {fix}")

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--export-dir", type=Path,
                         help="with --runtime executorch: a local `ringtune export` directory to run instead of "
                              "shipped programs (checked against its manifest hashes and the run's shape)")
+    parser.add_argument("--max-memory", type=float, metavar="GB",
+                        help="memory this agent may use for a run, its own runtime included (default: the "
+                             "machine's, or its cgroup's); the planner gives it no more")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="token and slice cache")
     parser.add_argument("--interface", action="append", metavar="IP|IFACE",
                         help="advertise over mDNS only on these interfaces (repeatable; default: all)")
@@ -45,6 +48,9 @@ def run(args) -> int:
     if args.print_systemd_unit:
         print(systemd_unit(args, sys.argv[sys.argv.index("agent") + 1:] if "agent" in sys.argv else []))
         return 0
+    from edge_runtime.memory import configure_allocator
+
+    configure_allocator()  # before the imports below allocate
     from edge_runtime.agent import Agent
     from ringtune.security import check_token, load_or_create_token
 
@@ -56,8 +62,12 @@ def run(args) -> int:
             print(f"pairing token (give it to the coordinator: ringtune train --token ...): {token}", flush=True)
     if args.export_dir and args.runtime != "executorch":
         raise ValueError("--export-dir holds ExecuTorch programs: use it with --runtime executorch")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise ValueError("--max-memory must be > 0 (GB)")
     agent = Agent(args.name, args.listen, token, args.state_dir, data_path=args.data, threads=args.threads,
-                  runtime=args.runtime, export_dir=args.export_dir)
+                  runtime=args.runtime, export_dir=args.export_dir,
+                  max_memory=None if args.max_memory is None else int(args.max_memory * 1e9))
+    agent.measure()  # before it answers: hello must be quick
     advertiser = None if args.no_advertise else _advertise(agent, args)
     if advertiser is not None:  # say busy/free on the network, off the control loop (mDNS takes a moment)
         agent.on_busy = lambda lineage: threading.Thread(target=advertiser.set_busy, args=(lineage,), daemon=True).start()
@@ -76,14 +86,13 @@ def run(args) -> int:
 def _advertise(agent, args):
     import psutil
     import ringtune
-    from device_profiles.live import usable_ram
     from edge_runtime.discovery.advert import AgentAdvert
     from edge_runtime.discovery.advertiser import Advertiser
     from edge_runtime.discovery.interfaces import parse_interfaces
 
     advert = AgentAdvert(agent_id=agent.pairing.agent_id, name=agent.name, version=ringtune.__version__,
                          control_url=agent.url, cores=psutil.cpu_count() or 1,
-                         ram_bytes=usable_ram()[0], gflops=round(agent.gflops, 1),
+                         ram_bytes=agent.ram()[0], gflops=round(agent.gflops, 1),
                          runtime=agent.runtime, has_data=agent.records is not None)
     return Advertiser(advert, interfaces=parse_interfaces(args.interface))
 

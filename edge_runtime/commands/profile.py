@@ -16,11 +16,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from device_profiles.live import measure
+    from edge_runtime.calibration import runtime_baseline
+    from edge_runtime.memory import configure_allocator
 
     if args.seconds <= 0:
         raise ValueError("--seconds must be > 0")
+    configure_allocator()  # as the agent does, so the baseline is the agent's
     profile = measure(args.name, args.seconds)
+    profile = replace(profile, baseline_bytes=runtime_baseline(), sources={
+        **profile.sources, "baseline_bytes": "measured: this process with the training runtime warmed up"})
     if args.json:
         print(json.dumps(profile.to_dict(), indent=1))
         return 0
@@ -28,5 +35,7 @@ def run(args) -> int:
           f"ram     {profile.ram_bytes / 1e9:.2f} GB usable   ({profile.sources['ram_bytes']})\n"
           f"cores   {profile.cores}   ({profile.sources['cores']})\n"
           f"matmul  {profile.gflops:.1f} GFLOP/s   ({profile.sources['gflops']})\n"
-          f"link    {profile.link_bytes_per_s * 8 / 1e6:.0f} Mbit/s   ({profile.sources['link_bytes_per_s']})")
+          f"link    {profile.link_bytes_per_s * 8 / 1e6:.0f} Mbit/s   ({profile.sources['link_bytes_per_s']})\n"
+          f"runtime {profile.baseline_bytes / 1e9:.2f} GB resident before any run   "
+          f"({profile.sources['baseline_bytes']})")
     return 0

@@ -22,7 +22,10 @@ class HiddenMechanism(ABC):
         """Positions < public (dim -2) pass untouched: under causal attention their states depend only on
         the shared public prefix. The noise is drawn for the full shape and its positions < public are
         dropped, so the noise a position gets does not depend on public."""
-        noise = self.noise(tuple(x.shape), generator).to(x.dtype)
+        return self.add_noise(x, self.noise(tuple(x.shape), generator).to(x.dtype), public)
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, public: int = 0) -> torch.Tensor:
+        """clip(x) + noise (same shape as x) at positions >= public; positions < public pass untouched."""
         private = clip_tokens(x[..., public:, :], self.clip) + noise[..., public:, :]
         return torch.cat([x[..., :public, :], private], dim=-2) if public else private
 

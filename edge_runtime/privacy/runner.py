@@ -13,6 +13,9 @@ from ringtune.privacy_spec import PrivacySpec
 
 
 def hidden_mechanism(spec: PrivacySpec) -> HiddenMechanism | None:
+    if not spec.calibrated:
+        raise ValueError(f"privacy preset {spec.preset} has no clip and noise yet: they are computed at the cut "
+                         f"on public text (edge_runtime.privacy.calibration.calibrate) before the run starts")
     if spec.hidden == "dchi":
         return DChiMechanism(spec.epsilon, spec.clip)
     if spec.hidden == "gaussian":

@@ -48,11 +48,27 @@ def test_label_auc_sees_separable_norms_and_not_equalized_ones():
     assert label_auc(equal, positive)["norm_auc"] < 0.9  # all norms tie: no signal
 
 
+def test_the_aligned_direction_attack_finds_a_label_signal_at_sequence_ends_of_any_length():
+    """The label's gradient sits at the end of each sequence; right padding puts the end at different
+    positions, which hides it from a cosine over positions as sent, not from one aligned at the end."""
+    generator = torch.Generator().manual_seed(0)
+    positive = torch.tensor([True, False] * 12)
+    gradients = torch.zeros(24, 10, 8)
+    for row, is_positive in enumerate(positive):
+        end = 4 + row % 6  # sequence lengths 4..9, then padding (no gradient)
+        gradients[row, :end] = 0.3 * torch.randn(end, 8, generator=generator)
+        gradients[row, end - 1, 0] += 1.0 if is_positive else -1.0  # the label's direction at the last position
+    aucs = label_auc(gradients, positive)
+    assert aucs["aligned_direction_auc"] > 0.95 and aucs["direction_auc"] < 0.8
+
+
 @pytest.mark.parametrize("args,message", [
     (["--owner-blocks", "2"], "use 1 <= K < 2"),
     (["--owner-blocks", "a"], "comma-separated numbers"),
     (["--privacy", "dchi:epsilon=1"], "needs clip=C > 0"),
     (["--privacy", "laplace:b=1"], "expected dchi:epsilon=E,clip=C"),
+    (["--privacy", "strong"], "--privacy strong keeps 4 blocks at each end and a neighbour needs one: this model "
+                              "has 4; audit it with --owner-blocks and --dchi-ratios instead"),
     (["--public-prefix", "8"], "the training records share only their first 7 token(s), so later positions may "
                                "be private: use --public-prefix auto or at most 7"),
     (["--public-prefix", "two"], "expected a whole number of leading positions, or auto"),
@@ -91,8 +107,8 @@ def test_token_recovery_leaves_out_the_prefix_every_attacked_record_shares():
     states[:, :2] = -embeddings[5]  # ... except at the shared prefix, where none would
     shared, counted = _private_positions(private_tokens, torch.ones_like(private_tokens, dtype=torch.bool))
     assert shared == 2 and not counted[:, :2].any() and counted[:, 2:].all()
-    view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None)
-    row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, embeddings, None, None)
+    view = CutViews(embeddings[public_tokens], public_tokens, states, private_tokens, counted, shared, None, None)
+    row = _attack_row(AuditSettings("tiny-llama", [], []), 1, PrivacySpec(), view, [view.public], embeddings, None)
     assert (row.nn_recovery, row.learned_recovery, row.shared_prefix) == (1.0, 1.0, 2)
 
 
@@ -109,6 +125,18 @@ def test_inference_privatization_leaves_public_positions_alone():
     from edge_runtime.privacy.dchi import DChiMechanism
 
     hidden = torch.randn(2, 6, 8)
-    out, extra = _privatize_output((hidden, "cache"), DChiMechanism(5.0, 1.0), torch.Generator().manual_seed(0), 3)
+    out, extra = _privatize_output((hidden, "cache"), DChiMechanism(5.0, 1.0), torch.Generator().manual_seed(0), 3, 1)
     assert extra == "cache" and torch.equal(out[:, :3], hidden[:, :3])
     assert bool((out[:, 3:] != hidden[:, 3:]).all())
+
+
+def test_inference_privatization_draws_one_noise_per_record_for_its_candidate_labels():
+    """evaluate() scores a record's candidate labels in consecutive rows: they must see the same noise, as one
+    forward pass over the ring would, or the labels are compared under different noise."""
+    from audit.simulation import _privatize_output
+    from edge_runtime.privacy.dchi import DChiMechanism
+
+    hidden = torch.randn(6, 8).expand(6, 6, 8)  # 2 records x 3 candidates, all the same states
+    out = _privatize_output(hidden, DChiMechanism(5.0, 100.0), torch.Generator().manual_seed(0), 0, 3)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and torch.equal(out[3], out[5])
+    assert not torch.equal(out[0], out[3]) and not torch.allclose(out, hidden)

@@ -17,7 +17,7 @@ BUILTIN_NAMES = ("rpi4-4gb", "rpi4-8gb", "rpi5-8gb", "rpi-zero2w", "phone-mid", 
 def test_builtins_exist_and_say_where_each_number_comes_from():
     assert set(BUILTIN_PROFILES) == set(BUILTIN_NAMES)
     for profile in BUILTIN_PROFILES.values():
-        assert set(profile.sources) == set(FIELDS)
+        assert set(profile.sources) == {*FIELDS, "baseline_bytes"}
         assert profile.ram_bytes < 16e9 and profile.gflops > 0
 
 
@@ -56,3 +56,5 @@ def test_ringtune_profile_json_is_a_device_file(tmp_path):
     (profile,) = load_profiles(path)
     assert profile.name == "here" and profile.cores >= 1 and profile.gflops > 0.1
     assert profile.ram_bytes > 0 and "measured" in profile.sources["gflops"]
+    # the agent runtime's own memory, measured as an agent measures it (torch, transformers, peft loaded)
+    assert 100e6 < profile.baseline_bytes < 2e9 and "measured" in profile.sources["baseline_bytes"]

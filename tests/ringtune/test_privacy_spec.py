@@ -1,10 +1,11 @@
 """--privacy / --grad-privacy parsing, the stated per-token epsilon, and the plain-data round trip."""
 import math
+from dataclasses import replace
 
 import pytest
 
 from ringtune.cli import main
-from ringtune.privacy_spec import PrivacySpec, gaussian_epsilon
+from ringtune.privacy_spec import PRESETS, PrivacySpec, gaussian_epsilon
 
 
 def test_parse_and_round_trip():
@@ -84,3 +85,21 @@ def test_train_refuses_bad_privacy_before_any_agent_starts(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--seq-len", "16", "--privacy", "dchi:epsilon=1,clip=1,public=16"])
     assert code == 2 and "lower public= or raise --seq-len" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_preset_parses_uncalibrated_round_trips_and_takes_only_seed_and_public():
+    spec = PrivacySpec.parse("strong,public=3,seed=7", "off")
+    preset = PRESETS["strong"]
+    assert (spec.preset, spec.hidden, spec.gradient, spec.public, spec.seed) == ("strong", "dchi", preset.gradient, 3, 7)
+    assert not spec.calibrated and spec.token_epsilon() is None and "calibrated on public text" in spec.describe()
+    assert PrivacySpec.parse("strong:public=3,seed=7") == spec  # either separator after the name
+    assert PrivacySpec.from_dict(spec.to_dict()) == spec and spec.public_dict()["preset"] == "strong"
+    done = replace(spec, clip=40.0, epsilon=2.0)
+    assert done.calibrated and done.token_epsilon() == 160 and done.describe().startswith("preset strong: d_chi")
+    assert "preset" not in PrivacySpec.parse("dchi:epsilon=1,clip=1").to_dict()
+    with pytest.raises(ValueError, match="the preset strong takes only public=N and seed=N"):
+        PrivacySpec.parse("strong,epsilon=3")
+    with pytest.raises(ValueError, match="unknown privacy preset 'loose'"):
+        PrivacySpec.from_dict({"hidden": "dchi", "preset": "loose"})
+    with pytest.raises(ValueError, match="calibrated with both clip and epsilon, or neither"):
+        replace(spec, clip=4.0)

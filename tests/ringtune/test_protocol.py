@@ -33,11 +33,11 @@ REPLIES = [
     protocol.PairFinishReply(proof=b"p" * 32, session="s"), protocol.CalibrateReply(block_seconds=0.25),
     protocol.HaveReply(missing=[]), protocol.UploadReply(complete=True),
     protocol.AssignReply(listen={1: "tcp://10.0.0.2:9000"}),
-    protocol.StatusReply(state="idle", rss=1 << 30, refused_control=2, pairing_backoff=1, step=3,
+    protocol.StatusReply(state="idle", rss=1 << 30, peak_rss=1 << 31, refused_control=2, pairing_backoff=1, step=3,
                          result=protocol.StepResult(loss=1.5, tokens=40, compute_seconds={0: 0.1, 3: 0.2},
                                                     wall_seconds={0: 0.5, 3: 0.5}, bytes_sent=1000),
                          refused={"replay": 1}),
-    protocol.StatusReply(state="error", rss=1, refused_control=0, pairing_backoff=0, error="x", ring_broken=True),
+    protocol.StatusReply(state="error", rss=1, peak_rss=2, refused_control=0, pairing_backoff=0, error="x", ring_broken=True),
     protocol.StagesReply(stages={0: b"\0" * 10}), protocol.FetchCheckpointReply(step=None),
     protocol.FetchCheckpointReply(step=4, state=b"state"),
 ]
@@ -80,10 +80,13 @@ def test_the_parser_names_the_field_that_is_wrong():
                                                                                  {"device": "pi", "layers": "1-4"}]}})
     with pytest.raises(protocol.ProtocolError, match="needs clip"):  # the spec's own check, as a protocol error
         protocol.decode_request({**fields, "privacy": {"hidden": "dchi", "epsilon": 1.0}})
+    status = protocol.encode_reply(next(r for r in REPLIES if isinstance(r, protocol.StatusReply)))
+    with pytest.raises(protocol.ProtocolError, match=r"status reply: negative byte counts \['peak_rss'\]"):
+        protocol.decode_reply(protocol.Status, {**status, "peak_rss": -1})
 
 
 def test_a_reply_of_another_protocol_version_is_refused_before_its_fields_are_read():
-    with pytest.raises(protocol.ProtocolMismatch, match="speaks control protocol 2, this coordinator 4: install"):
+    with pytest.raises(protocol.ProtocolMismatch, match=f"speaks control protocol 2, this coordinator {protocol.PROTOCOL_VERSION}: install"):
         protocol.decode_reply(protocol.Hello, {"ok": True, "protocol": 2, "name": "old"})
     with pytest.raises(protocol.SessionLost, match="agent: gone"):
         protocol.decode_reply(protocol.Status, protocol.error_reply("gone", session_lost=True))

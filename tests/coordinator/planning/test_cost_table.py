@@ -73,6 +73,6 @@ def test_llama_7b_on_two_pi4_fails_with_a_clear_error():
     with pytest.raises(DoesNotFitError) as error:
         partition(table, devices, "pi-a", RunShape())
     message = str(error.value)
-    for part in ("pi-a 3.0 GB", "pi-b 3.0 GB", "needs at least 28.", "add devices", "--micro-batch-size",
+    for part in ("pi-a 3.0 GB", "pi-b 3.0 GB", "needs at least 29.", "runtime 0.90 GB", "add devices", "--micro-batch-size",
                  "--seq-len"):
         assert part in message

@@ -8,9 +8,10 @@ import random
 import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
+from coordinator.planning.memory import plan_memory
 from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
-from ringtune.plan import Plan, validate_plan
+from ringtune.plan import Plan, StageSpec, validate_plan
 from ringtune.run_shape import RunShape
 
 
@@ -23,14 +24,15 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
         block_param_bytes=tuple(rng.randint(1, 60) for _ in range(num_blocks)),
         block_trainable_bytes=tuple(rng.randint(0, 20) for _ in range(num_blocks)),
         block_activation_bytes=tuple(float(rng.randint(0, 10)) for _ in range(num_blocks)),
+        block_workspace_bytes=tuple(float(rng.randint(0, 10)) for _ in range(num_blocks)),
         block_forward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
         block_backward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
-        cut_bytes=float(rng.randint(1, 10)),
+        cut_bytes=float(rng.randint(1, 3)),
         head_end=EndCost(rng.randint(0, 40), 0, float(rng.randint(0, 5)), float(rng.randint(0, 20)), 0.0),
         tail_end=EndCost(rng.randint(0, 40), rng.randint(0, 8), float(rng.randint(0, 10)),
-                         float(rng.randint(0, 50)), float(rng.randint(0, 50))))
-    kinds = [DeviceProfile(f"kind{i}", rng.randint(60, 500), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
-                           rng.choice([20.0, 100.0, 1000.0, 1e4]))
+                         float(rng.randint(0, 50)), float(rng.randint(0, 50)), float(rng.randint(0, 20))))
+    kinds = [DeviceProfile(f"kind{i}", rng.randint(100, 900), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
+                           rng.choice([20.0, 100.0, 1000.0, 1e4]), baseline_bytes=rng.randint(1, 40))
              for i in range(rng.randint(1, 4))]
     # Repeating kinds exercises the grouping of interchangeable devices.
     devices = [rng.choice(kinds).renamed(f"d{i}") for i in range(rng.randint(1, 5))]
@@ -42,35 +44,33 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
 def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, shape: RunShape,
              ranges: list[tuple[str, int, int]]) -> tuple[float, dict[str, float]]:
     """(step seconds, memory bytes per device) of a ring written as (device, start, end) stages,
-    head first and tail last on the owner; one stage is the owner alone."""
+    head first and tail last on the owner; one stage is the owner alone. Memory is the model that
+    checks any finished plan (coordinator.planning.memory, tested on its own in test_memory.py)."""
     tokens = shape.micro_batch_size * shape.seq_len
     num_stages = len(ranges)
-
-    def in_flight(index: int) -> int:
-        return shape.micro_batches if shape.schedule == "gpipe" else min(num_stages - index, shape.micro_batches)
-
-    costs, memory, busy = [], {}, {}
+    costs, busy = [], {}
     for index, (name, start, end) in enumerate(ranges):
         device = devices[name]
         blocks = range(start, end)
         flops = sum(table.block_forward_flops[b] + table.block_backward_flops[b] for b in blocks)
-        weights = sum(table.block_param_bytes[b] + table.block_trainable_bytes[b] for b in blocks)
-        activations = sum(table.block_activation_bytes[b] for b in blocks)
         ends = []
         if index == 0:
             ends.append(table.head_end)
         if index == num_stages - 1:
             ends.append(table.tail_end)
         flops += sum(e.forward_flops + e.backward_flops for e in ends)
-        weights += sum(e.param_bytes + e.trainable_bytes for e in ends)
-        activations += sum(e.activation_bytes for e in ends)
         seconds = flops * tokens / (device.gflops * 1e9)
         if index < num_stages - 1:
             receiver = devices[ranges[index + 1][0]]
             seconds += 2 * table.cut_bytes * tokens / min(device.link_bytes_per_s, receiver.link_bytes_per_s)
         costs.append(seconds)
         busy[name] = busy.get(name, 0.0) + seconds
-        memory[name] = memory.get(name, 0) + weights + activations * tokens * in_flight(index)
+    roles = ["full"] if num_stages == 1 else ["head", *["middle"] * (num_stages - 2), "tail"]
+    plan = Plan(table.model, owner, tuple(StageSpec(name, (start, end), role)
+                                          for (name, start, end), role in zip(ranges, roles)),
+                shape.schedule, shape.micro_batches)
+    footprints = plan_memory(table, shape, plan, {name: d.baseline_bytes for name, d in devices.items()})
+    memory = {name: float(f.total) for name, f in footprints.items()}
     return sum(costs) + (shape.micro_batches - 1) * max(busy.values()), memory
 
 
@@ -142,9 +142,9 @@ def test_every_block_assigned_once_and_middle_devices_distinct():
 
 
 def test_slow_device_is_left_out():
-    table = CostTable("m", 1, (10,) * 8, (0,) * 8, (0.0,) * 8, (100.0,) * 8, (100.0,) * 8, 1.0,
+    table = CostTable("m", 1, (10,) * 8, (0,) * 8, (0.0,) * 8, (0.0,) * 8, (100.0,) * 8, (100.0,) * 8, 1.0,
                       EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0))
-    fast = DeviceProfile("fast", 1000, 4, 1e-6, 1e9)
-    slow = DeviceProfile("slow", 1000, 4, 1e-9, 1e9)
+    fast = DeviceProfile("fast", 1000, 4, 1e-6, 1e9, baseline_bytes=1)
+    slow = DeviceProfile("slow", 1000, 4, 1e-9, 1e9, baseline_bytes=1)
     plan = partition(table, [fast, fast.renamed("fast2"), slow], "fast", RunShape(1, 1, 8, "1f1b", 1))
     assert "slow" not in plan.devices() and "fast2" in plan.devices()

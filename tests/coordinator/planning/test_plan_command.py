@@ -21,8 +21,17 @@ def test_plan_table():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["stage", "device", "role", "layers"]
-    assert "pi-0" in lines[1] and "head" in lines[1] and "/ 7.00 GB" in lines[1]
+    assert "pi-0" in lines[1] and "head" in lines[1]
     assert "predicted step:" in result.stdout and "tokens/s" in result.stdout
+    # per device: the predicted peak against its RAM, and what makes it up
+    memory = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["device", "predicted"]):]
+    assert "runtime" in memory[0] and "activations" in memory[0]
+    rows = {line.split()[0]: line.split() for line in memory[1:] if line.startswith("pi-")}
+    assert set(rows) == {f"pi-{i}" for i in range(8)}
+    for row in rows.values():
+        peak, ram = float(row[1]), float(row[3])
+        assert row[2] == "/" and ram == 7.0 and 0.45 < peak <= ram
+        assert float(row[6]) > 2.0  # weights: 6.7 B parameters in fp32 over 8 devices
 
 
 def test_plan_json_and_device_file(tmp_path):
@@ -66,7 +75,7 @@ def test_base_dtype_auto_takes_the_widest_that_fits_and_says_why():
     assert "base weights: int8 (it does not fit these devices at fp32, bf16; int8 is the widest dtype" in two.stdout
     forced = ringtune("plan", "--model-config", str(LLAMA_7B), *four, "--owner", "pi-0", "--base-dtype", "fp32")
     assert forced.returncode == 2 and "Traceback" not in forced.stderr
-    assert "needs at least 28.7 GB" in forced.stderr and "it fits at --base-dtype bf16 (or auto)" in forced.stderr
+    assert "needs at least 30.5 GB" in forced.stderr and "it fits at --base-dtype bf16 (or auto)" in forced.stderr
     fits = ringtune("plan", "--model-config", str(LLAMA_7B), *EIGHT_PI5, "--owner", "pi-0", "--json")
     assert Plan.from_json(fits.stdout).base_dtype == "fp32"
 

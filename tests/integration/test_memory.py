@@ -1,0 +1,118 @@
+"""Agents' memory against the plan's: real agent processes, their peak RSS, and plans refused for memory.
+
+The model is LLaMA-shaped with seeded random weights (0.64 GB in fp32, 12 blocks), written once per
+module; agents cap what they offer with --max-memory, so "a device that is too small" costs nothing.
+"""
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+from transformers import LlamaConfig
+
+from edge_runtime.models.random_model import write_random_model
+from ringtune.plan import even_plan
+
+from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
+
+pytestmark = pytest.mark.slow
+BAND = (0.8, 1.25)
+# 3 devices of 0.76 GB hold this model (the planner predicts at most 0.72 GB each); 2 cannot (1.6 GB at least).
+CAP_GB = "0.76"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return write_random_model(config, tmp_path_factory.mktemp("model") / "llama-12x1024", seed=5)
+
+
+@pytest.fixture
+def agents(tmp_path, request):
+    """Start agents named by the test: agents(owner_extra=(), others=(("node1", extra), ...))."""
+    started = []
+
+    def start(names, extra=()):
+        data = write_text_data(tmp_path / "train.jsonl", records=32)
+        for name in names:
+            started.append(AgentProcess(name, tmp_path / name, data=data if name == "owner" else None, extra=extra))
+        return {agent.name: agent for agent in started}
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def train(urls, out, *extra) -> subprocess.Popen:
+    return subprocess.Popen(ringtune_command("train", "--agents", ",".join(urls), "--owner", "owner", "--out",
+                                             str(out), "--token", TOKEN, *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def blobs(agent: AgentProcess) -> list[str]:
+    cache = agent.log.parent / "cache"
+    return sorted(p.name for p in cache.iterdir() if p.is_file()) if cache.exists() else []
+
+
+def test_every_agents_peak_is_within_the_band_of_its_prediction(model, agents, tmp_path):
+    ring = agents(["owner", "node1", "node2"])
+    run = train([a.url for a in ring.values()], tmp_path / "out", "--model", str(model), "--steps", "2",
+                "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", "32", "--schedule", "gpipe",
+                "--split", "even")
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    for name, predicted in plan["predicted"]["memory_bytes"].items():
+        peak = max(step["devices"][name]["peak_rss"] for step in steps if "event" not in step)
+        assert BAND[0] <= peak / predicted <= BAND[1], (name, peak, predicted, plan["predicted"]["memory"][name])
+        # and the part the plan adds to the runtime it measured, on its own
+        baseline = plan["predicted"]["memory"][name]["baseline"]
+        assert 0.5 <= (peak - baseline) / (predicted - baseline) <= 1.5, (name, peak, predicted, baseline)
+
+
+def test_a_plan_file_that_does_not_fit_is_refused_before_any_slice_is_shipped(agents, tmp_path):
+    """GPipe on a plan made for 1F1B keeps every micro-batch in flight: a 1 GB device cannot take it."""
+    shape = ["--micro-batch-size", "64", "--seq-len", "256"]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(even_plan("tiny-llama", 4, ["owner", "node1", "node2"], "owner", "gpipe", 16).to_json())
+    ring = agents(["owner", "node1", "node2"], extra=("--max-memory", "1"))
+    run = train([a.url for a in ring.values()], tmp_path / "out", "--model", "tiny-llama", "--plan", str(plan_file),
+                *shape)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 2, stderr
+    error = [line for line in stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "needs" in error[0] and "but has 1.00 GB" in error[0], stderr
+    assert all(name in error[0] for name in ("owner needs", "node1 needs", "node2 needs"))
+    assert "activations" in error[0] and "--schedule 1f1b" in error[0]
+    assert "slices ready" not in stdout
+    assert all(blobs(agent) == [] for agent in ring.values())  # nothing was shipped
+
+
+def test_a_replan_that_does_not_fit_after_a_device_leaves_pauses_without_shipping(model, agents, tmp_path):
+    ring = agents(["owner", "node1", "node2"], extra=("--max-memory", CAP_GB))
+    run = train([a.url for a in ring.values()], tmp_path / "out", "--model", str(model), "--steps", "4",
+                "--micro-batches", "2", "--micro-batch-size", "1", "--seq-len", "16", "--checkpoint-every", "1",
+                "--heartbeat-timeout", "2", "--pause-timeout", "3", "--base-dtype", "fp32")
+    try:
+        for line in run.stdout:
+            if line.startswith("step 1/"):
+                os.kill(run.pid, signal.SIGSTOP)  # act before the next step, however loaded the machine is
+                break
+        shipped = {name: blobs(agent) for name, agent in ring.items()}
+        assert all(shipped.values()), shipped  # all three held a slice
+        ring["node1"].process.kill()
+        ring["node1"].process.wait()
+        os.kill(run.pid, signal.SIGCONT)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 2, stderr
+    assert "paused: the remaining devices cannot run the model" in stdout + stderr
+    assert "needs at least" in stderr and "GB" in stderr and "node1 did not come back" in stderr, stderr
+    for name in ("owner", "node2"):
+        new = set(blobs(ring[name])) - set(shipped[name])
+        assert all((ring[name].log.parent / "cache" / blob).stat().st_size < 1e6 for blob in new), new  # no slice
