@@ -1,7 +1,7 @@
 """The coordinator's peak memory while it cuts and ships a model it never holds whole.
 
 Writes (once) a 0.3B LLaMA-shaped model with seeded random weights (benchmarks/model_fixture.py, 1.16 GB
-in fp32, two shards), then runs `ringtune train --local 3` on it for each --base-dtype with a fresh slice
+in fp32, one shard), then runs `ringtune train --local 3` on it for each --base-dtype with a fresh slice
 cache, so every slice is cut: the agents are separate processes; the coordinator's high-water mark
 (VmHWM, sampled until it exits) is compared with the bound of issue 13: half the model's fp32 bytes
 plus 450 MB. Also records how long cutting and shipping took (from the coordinator's plain progress

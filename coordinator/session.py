@@ -236,8 +236,10 @@ class RingSession:
         for name in plan.devices():
             dial = {i: listen[i + 1] for i in plan.stage_indices(name) if i + 1 < len(plan.stages)}
             self.call(name, protocol.Connect(dial=dial))
-        self.progress.event(f"loading stages on {', '.join(plan.devices())} ...")
-        self.wait_all(plan, lambda st: st.state == "ready", s.load_timeout, "load its stages")
+        with self.progress.task(f"loading stages on {', '.join(plan.devices())}", len(plan.devices()),
+                                "agents") as task:
+            self.wait_all(plan, lambda st: st.state == "ready", s.load_timeout, "load its stages",
+                          lambda name: task.advance(1))
         return Assigned(plan, ship_seconds)
 
     def _exports(self, plan: Plan) -> dict[str, AgentExport]:
@@ -292,8 +294,9 @@ class RingSession:
                             for name, st in results.items()}}
 
     def wait_all(self, plan: Plan, done: Callable[[protocol.StatusReply], bool], timeout: float | None,
-                 what: str) -> dict[str, protocol.StatusReply]:
-        """Poll every agent (the heartbeat) until all are done; raise naming the first failure."""
+                 what: str, finished: Callable[[str], None] = lambda name: None) -> dict[str, protocol.StatusReply]:
+        """Poll every agent (the heartbeat) until all are done (finished(name) as each is); raise naming the
+        first failure."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = set(plan.devices())
         results: dict[str, protocol.StatusReply] = {}
@@ -306,6 +309,7 @@ class RingSession:
                 if done(status):
                     results[name] = status
                     pending.discard(name)
+                    finished(name)
             if deadline is not None and time.monotonic() > deadline:
                 raise RunFailed(f"agents {sorted(pending)} did not {what} within {timeout:.0f} s")
             if pending:

@@ -37,6 +37,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exporters.export import export_plan
+    from ringtune.progress import progress_for_terminal
 
     if not args.plan.is_file():
         raise ValueError(f"no plan file {args.plan}: write one (see `ringtune train --help`) or give its path")
@@ -46,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
     if args.base_dtype:
         plan = replace(plan, base_dtype=args.base_dtype, base_dtype_reason=f"asked for with --base-dtype {args.base_dtype}")
     started = time.perf_counter()
-    manifest = export_plan(args.model or plan.model, plan, args.out, args.runtime,
-                           RunShape(args.micro_batch_size, args.seq_len),
-                           LoraSpec(r=args.lora_r, alpha=args.lora_alpha, seed=args.seed), workers=args.workers)
+    progress = progress_for_terminal()  # bars on a terminal, plain lines otherwise
+    try:
+        manifest = export_plan(args.model or plan.model, plan, args.out, args.runtime,
+                               RunShape(args.micro_batch_size, args.seq_len),
+                               LoraSpec(r=args.lora_r, alpha=args.lora_alpha, seed=args.seed), workers=args.workers,
+                               progress=progress)
+    finally:
+        progress.close()
     for stage in manifest.stages:
         sizes = ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB" for path in stage.files.values())
         print(f"stage {stage.index} {stage.role} {list(stage.layers)} on {stage.device}: {sizes}")

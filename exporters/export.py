@@ -81,7 +81,13 @@ def export_stages(model_name: str, plan: Plan, indices, out_dir: Path, runtime: 
         from exporters.torch_export import export_torch_stage
 
         skel = skeleton(config, lora_spec, plan.base_dtype, initial_lora=True)
-        return tuple(export_torch_stage(source, skel, plan.stages[i], i, shape, out_dir) for i in indices)
+        stages = []
+        blocks = sum(plan.stages[i].num_layers for i in indices)
+        with progress.task(f"cutting {plan.base_dtype} torch stages {indices}", blocks, "blocks") as task:
+            for i in indices:
+                stages.append(export_torch_stage(source, skel, plan.stages[i], i, shape, out_dir))
+                task.advance(plan.stages[i].num_layers)
+        return tuple(stages)
     check_executorch_dtype(plan.base_dtype)
     skel = skeleton(config, lora_spec, initial_lora=True, attn_implementation="eager")
     slices = {}

@@ -72,7 +72,7 @@ def test_corrupt_weights_are_refused(tmp_path):
         load_torch_stage(tmp_path, 0)
 
 
-def test_compact_stages_export_for_torch_and_executorch_refuses_them_in_one_line(tmp_path):
+def test_compact_stages_export_for_torch_and_executorch_refuses_them_in_one_line(tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(even_plan("tiny-llama", 4, ["owner", "b"], "owner").to_json())
     parser = argparse.ArgumentParser()
@@ -80,6 +80,7 @@ def test_compact_stages_export_for_torch_and_executorch_refuses_them_in_one_line
     args = parser.parse_args(["export", "--plan", str(plan_path), "--out", str(tmp_path / "torch"), "--runtime", "torch",
                               "--base-dtype", "int4", "--micro-batch-size", "1", "--seq-len", "8"])
     assert args.run(args) == 0
+    assert "cutting int4 torch stages [0, 1, 2]: done, 4/4 blocks" in capsys.readouterr().out
     assert ExportManifest.read(tmp_path / "torch").base_dtype == "int4"
     module, _ = load_torch_stage(tmp_path / "torch", 1)
     assert any(name.endswith("qweight") and t.dtype == torch.uint8 for name, t in module.named_buffers())

@@ -78,6 +78,7 @@ def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_pef
     assert "base weights: int8 (asked for with --base-dtype int8)" in result.stdout
     assert "cutting int8 slices for owner, node1, node2: done, 4/4 blocks" in result.stdout
     assert "shipping to node1: done" in result.stdout
+    assert "loading stages on owner, node1, node2: done, 3/3 agents in" in result.stdout
     ring = load_file(tmp_path / "run" / "adapter_model.safetensors")
     owner_data = OwnerData(read_records(data), load_tokenizer(name), 2, 24, 4, seed=11)
     reference = reference_adapter(name, LoraSpec(4, 8, seed=11), OptimizerSpec(lr=0.01), owner_data, 3,
