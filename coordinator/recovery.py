@@ -88,6 +88,9 @@ class ResilientTrainer:
     def run(self, plan: Plan | None = None) -> TrainResult:
         s = self.settings
         checkpoint = self._resume_point() if self.recovery.resume else None
+        last_plan = self.store.read_plan() if checkpoint is not None else None
+        if last_plan is not None:  # the checkpoint's adapter was trained on that plan's base weights
+            self.session.base_dtype = last_plan.base_dtype
         self.store.start(self.members.lineage, s, self.recovery.resume)
         step, losses = _rollback(checkpoint)
         step_seconds, tokens, failure, ring_failures = [], 0, None, 0

@@ -53,6 +53,11 @@ class RunStore:
         data = json.loads(path.read_text())
         return settings_from_record(data["settings"], self.out), data["lineage"]
 
+    def read_plan(self) -> Plan | None:
+        """The plan the run last trained on (for --resume), if it got that far."""
+        path = self.out / PLAN_FILE
+        return Plan.from_json(path.read_text()) if path.exists() else None
+
     def write_plan(self, plan: Plan) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / PLAN_FILE).write_text(plan.to_json())

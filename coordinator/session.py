@@ -37,7 +37,7 @@ from edge_runtime.training_state import pack_state
 from exporters.export import check_executorch_dtype
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
-from ringtune.plan import Plan, even_plan, validate_plan
+from ringtune.plan import Plan, PlanError, even_plan, validate_plan
 from ringtune.privacy_spec import PRESETS, PrivacySpec
 from ringtune.progress import Progress, amount_text
 from ringtune.run_shape import RunShape
@@ -79,6 +79,9 @@ class RingSession:
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
         self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
+        # Fixed by the run's first plan: a re-plan after a device leaves (or a --resume) must train the same
+        # base weights, so auto is decided once per run.
+        self.base_dtype: str | None = None
 
     # --- plan -----------------------------------------------------------------------------
     def make_plan(self) -> Plan:
@@ -86,13 +89,15 @@ class RingSession:
         devices = [s.owner] + [n for n in self.members.present() if n != s.owner]
         # ExecuTorch programs keep their frozen weights in fp32
         dtypes = BASE_DTYPES if all(runs_torch(self.members.hello(n)) for n in devices) else ("fp32",)
+        requested = self.base_dtype or s.base_dtype
         if s.split == "even":
             num_layers = load_config(s.model).num_hidden_layers
-            dtype = "fp32" if s.base_dtype == AUTO else s.base_dtype
+            dtype = "fp32" if requested == AUTO else requested
             if dtype not in dtypes:
                 check_executorch_dtype(dtype)
-            why = (f"asked for with --base-dtype {dtype}" if s.base_dtype != AUTO
-                   else "--split even does not size the model to the devices: fp32 unless --base-dtype says otherwise")
+            why = (self._kept_dtype_reason() if self.base_dtype else f"asked for with --base-dtype {dtype}"
+                   if s.base_dtype != AUTO else
+                   "--split even does not size the model to the devices: fp32 unless --base-dtype says otherwise")
             return replace(even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches),
                            base_dtype=dtype, base_dtype_reason=why)
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
@@ -101,7 +106,9 @@ class RingSession:
         links = self._link_bytes_per_s(devices)
         measured = {p.name: p for p in self._profiles(devices, links)}
         # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
-        dtype, why = choose_base_dtype(s.base_dtype, self._table, list(measured.values()), s.owner, shape, dtypes)
+        dtype, why = choose_base_dtype(requested, self._table, list(measured.values()), s.owner, shape, dtypes)
+        if self.base_dtype:
+            why = self._kept_dtype_reason()
         table = self._table(dtype)
         seconds = self._block_seconds(devices, dtype)
         if seconds:
@@ -114,6 +121,9 @@ class RingSession:
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")
         return replace(plan, schedule=s.schedule, base_dtype=dtype, base_dtype_reason=why)
+
+    def _kept_dtype_reason(self) -> str:
+        return f"kept from this run's first plan: the adapter trains on {self.base_dtype} base weights"
 
     def _profiles(self, names: list[str], links: dict[str, float]) -> list[DeviceProfile]:
         """The agents as their hellos describe them: the RAM their process may grow into (available now
@@ -168,6 +178,9 @@ class RingSession:
         if s.base_dtype not in (AUTO, plan.base_dtype):  # a saved plan run at another dtype
             plan = replace(plan, base_dtype=s.base_dtype,
                            base_dtype_reason=f"asked for with --base-dtype {s.base_dtype} (the plan had {plan.base_dtype})")
+        if self.base_dtype not in (None, plan.base_dtype):
+            raise PlanError(f"this run trains on {self.base_dtype} base weights but the plan has {plan.base_dtype}: "
+                            f"make the plan with --base-dtype {self.base_dtype}")
         validate_plan(plan, load_config(s.model).num_hidden_layers)
         self.privacy = self._calibrated_privacy(plan)
         plan = replace(plan, privacy=self.privacy.public_dict())
@@ -190,6 +203,7 @@ class RingSession:
         self.progress.event(f"base weights: {plan.base_dtype}"
                             + (f" ({plan.base_dtype_reason})" if plan.base_dtype_reason else ""))
         self.store.write_plan(plan)
+        self.base_dtype = plan.base_dtype
         if s.privacy.active:
             self.progress.event("privacy: " + self.privacy.describe() + (
                 "" if len(plan.stages) > 1 else " (a one-device run sends nothing, so nothing is privatized)"))

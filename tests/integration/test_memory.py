@@ -96,7 +96,7 @@ def test_a_replan_that_does_not_fit_after_a_device_leaves_pauses_without_shippin
     ring = agents(["owner", "node1", "node2"], extra=("--max-memory", CAP_GB))
     run = train([a.url for a in ring.values()], tmp_path / "out", "--model", str(model), "--steps", "4",
                 "--micro-batches", "2", "--micro-batch-size", "1", "--seq-len", "16", "--checkpoint-every", "1",
-                "--heartbeat-timeout", "2", "--pause-timeout", "3", "--base-dtype", "fp32")
+                "--heartbeat-timeout", "2", "--pause-timeout", "3")  # auto: fp32 fits three, int8 would fit two
     try:
         for line in run.stdout:
             if line.startswith("step 1/"):
@@ -112,6 +112,7 @@ def test_a_replan_that_does_not_fit_after_a_device_leaves_pauses_without_shippin
         run.kill()
     assert run.returncode == 2, stderr
     assert "paused: the remaining devices cannot run the model" in stdout + stderr
+    assert "it fits at --base-dtype bf16" in stdout + stderr  # the re-plan keeps the run's fp32, never narrows it
     assert "needs at least" in stderr and "GB" in stderr and "node1 did not come back" in stderr, stderr
     for name in ("owner", "node2"):
         new = set(blobs(ring[name])) - set(shipped[name])
