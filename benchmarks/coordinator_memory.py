@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from model_fixture import write_fixture  # noqa: E402
-from peak_memory import peak_rss  # noqa: E402
+from edge_runtime.memory import peak_rss  # noqa: E402
 
 MB = 1e6
 
