@@ -48,8 +48,9 @@ class AgentProcess:
                  interfaces: tuple[str, ...] = (), prefix: tuple[str, ...] = (), token: str = TOKEN,
                  threads: int = 1, extra: tuple[str, ...] = ()) -> None:
         import os
-        import re
         import subprocess
+
+        from edge_runtime.commands.agent import READY
 
         command = [*prefix, *ringtune_command("agent", "--name", name, "--listen", listen, "--token", token,
                                               "--state-dir", str(state_dir), "--threads", str(threads), *extra)]
@@ -62,11 +63,11 @@ class AgentProcess:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
         line = self.process.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
+        match = READY.search(line)
         if not match:
             self.stop()
             raise RuntimeError(f"agent {name} did not start: {self.log.read_text()[-2000:]}")
-        self.url = match.group(1)
+        self.url = match.group(2)
 
     def alive(self) -> bool:
         return self.process.poll() is None
