@@ -191,25 +191,6 @@ def test_a_device_back_at_a_new_address_is_found_by_discovery_and_only_named_dev
     assert max_difference(load_file(tmp_path / "run" / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
 
 
-def test_the_coordinator_killed_at_step_6_resume_continues_exactly(agents, uninterrupted, tmp_path):
-    middle = AgentProcess("node1", tmp_path / "node1")
-    urls = [agents["owner"].url, middle.url, agents["node2"].url]
-    process = coordinator(urls, tmp_path)
-    try:
-        run_until_step(process, 6)
-        process.kill()
-        process.wait()
-        resumed = subprocess.run(ringtune_command("train", "--resume", str(tmp_path), "--agents", ",".join(urls),
-                                                  "--token", TOKEN, "--heartbeat-timeout", "2"),
-                                 capture_output=True, text=True, timeout=240)
-    finally:
-        process.kill()
-        middle.stop()
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from the checkpoint of step 4" in resumed.stdout and "step 12/12" in resumed.stdout
-    assert max_difference(load_file(tmp_path / "adapter_model.safetensors"), uninterrupted.adapter) < 1e-5
-
-
 def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(agents, uninterrupted, tmp_path):
     """The finished uninterrupted run's newest checkpoint (step 8) corrupted here and on the owner: resume
     (over two agents) takes step 4's and ends with the same adapter."""
