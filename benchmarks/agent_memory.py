@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from coordinator.run_store import step_records
 from edge_runtime.memory import process_memory
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,8 +94,7 @@ def measure(args, data: Path, shape: str, schedule: str, out: Path) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"ringtune train failed ({shape} {schedule}):\n" + "\n".join(lines[-20:]))
     plan = json.loads((out / "plan.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "event" not in r]
+    steps = step_records(out)
     agents = {}
     for name, predicted in plan["predicted"]["memory_bytes"].items():
         peak = max(step["devices"][name]["peak_rss"] for step in steps)

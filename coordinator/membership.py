@@ -123,8 +123,9 @@ class Membership:
             client = AgentClient(url, self.timeouts)
             try:
                 hello = client.hello(timeout=min(self.timeouts.heartbeat, 1.0))
-                if self._refusal(hello, client):
-                    raise PairingFailed(self._refusal(hello, client))
+                refusal = self._refusal(hello, client)
+                if refusal:
+                    raise PairingFailed(refusal)
                 self._pair(client, hello, owned=True)
             except (AgentUnreachable, ControlError, PairingFailed, ProtocolError):
                 client.close()

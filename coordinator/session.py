@@ -79,6 +79,7 @@ class RingSession:
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
         self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
+        self._config = load_config(settings.model)  # read once: every plan, calibration and check uses it
         # Fixed by the run's first plan: a re-plan after a device leaves (or a --resume) must train the same
         # base weights, so auto is decided once per run.
         self.base_dtype: str | None = None
@@ -91,7 +92,7 @@ class RingSession:
         dtypes = BASE_DTYPES if all(runs_torch(self.members.hello(n)) for n in devices) else ("fp32",)
         requested = self.base_dtype or s.base_dtype
         if s.split == "even":
-            num_layers = load_config(s.model).num_hidden_layers
+            num_layers = self._config.num_hidden_layers
             dtype = "fp32" if requested == AUTO else requested
             if dtype not in dtypes:
                 check_executorch_dtype(dtype)
@@ -165,12 +166,17 @@ class RingSession:
         per run and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
         s = self.settings
         todo = [n for n in names if (n, base_dtype) not in self._calibration and runs_torch(self.members.hello(n))]
-        request = protocol.Calibrate(config=load_config(s.model).to_dict(), lora=s.lora,
-                                     micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, base_dtype=base_dtype)
-        with ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:
-            replies = pool.map(lambda n: self.call(n, request), todo)
-            self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in zip(todo, replies)})
+        if todo:
+            self._calibrate(todo, base_dtype)
         return {n: self._calibration[n, base_dtype] for n in names if (n, base_dtype) in self._calibration}
+
+    def _calibrate(self, names: list[str], base_dtype: str) -> None:
+        s = self.settings
+        request = protocol.Calibrate(config=self._config.to_dict(), lora=s.lora,
+                                     micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, base_dtype=base_dtype)
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            replies = pool.map(lambda n: self.call(n, request), names)
+            self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in zip(names, replies)})
 
     def prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""
@@ -181,7 +187,7 @@ class RingSession:
         if self.base_dtype not in (None, plan.base_dtype):
             raise PlanError(f"this run trains on {self.base_dtype} base weights but the plan has {plan.base_dtype}: "
                             f"make the plan with --base-dtype {self.base_dtype}")
-        validate_plan(plan, load_config(s.model).num_hidden_layers)
+        validate_plan(plan, self._config.num_hidden_layers)
         self.privacy = self._calibrated_privacy(plan)
         plan = replace(plan, privacy=self.privacy.public_dict())
         unknown = sorted(set(plan.devices()) - set(self.members.present()))
@@ -315,8 +321,8 @@ class RingSession:
         pending = set(plan.devices())
         results: dict[str, protocol.StatusReply] = {}
         while pending:
+            self.members.check_alive(self.members.present())
             for name in sorted(pending):
-                self.members.check_alive(self.members.present())
                 status = self.call(name, protocol.Status())
                 if status.state == "error":
                     self._blame(plan, name, status)

@@ -29,7 +29,7 @@ from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records
-from edge_runtime.memory import peak_rss, release_free_memory, rss
+from edge_runtime.memory import process_memory, release_free_memory, rss
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
@@ -293,8 +293,9 @@ class Agent:
 
     def _cmd_status(self, _: protocol.Status) -> protocol.StatusReply:
         run = self._run
-        common = {"rss": rss(), "peak_rss": peak_rss(), "refused_control": self.pairing.refused,
-                  "pairing_backoff": self.pairing.backed_off}
+        memory = process_memory()  # one read of /proc/self/status per heartbeat
+        common = {"rss": memory.get("VmRSS", 0), "peak_rss": memory.get("VmHWM", 0),
+                  "refused_control": self.pairing.refused, "pairing_backoff": self.pairing.backed_off}
         if run is None:
             return protocol.StatusReply(state="free", **common)
         refused: dict[str, int] = {}

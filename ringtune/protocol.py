@@ -359,10 +359,6 @@ class Assign(Request):
     tokenizer: str | None = None
     """sha256 of the tokenizer blob (owner only)."""
 
-    def reply_seconds(self, timeouts: Timeouts) -> float:
-        # The agent checks blobs and opens sockets; building the stages happens on a worker.
-        return timeouts.heartbeat
-
 
 @dataclass(frozen=True, slots=True)
 class Connect(Request):

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from transformers import LlamaConfig
 
+from coordinator.run_store import step_records
 from edge_runtime.models.random_model import write_random_model
 from ringtune.plan import even_plan
 
@@ -65,9 +66,9 @@ def test_every_agents_peak_is_within_the_band_of_its_prediction(model, agents, t
     _, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = step_records(tmp_path / "out")
     for name, predicted in plan["predicted"]["memory_bytes"].items():
-        peak = max(step["devices"][name]["peak_rss"] for step in steps if "event" not in step)
+        peak = max(step["devices"][name]["peak_rss"] for step in steps)
         assert BAND[0] <= peak / predicted <= BAND[1], (name, peak, predicted, plan["predicted"]["memory"][name])
         # and the part the plan adds to the runtime it measured, on its own
         baseline = plan["predicted"]["memory"][name]["baseline"]
