@@ -66,7 +66,7 @@ def test_a_private_run_on_an_emulated_cluster_survives_a_link_down_and_a_resume_
     env = {**os.environ, "RINGTUNE_TOKEN": state.token, "RINGTUNE_CLUSTER_STATE": state.path}
     shape = ["--model", "tiny-llama", "--steps", "12", "--checkpoint-every", "3", "--micro-batches", "4",
              "--micro-batch-size", "2", "--seq-len", "32", "--lr", "0.01", "--lora-r", "4", "--lora-alpha", "8",
-             "--seed", "11", "--split", "even", "--rebalance", "--heartbeat-timeout", "3", *chaos.PRIVATE]
+             "--seed", "11", "--split", "even", "--rebalance", "--heartbeat-timeout", "5", *chaos.PRIVATE]
 
     def coordinator(*args):
         return subprocess.Popen(state.coordinator_command(ringtune_command(
