@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
 from coordinator.run_store import step_records
-from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from ringtune.optimizer_spec import OptimizerSpec
@@ -200,3 +200,6 @@ def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["predicted"]["step_seconds"] > 0
     assert timed[1] == plan["base_dtype"]  # timed at the dtype the plan runs
+    # the owner told the planner its data's share of scored positions (a number, computed on the owner)
+    share = scored_share(read_records(data), load_tokenizer("tiny-llama"), 24)
+    assert f"the owner's data: {share:.1%} of the positions are scored" in result.stdout
