@@ -42,15 +42,14 @@ def hello_reply(**fields):
 
 
 class AgentProcess:
-    """A real `ringtune agent` subprocess; stop() terminates it (also when a test fails)."""
+    """A real `ringtune agent` subprocess, started at once; its url waits for its ready line (so agents created
+    one after another import torch at the same time). stop() terminates it (also when a test fails)."""
 
     def __init__(self, name: str, state_dir: Path, *, data: Path | None = None, listen: str = "tcp://127.0.0.1:0",
                  interfaces: tuple[str, ...] = (), prefix: tuple[str, ...] = (), token: str = TOKEN,
                  threads: int = 1, extra: tuple[str, ...] = ()) -> None:
         import os
         import subprocess
-
-        from edge_runtime.commands.agent import READY
 
         command = [*prefix, *ringtune_command("agent", "--name", name, "--listen", listen, "--token", token,
                                               "--state-dir", str(state_dir), "--threads", str(threads), *extra)]
@@ -62,12 +61,20 @@ class AgentProcess:
         with self.log.open("w") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-        line = self.process.stdout.readline()
-        match = READY.search(line)
-        if not match:
-            self.stop()
-            raise RuntimeError(f"agent {name} did not start: {self.log.read_text()[-2000:]}")
-        self.url = match.group(2)
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The agent's control address, once it is listening."""
+        if self._url is None:
+            from edge_runtime.commands.agent import READY
+
+            match = READY.search(self.process.stdout.readline())
+            if not match:
+                self.stop()
+                raise RuntimeError(f"agent {self.name} did not start: {self.log.read_text()[-2000:]}")
+            self._url = match.group(2)
+        return self._url
 
     def alive(self) -> bool:
         return self.process.poll() is None

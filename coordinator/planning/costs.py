@@ -49,7 +49,11 @@ class CostTable:
     head_end: EndCost
     """Embedding (and learned position embedding) on the owner's first stage."""
     tail_end: EndCost
-    """Final norm, LM head and loss on the owner's last stage."""
+    """Final norm on the owner's last stage, per token; its parameters include the LM head's."""
+    scored_end: EndCost
+    """LM head and loss per scored position: the tail runs them only where a label is scored
+    (``StageModule.scored_loss_sum``), so the compute model prices them by the data's share of scored
+    positions (the memory model by every position: a micro-batch may score them all)."""
     base_dtype: str = "fp32"
     """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
 

@@ -120,6 +120,13 @@ def pad_records(records: list[Record], tokenizer: Tokenizer, seq_len: int, to_lo
     return ids, labels, lengths
 
 
+def scored_share(records: list[Record], tokenizer: Tokenizer, seq_len: int) -> float:
+    """Share of the positions of the padded sequences [N, seq_len] whose next token the loss scores: what
+    the owner tells the planner (one number about its data) so it prices the tail's LM head and loss."""
+    _, labels, _ = pad_records(records, tokenizer, seq_len)
+    return max(scored_tokens(labels), 1) / labels.numel()
+
+
 def common_prefix_length(sequences: list[list[int]]) -> int:
     """How many leading token ids every sequence shares (0 without sequences)."""
     if not sequences:

@@ -86,10 +86,10 @@ def mutated(rng: random.Random, message: dict) -> dict:
 def test_fuzzed_control_messages_never_crash_or_hang_the_agent(agent):
     """Random bytes, flipped bytes and forged seals in the clear; mutated typed messages inside a genuine
     session (past the seal, into the parser): FUZZ_FRAMES in all, every one answered with an error map."""
-    rss_before = psutil.Process(agent.process.pid).memory_info().rss
     rng = random.Random(0)
     valid = control.pack({"cmd": "hello"})
     client = paired(agent.url)
+    rss_before = psutil.Process(agent.process.pid).memory_info().rss
     typed = [protocol.encode_request(m)[0] for m in (Status(), Stop(), protocol.Step(step=3),
                                                      protocol.Restore(sha256="0" * 64), protocol.Have(digests=[]))]
     refused_before = client.request(Status()).refused_control

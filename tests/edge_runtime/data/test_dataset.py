@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edge_runtime.data.dataset import (DataError, OwnerData, Record, common_prefix_length, encode_record,
-                                      pad_records, read_records)
+                                      pad_records, read_records, scored_share)
 from edge_runtime.models.stage import IGNORE_INDEX
 from edge_runtime.models.tokenizer import ByteTokenizer
 
@@ -18,6 +18,12 @@ def test_prompt_tokens_are_not_scored():
     ids, labels = encode_record(Record("ab", "cd"), ByteTokenizer(), 16)
     assert ids == [97, 98, 99, 100, ByteTokenizer.eos_token_id]
     assert labels == [IGNORE_INDEX, IGNORE_INDEX, 99, 100, ByteTokenizer.eos_token_id]
+
+
+def test_scored_share_counts_the_completion_tokens_of_the_padded_sequences():
+    # "ab" -> "cd": the loss scores c, d and eos: 3 of 2 x 8 positions over the two records
+    records = [Record("ab", "cd"), Record("", "x")]  # no prompt: x and eos, the first token is never scored
+    assert scored_share(records, ByteTokenizer(), 8) == (3 + 1) / 16
 
 
 def test_long_prompt_is_cut_from_the_left_so_the_completion_survives():
