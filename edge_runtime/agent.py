@@ -359,7 +359,7 @@ class Agent:
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
-                                     s.plan.micro_batches, s.seed)
+                                     s.plan.micro_batches, s.seed, s.privacy.hide_labels)
             release_free_memory()
             with self._lock:
                 if run.state == "loading":

@@ -173,6 +173,24 @@ def test_owner_killed_mid_run_pauses_the_run_then_stops_it_with_advice(tmp_path,
                 and "agent" in (p.info["cmdline"] or [])], "local agents were left running"
 
 
+def test_local_agents_end_with_a_killed_coordinator(tmp_path, data):
+    """SIGKILL leaves the coordinator no chance to stop its --local agents: the kernel ends them (PR_SET_PDEATHSIG)."""
+    process = subprocess.Popen(ringtune_command("train", "--model", "tiny-llama", "--local", "2", "--data", str(data),
+                                                "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16"),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 1/"):
+                break
+        agents = psutil.Process(process.pid).children()
+        assert len(agents) == 2 and all("agent" in agent.cmdline() for agent in agents)
+    finally:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive, f"local agents outlived their coordinator: {[a.cmdline() for a in alive]}"
+
+
 def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     shape = SHAPE[:SHAPE.index("--split")]  # planned, not even
     result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape,
