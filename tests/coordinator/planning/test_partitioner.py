@@ -34,8 +34,8 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
                          float(rng.randint(0, 50)), float(rng.randint(0, 50)), float(rng.randint(0, 20))),
         scored_end=EndCost(0, 0, float(rng.randint(0, 40)), float(rng.randint(0, 200)), float(rng.randint(0, 200)),
                            float(rng.randint(0, 20))))
-    kinds = [DeviceProfile(f"kind{i}", rng.randint(100, 900), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
-                           rng.choice([80.0, 400.0, 4000.0, 4e4]), baseline_bytes=rng.randint(1, 40))
+    kinds = [DeviceProfile(f"kind{i}", rng.randint(150, 1300), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
+                           rng.choice([200.0, 1000.0, 1e4, 1e5]), baseline_bytes=rng.randint(1, 40))
              for i in range(rng.randint(1, 4))]
     # Repeating kinds exercises the grouping of interchangeable devices.
     devices = [rng.choice(kinds).renamed(f"d{i}") for i in range(rng.randint(1, 5))]
