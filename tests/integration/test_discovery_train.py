@@ -22,12 +22,14 @@ def run(*args, prefix=(), timeout=240):
     return subprocess.run([*prefix, *ringtune_command(*args)], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def loopback_agents(tmp_path):
-    data = write_text_data(tmp_path / "data.jsonl")
+@pytest.fixture(scope="module")
+def loopback_agents(tmp_path_factory):
+    """An owner and a helper advertising on loopback, shared by the module's tests (each run ends by freeing them)."""
+    root = tmp_path_factory.mktemp("loopback")
+    data = write_text_data(root / "data.jsonl")
     tag = uuid.uuid4().hex[:6]  # other runs may advertise on loopback too
-    agents = [AgentProcess(f"own-{tag}", tmp_path / "a", data=data, interfaces=("127.0.0.1",)),
-              AgentProcess(f"pi-{tag}", tmp_path / "b", interfaces=("127.0.0.1",))]
+    agents = [agent.ready() for agent in (AgentProcess(f"own-{tag}", root / "a", data=data, interfaces=("127.0.0.1",)),
+                                          AgentProcess(f"pi-{tag}", root / "b", interfaces=("127.0.0.1",)))]
     yield agents
     for agent in agents:
         agent.stop()
@@ -59,7 +61,7 @@ def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
     assert owner.alive() and helper.alive()
     # nothing either run wrote holds the token: not the adapter, run.json, metrics, plan, checkpoints nor logs
     assert (tmp_path / "given" / "run.json").exists() and (tmp_path / "given" / "ringtune.json").exists()
-    assert files_holding(tmp_path, TOKEN) == []
+    assert files_holding(tmp_path, TOKEN) == [] and files_holding(owner.log.parents[1], TOKEN) == []  # and agents'
 
 
 def test_plan_over_discovered_agents(loopback_agents):
@@ -81,7 +83,7 @@ def test_wrong_token_is_refused_with_advice(loopback_agents, tmp_path):
     assert owner.alive()
 
 
-def test_discovery_timeout_names_who_is_missing(loopback_agents, tmp_path):
+def test_discovery_timeout_names_who_is_missing(tmp_path):
     result = run("train", "--discover", "nobody-here", "--interface", "127.0.0.1", "--discover-timeout", "2",
                  "--out", str(tmp_path), *TRAIN)
     assert result.returncode != 0 and "nobody-here" in result.stderr and "Traceback" not in result.stderr
