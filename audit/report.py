@@ -25,7 +25,8 @@ class Assessment:
     accuracy_change: float | None
     """Its accuracy minus the non-private fine-tune's (None without --test)."""
     label_auc: float | None
-    """The larger of its two label attacks' AUC (None without label data)."""
+    """The largest of its label attacks' AUCs: norm, direction, aligned direction, hidden state (None without label
+    data)."""
     frontier: bool
     """No other audited setting recovers fewer tokens and keeps more accuracy."""
 
@@ -56,8 +57,15 @@ def assess(rows: list[AuditRow]) -> list[Assessment]:
 
     return [Assessment(r, 1 - r.learned_recovery / base.learned_recovery,
                        None if r.accuracy is None or base.accuracy is None else r.accuracy - base.accuracy,
-                       None if r.norm_auc is None else max(r.norm_auc, r.direction_auc),
+                       strongest_label_auc(r),
                        r.accuracy is not None and not dominated(r)) for r in private]
+
+
+def strongest_label_auc(row: AuditRow) -> float | None:
+    """The best of the label attacks run on a row (None without label data)."""
+    found = [a for a in (row.norm_auc, row.direction_auc, row.aligned_direction_auc, row.forward_label_auc)
+             if a is not None]
+    return max(found) if found else None
 
 
 def targets_note(rows: list[AuditRow]) -> str:
@@ -68,7 +76,8 @@ def targets_note(rows: list[AuditRow]) -> str:
     accuracy = "" if base.accuracy is None else f", accuracy {base.accuracy:.1%}"
     lines = [f"Targets: at least {RECOVERY_CUT:.0%} less learned token recovery than the default split without "
              f"privacy (K={base.owner_blocks}: {base.learned_recovery:.1%}{accuracy}), at most "
-             f"{ACCURACY_LOSS * 100:g} accuracy point lost, label AUC <= {LABEL_AUC:g} (norm and direction). "
+             f"{ACCURACY_LOSS * 100:g} accuracy point lost, label AUC <= {LABEL_AUC:g} (the strongest of the norm, "
+             f"direction, aligned direction and hidden-state attacks). "
              "Frontier: no other setting recovers fewer tokens and keeps more accuracy.", "",
              "| K | setting | recovery cut | accuracy change | label AUC (max) | frontier | meets all |",
              "|---|---|---|---|---|---|---|"]

@@ -12,6 +12,7 @@ template such as ``Tweet:``) are public whatever the setting, so they are left o
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,6 +122,8 @@ class AuditRow:
     """Label attack by cosine to a known positive's gradient, sequences aligned at their end."""
     forward_label_auc: float | None = None
     """Label attack on the hidden state at the label's position (the completion is an input token too)."""
+    forward_label_accuracy: float | None = None
+    """Share of labels the learned inverter reads right from that hidden state (chance: 1 / labels)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,8 @@ class Labelled:
     """[C] each label's token at that point of the completion (None: a label is another's prefix)."""
     positive_column: int
     """The positive label's index in candidates."""
+    truth: torch.Tensor
+    """[r] each record's label's index in candidates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +153,8 @@ class CutViews:
     private: torch.Tensor
     """Hidden states after block K of the attacked private records [n, T, d]."""
     private_tokens: torch.Tensor
-    """Their token ids [n, T] (right-padded)."""
+    """Their token ids [n, T] (right-padded), completions included also when the run hides its labels (then
+    their positions' states come from padding, and a recovered completion token is a leak)."""
     counted: torch.Tensor
     """[n, T] the positions token recovery counts: real tokens after the prefix all attacked records share."""
     shared_prefix: int
@@ -178,11 +184,16 @@ def run_audit(settings: AuditSettings, report=print) -> list[AuditRow]:
     embeddings = find_parts(model).embed.weight.detach()  # [V, d]: public, the attacker has the base model
     labelled = _labelled(settings, tokenizer)
     views = _cut_views(model, tokenizer, settings, labelled, num_blocks, ks)
+    hidden_label_views = None  # the base model's views of runs that hide their labels, computed once if needed
     rows, off_model = [], None
     for k in ks:
         for name, spec in _specs_for(settings, k, views[k]):
             if not settings.test:
-                row = _attack_row(settings, k, spec, views[k], [views[k].public], embeddings, labelled)
+                if spec.hide_labels and hidden_label_views is None:
+                    hidden_label_views = _cut_views(model, tokenizer, settings, labelled, num_blocks, ks,
+                                                    PrivacySpec(hide_labels=True))
+                view = hidden_label_views[k] if spec.hide_labels else views[k]
+                row = _attack_row(settings, k, spec, view, [views[k].public], embeddings, labelled)
             else:
                 if spec == PrivacySpec():  # off trains the same at every cut: once is enough
                     tuned = off_model = off_model or _fine_tuned(settings, spec, k, name, num_blocks, report)
@@ -238,15 +249,18 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
         aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled.positive)
         at_label = label_states[torch.arange(len(label_states)), labelled.positions]  # [r, d]
         if labelled.candidates is not None:
-            aucs["forward_label_auc"] = max(forward_label_auc(i.scores(at_label, labelled.candidates),
-                                                              labelled.positive_column, labelled.positive)
-                                            for i in inverters)
+            scores = [i.scores(at_label, labelled.candidates) for i in inverters]  # [r, C] per inverter
+            aucs["forward_label_auc"] = max(forward_label_auc(s, labelled.positive_column, labelled.positive)
+                                            for s in scores)
+            aucs["forward_label_accuracy"] = max(float((s.argmax(dim=1) == labelled.truth).float().mean())
+                                                 for s in scores)
     signal = float(view.private[view.counted].norm(dim=-1).mean())
     return AuditRow(k, spec, None if mechanism is None else mechanism.mean_noise_norm(private.shape[-1]) / signal,
                     spec.token_epsilon(), nearest_neighbour_recovery(private, tokens, embeddings),
                     max(i.recovery(private, tokens) for i in inverters), aucs.get("norm_auc"), aucs.get("direction_auc"),
                     None, None, [], view.shared_prefix, aligned_direction_auc=aucs.get("aligned_direction_auc"),
-                    forward_label_auc=aucs.get("forward_label_auc"))
+                    forward_label_auc=aucs.get("forward_label_auc"),
+                    forward_label_accuracy=aucs.get("forward_label_accuracy"))
 
 
 def _privatized_gradients(gradients: torch.Tensor, spec: PrivacySpec, settings: AuditSettings,
@@ -275,13 +289,14 @@ def _labelled(settings: AuditSettings, tokenizer) -> Labelled | None:
                  for r, ids in ((r, encode_record(r, tokenizer, settings.seq_len)[0]) for r in records)]
     distinct = len(set(candidates)) == len(labels)
     return Labelled(records, positive, torch.tensor(positions), torch.tensor(candidates) if distinct else None,
-                    labels.index(positive_label))
+                    labels.index(positive_label), torch.tensor([labels.index(r.completion) for r in records]))
 
 
 def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: int, ks: tuple[int, ...],
                spec: PrivacySpec = PrivacySpec()) -> dict[int, CutViews]:
     """What a neighbour after block K would receive from model (unprivatized states; gradients computed on the
-    forward pass spec privatizes, as in training), for each K in ks."""
+    forward pass spec privatizes, as in training; sequences encoded as spec.hide_labels has it), for each K in
+    ks."""
     ks = list(ks)
     public_ids = public_token_batches(tokenizer, settings.public_sequences, settings.seq_len)
     public = {k: [] for k in ks}
@@ -290,14 +305,15 @@ def _cut_views(model, tokenizer, settings: AuditSettings, labelled, num_blocks: 
             public[k].append(h)
     private_ids, real = _encoded(settings.train[:settings.attack_records], tokenizer, settings.seq_len)
     shared, counted = _private_positions(private_ids, real)
+    sent_ids = _encoded(settings.train[:settings.attack_records], tokenizer, settings.seq_len, spec.hide_labels)[0]
     private = {k: [] for k in ks}
-    for batch in private_ids.split(8):
+    for batch in sent_ids.split(8):
         for k, h in head_states(model, batch, ks).items():
             private[k].append(h)
     gradients, label_states = None, {}
     if labelled:
         gradients = _cut_gradients(model, tokenizer, labelled.records, settings, [num_blocks - k for k in ks], spec)
-        label_ids, _ = _encoded(labelled.records, tokenizer, settings.seq_len)
+        label_ids, _ = _encoded(labelled.records, tokenizer, settings.seq_len, spec.hide_labels)
         for batch in label_ids.split(8):
             for k, h in head_states(model, batch, ks).items():
                 label_states.setdefault(k, []).append(h)
@@ -317,9 +333,9 @@ def _private_positions(ids: torch.Tensor, real: torch.Tensor) -> tuple[int, torc
     return shared, counted
 
 
-def _encoded(records: list[Record], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encoded(records: list[Record], tokenizer, seq_len: int, hide_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [n, T] and the mask of real tokens [n, T]."""
-    ids, _, lengths = pad_records(records, tokenizer, seq_len)
+    ids, _, lengths = pad_records(records, tokenizer, seq_len, hide_labels=hide_labels)
     return ids, torch.arange(seq_len) < lengths[:, None]
 
 
@@ -337,7 +353,7 @@ def _cut_gradients(model, tokenizer, records: list[Record], settings: AuditSetti
     cut = parts.blocks[len(parts.blocks) - first - 1]
     grads: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
     for chunk in [records[i:i + 8] for i in range(0, len(records), 8)]:
-        ids, labels, _ = pad_records(chunk, tokenizer, settings.seq_len)
+        ids, labels, _ = pad_records(chunk, tokenizer, settings.seq_len, hide_labels=spec.hide_labels)
         handle = None if mechanism is None else cut.register_forward_hook(
             lambda _, __, out: _privatize_output(out, mechanism, generator, spec.public, 1))
         try:
@@ -388,15 +404,20 @@ def fine_tune(settings: AuditSettings, spec: PrivacySpec, k: int, num_blocks: in
     validate_plan(plan, num_blocks)
     tokenizer = load_tokenizer(settings.model)
     data = OwnerData(settings.train, tokenizer, settings.micro_batch_size, settings.seq_len,
-                     settings.micro_batches, settings.seed)
+                     settings.micro_batches, settings.seed, spec.hide_labels)
     peft_model = apply_lora(load_model(settings.model), replace(settings.lora, seed=settings.seed))
     curve: list[dict] = []
+    started, evaluating = time.perf_counter(), [0.0]  # seconds spent evaluating so far
 
     def checkpoint(step: int) -> None:
         if settings.eval_every and ((step + 1) % settings.eval_every == 0 or step + 1 == settings.steps):
+            began = time.perf_counter()
+            training = (began - started - evaluating[0]) / (step + 1)
             curve.append(_curve_point(step + 1, held_out(peft_model, settings, spec, k)))
+            evaluating[0] += time.perf_counter() - began
             report(f"K={k}, {spec.describe()}: step {step + 1}, held-out loss {curve[-1]['loss']:.4f}, "
-                   f"accuracy {curve[-1]['accuracy']}")
+                   f"accuracy {curve[-1]['accuracy']} ({training:.1f} s per training step, "
+                   f"{time.perf_counter() - began:.0f} s to evaluate)")
             peft_model.train()
 
     losses = train_ring_in_process(peft_model, plan, data, OptimizerSpec(lr=settings.lr), settings.steps,
@@ -448,7 +469,8 @@ def held_out(peft_model: torch.nn.Module, settings: AuditSettings, spec: Privacy
         handle = find_parts(peft_model).blocks[k - 1].register_forward_hook(
             lambda _, __, out: _privatize_output(out, mechanism, generator, spec.public, group))
     try:
-        return evaluate(peft_model.eval(), load_tokenizer(settings.model), settings.test, settings.seq_len)
+        return evaluate(peft_model.eval(), load_tokenizer(settings.model), settings.test, settings.seq_len,
+                        hide_labels=spec.hide_labels)
     finally:
         if handle is not None:
             handle.remove()
@@ -466,13 +488,13 @@ def format_row(row: AuditRow) -> str:
     num = lambda v, f=".3f": "-" if v is None else format(v, f)
     return (f"| {row.owner_blocks} | {row.privacy.describe()} | {num(row.noise_to_signal, '.2f')} | "
             f"{pct(row.nn_recovery)} | {pct(row.learned_recovery)} | {num(row.norm_auc)} | {num(row.direction_auc)} | "
-            f"{num(row.aligned_direction_auc)} | {num(row.forward_label_auc)} | {num(row.eval_loss)} | "
-            f"{pct(row.accuracy)} |")
+            f"{num(row.aligned_direction_auc)} | {num(row.forward_label_auc)} | {pct(row.forward_label_accuracy)} | "
+            f"{num(row.eval_loss)} | {pct(row.accuracy)} |")
 
 
 TABLE_HEADER = ("| K | setting | E noise / E norm | NN token recovery | learned token recovery | label AUC (norm) | "
-                "label AUC (direction) | label AUC (direction, aligned) | label AUC (hidden state) | eval loss | "
-                "accuracy |\n|---|---|---|---|---|---|---|---|---|---|---|")
+                "label AUC (direction) | label AUC (direction, aligned) | label AUC (hidden state) | "
+                "label read (hidden state) | eval loss | accuracy |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def recovery_note(rows: list[AuditRow]) -> str:
@@ -481,4 +503,5 @@ def recovery_note(rows: list[AuditRow]) -> str:
     return (f"Token recovery and E norm count only private positions: the first {shared} token(s), shared by "
             f"every attacked record (a public template), are left out. Label AUC (aligned): the direction attack "
             f"with sequences aligned at their end; (hidden state): the label read from its own position's hidden "
-            f"state, since the completion is an input token of the forward pass too.")
+            f"state, since the completion is an input token of the forward pass too (with labels never sent, that "
+            f"position holds padding, and token recovery still counts the completion's positions).")

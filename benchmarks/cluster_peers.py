@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python benchmarks/cluster_peers.py [--devices 2,3,4] [--micro-batches 4,8]
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
-        [--executorch]
+        [--executorch] [--systems 1f1b,gpipe,sequential,tdp_1f1b,whole_model] [--prefix rtb]
 
 For each device count it brings up an emulated cluster (cluster: a network namespace
 per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit per device) of
@@ -47,7 +47,6 @@ from tdp_ring import TdpRun, launch, prepare
 
 RESULTS = Path(__file__).parent / "results"
 WHOLE_MODEL = Path(__file__).parent / "whole_model.py"
-PREFIX = "rtb"
 GLOO_PORT = 29517
 RINGTUNE_SCHEDULES = ("1f1b", "gpipe", "sequential")
 
@@ -164,7 +163,7 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
     """Every system at one (device count, micro-batch count), on the 1F1B run's plan."""
     systems: dict[str, dict] = {}
     plan = None
-    for schedule in RINGTUNE_SCHEDULES:
+    for schedule in [s for s in RINGTUNE_SCHEDULES if s == "1f1b" or s in args.systems]:  # 1F1B makes the plan
         plan_file = None
         if plan is not None:  # the 1F1B run's plan, with this schedule
             plan_file = scratch / f"plan-{schedule}.json"
@@ -173,14 +172,16 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         systems[schedule] = measured(state, lambda: run_ringtune(args, state, schedule, micro_batches, plan_file, out))
         plan = plan or Plan.from_json((out / "plan.json").read_text())
         print(f"  ringtune {schedule}: {systems[schedule]['tokens_per_s']:.1f} tokens/s", flush=True)
-    try:
-        systems["tdp_1f1b"] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / "tdp"))
-        print(f"  tdp 1f1b: {systems['tdp_1f1b']['tokens_per_s']:.1f} tokens/s", flush=True)
-    except RuntimeError as error:  # recorded, not fatal: the harness stays for a re-run
-        systems["tdp_1f1b"] = {"error": str(error)}
-        print(f"  tdp 1f1b failed: {error}", flush=True)
-    systems["whole_model"] = measured(state, lambda: run_whole(args, state, data, micro_batches, scratch / "whole.json"))
-    print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
+    if "tdp_1f1b" in args.systems:
+        try:
+            systems["tdp_1f1b"] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / "tdp"))
+            print(f"  tdp 1f1b: {systems['tdp_1f1b']['tokens_per_s']:.1f} tokens/s", flush=True)
+        except RuntimeError as error:  # recorded, not fatal: the harness stays for a re-run
+            systems["tdp_1f1b"] = {"error": str(error)}
+            print(f"  tdp 1f1b failed: {error}", flush=True)
+    if "whole_model" in args.systems:
+        systems["whole_model"] = measured(state, lambda: run_whole(args, state, data, micro_batches, scratch / "whole.json"))
+        print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
     return {"plan": [[s.device, list(s.layers), s.role] for s in plan.stages], "plan_devices": plan.devices(),
             "predicted_step_seconds": plan.predicted.get("step_seconds"),
             "predicted_bottleneck": plan.predicted.get("bottleneck"), "systems": systems}
@@ -230,8 +231,8 @@ def ratios(systems: dict[str, dict]) -> dict[str, float]:
 def cluster(args, profile, count: int, data: Path, agent_args: tuple[str, ...] = ()):
     """An emulated cluster of count identical devices, removed afterwards."""
     # core_gflops makes every device's quota exactly --device-cores of this machine's cores.
-    state = up([f"{args.profile}:{name}" for name in device_names(count)], owner_data=data, prefix=PREFIX,
-               state_path=args.scratch / "cluster" / f"{PREFIX}.json", core_gflops=profile.gflops / args.device_cores,
+    state = up([f"{args.profile}:{name}" for name in device_names(count)], owner_data=data, prefix=args.prefix,
+               state_path=args.scratch / "cluster" / f"{args.prefix}.json", core_gflops=profile.gflops / args.device_cores,
                agent_args=agent_args, say=lambda line: print(line, flush=True))
     try:
         yield state
@@ -263,10 +264,16 @@ def main() -> None:
                         help="CPU quota of each device, in cores of this machine")
     parser.add_argument("--executorch", action="store_true",
                         help="also run ringtune 1F1B with ExecuTorch agents (needs the executorch extra)")
+    parser.add_argument("--systems", default=",".join(k for k in SYSTEM_NAMES if k != "1f1b_executorch"),
+                        help="systems to run, comma-separated (ringtune 1f1b always runs: its plan is everyone's)")
+    parser.add_argument("--prefix", default="rtb", help="name prefix of the emulated cluster's namespaces and cgroups")
     parser.add_argument("--name", default="cluster_peers", help="results/NAME.json and NAME.png")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ringtune-cluster-peers"),
                         help="working directory (runs, logs)")
     args = parser.parse_args()
+    args.systems = args.systems.split(",")
+    if unknown := set(args.systems) - set(SYSTEM_NAMES):
+        sys.exit(f"unknown --systems {', '.join(sorted(unknown))}: use some of {', '.join(SYSTEM_NAMES)}")
     if os.geteuid() != 0:
         sys.exit("cluster_peers needs root: it emulates devices with network namespaces and cgroups")
     if args.steps < 2:

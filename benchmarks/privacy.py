@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--label-records", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=2, help="audit processes at once (one thread each)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where privacy.json, privacy.md and the plots go (e.g. a short exploratory run's own folder)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("RINGTUNE_CACHE", Path.home() / ".cache" /
                                                                          "ringtune")) / "privacy-bench",
                         help="data, runs and adapters (kept between parts)")
@@ -78,7 +80,7 @@ def main() -> None:
     part = {"date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": round(time.perf_counter() - started),
             "ran": sorted(todo), "load_before": [round(x, 1) for x in load],
             "load_after": [round(x, 1) for x in os.getloadavg()]}
-    write_results(work, shared, data, part)
+    write_results(work, shared, data, part, args.results)
 
 
 def prepare_data(folder: Path, args) -> Path:
@@ -158,7 +160,7 @@ def run_all(jobs: dict[str, list[str]], runs: Path, parallel: int) -> None:
             print(f"finished {name}", flush=True)
 
 
-def write_results(work: Path, shared: dict, data: Path, part: dict) -> None:
+def write_results(work: Path, shared: dict, data: Path, part: dict, results: Path) -> None:
     runs = sorted(p.parent for p in (work / "runs").glob("*/audit.json"))
     rows = {run.name: json.loads((run / "audit.json").read_text())["rows"] for run in runs}
     parts_file = work / "parts.json"
@@ -166,8 +168,8 @@ def write_results(work: Path, shared: dict, data: Path, part: dict) -> None:
     parts_file.write_text(json.dumps(parts, indent=1))
     attack_rows = rows.pop("attacks", [])
     utility_rows = [row for found in rows.values() for row in found]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "privacy.json").write_text(json.dumps({
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "privacy.json").write_text(json.dumps({
         "machine": f"{platform.machine()} {platform.node()}", "args": {
             **shared, "kept": json.loads((data / "kept.json").read_text()), "settings": sorted(rows)},
         "parts": parts, "attack_rows": attack_rows, "utility_rows": utility_rows}, indent=1))
@@ -175,15 +177,15 @@ def write_results(work: Path, shared: dict, data: Path, part: dict) -> None:
     audit_rows = [_row(r) for r in utility_rows]
     from audit.report import table
 
-    (RESULTS / "privacy.md").write_text(
+    (results / "privacy.md").write_text(
         ("Attacks on the base model:\n\n" + tables.pop("attacks") + "\n" if "attacks" in tables else "")
         + "After fine-tuning under each setting:\n\n" + table(audit_rows))
     if audit_rows:
         from audit.report import plot
 
-        plot(audit_rows, RESULTS / "privacy.png")
-        _plot_curves(audit_rows, RESULTS / "privacy_curves.png")
-    print(f"written: {RESULTS / 'privacy.json'}, privacy.md, privacy.png, privacy_curves.png "
+        plot(audit_rows, results / "privacy.png")
+        _plot_curves(audit_rows, results / "privacy_curves.png")
+    print(f"written: {results / 'privacy.json'}, privacy.md, privacy.png, privacy_curves.png "
           f"({len(utility_rows)} fine-tuned settings)", flush=True)
 
 

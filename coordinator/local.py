@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.commands.agent import READY
+from ringtune.lifetime import end_with_parent
 
 START_TIMEOUT = 300.0
 """Seconds a local agent may take to start (imports torch and transformers: over 2 min on a loaded 2-core machine)."""
@@ -86,7 +87,7 @@ def start_local_agents(count: int, data: str, log_dir: Path, token: str, threads
 def _spawn(command: list[str], log_path: Path, token: str, mode: str) -> subprocess.Popen:
     with log_path.open(mode) as log:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "RINGTUNE_AGENT_TOKEN": token})
+                                env={**os.environ, "RINGTUNE_AGENT_TOKEN": token}, preexec_fn=end_with_parent)
 
 
 def agent_runtimes(runtimes: tuple[str, ...], count: int) -> tuple[str, ...]:

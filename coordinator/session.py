@@ -27,7 +27,7 @@ from coordinator.planning.calibration import calibrated_profile
 from coordinator.planning.memory import check_fits
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
-from coordinator.slices import ModelShipment, cut_model, owner_head
+from coordinator.slices import ModelShipment, cut_model, owner_head, tokenizer_blob_of
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from device_profiles.profile import DeviceProfile
 from edge_runtime.checkpoint_store import Checkpoint
@@ -78,6 +78,7 @@ class RingSession:
         self._calibration: dict[tuple[str, str], float] = {}  # block seconds by (agent, base dtype), for the planner
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
+        self._scored_share: float | None = None  # the owner's data: share of positions the loss scores
         self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
         self._config = load_config(settings.model)  # read once: every plan, calibration and check uses it
         # Fixed by the run's first plan: a re-plan after a device leaves (or a --resume) must train the same
@@ -115,6 +116,7 @@ class RingSession:
         if seconds:
             self.progress.event(f"one block forward + backward ({dtype} weights): " + ", ".join(
                 f"{name} {t * 1e3:.1f} ms" for name, t in seconds.items()))
+        shape = replace(shape, scored_share=self._scored_share or 1.0)  # the owner told it while calibrating
         profiles = [calibrated_profile(measured[n], table, shape, seconds[n]) if n in seconds else measured[n]
                     for n in devices]
         plan = partition(table, profiles, s.owner, shape)
@@ -171,12 +173,24 @@ class RingSession:
         return {n: self._calibration[n, base_dtype] for n in names if (n, base_dtype) in self._calibration}
 
     def _calibrate(self, names: list[str], base_dtype: str) -> None:
+        """Time a block on each agent, in parallel; the owner (given the tokenizer first) also reports its
+        data's share of scored positions, once per run."""
         s = self.settings
         request = protocol.Calibrate(config=self._config.to_dict(), lora=s.lora,
                                      micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, base_dtype=base_dtype)
+        asks_share = self._scored_share is None and s.owner in names
+        if asks_share:
+            tokenizer = tokenizer_blob_of(s.model)
+            self.upload(s.owner, tokenizer.sha256, tokenizer.path)
+            owner_request = replace(request, tokenizer=tokenizer.sha256)
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            replies = pool.map(lambda n: self.call(n, request), names)
-            self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in zip(names, replies)})
+            replies = dict(zip(names, pool.map(
+                lambda n: self.call(n, owner_request if asks_share and n == s.owner else request), names)))
+        self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in replies.items()})
+        if asks_share and replies[s.owner].scored_share is not None:
+            self._scored_share = replies[s.owner].scored_share
+            self.progress.event(f"the owner's data: {self._scored_share:.1%} of the positions are scored "
+                                f"(the LM head and the loss run there only)")
 
     def prepare(self, plan: Plan) -> Plan:
         """Check the plan against the model and the agents, show it and save it in the output directory."""

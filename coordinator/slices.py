@@ -79,7 +79,12 @@ def cut_model(model: str, lora: LoraSpec, plan: Plan, progress: Progress | None 
         for used in (path, digest):
             os.utime(used)  # recently used: kept by _prune
         slices[device] = Blob.of_file(path, digest.read_text())
-    return ModelShipment(config.to_dict(), config.hidden_size, slices, Blob.of_bytes(tokenizer_blob(load_tokenizer(model))))
+    return ModelShipment(config.to_dict(), config.hidden_size, slices, tokenizer_blob_of(model))
+
+
+def tokenizer_blob_of(model: str) -> Blob:
+    """The model's tokenizer as a blob for the owner."""
+    return Blob.of_bytes(tokenizer_blob(load_tokenizer(model)))
 
 
 def owner_head(model: str, lora: LoraSpec, plan: Plan, progress: Progress | None = None) -> StageModule:

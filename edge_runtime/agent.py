@@ -28,7 +28,7 @@ import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
 from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
-from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.memory import process_memory, release_free_memory, rss
 from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
 from edge_runtime.models.slices import materialize
@@ -244,14 +244,18 @@ class Agent:
         return protocol.UploadReply(complete=complete)
 
     def _cmd_calibrate(self, msg: protocol.Calibrate) -> protocol.CalibrateReply:
-        """Time a block of the coordinator's model at the run's micro-batch shape (for the planner)."""
+        """Time a block of the coordinator's model at the run's micro-batch shape (for the planner); the
+        owner also says which share of its sequences' positions the loss scores (a number, not the data)."""
         base_dtype = check_base_dtype(msg.base_dtype)
         key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len, base_dtype], sort_keys=True)
         if key not in self._block_seconds:
             self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len,
                                                      base_dtype)
             release_free_memory()  # the calibration block
-        return protocol.CalibrateReply(block_seconds=self._block_seconds[key])
+        share = None
+        if msg.tokenizer is not None and self.records is not None:
+            share = scored_share(self.records, tokenizer_from_blob(self.cache.read(msg.tokenizer)), msg.seq_len)
+        return protocol.CalibrateReply(block_seconds=self._block_seconds[key], scored_share=share)
 
     def _cmd_assign(self, msg: protocol.Assign) -> protocol.AssignReply:
         indices = msg.plan.stage_indices(self.name)
@@ -355,7 +359,7 @@ class Agent:
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
-                                     s.plan.micro_batches, s.seed)
+                                     s.plan.micro_batches, s.seed, s.privacy.hide_labels)
             release_free_memory()
             with self._lock:
                 if run.state == "loading":

@@ -33,14 +33,17 @@ def label_set(records: list[Record]) -> list[str] | None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record], seq_len: int,
-             records_per_batch: int = 8) -> EvalResult:
+             records_per_batch: int = 8, hide_labels: bool = False) -> EvalResult:
+    """hide_labels: score each candidate's one token after the prompt alone, as a run that hid its labels
+    trained it (edge_runtime.data.dataset)."""
     labels = label_set(records)
     loss_sum, scored, correct = 0.0, 0, 0
     for start in range(0, len(records), records_per_batch):
         chunk = records[start:start + records_per_batch]
         candidates = [labels if labels else [r.completion] for r in chunk]
         # One forward for every (record, candidate) row: right padding keeps each row's causal logits exact.
-        ids, targets = _batch([Record(r.prompt, c) for r, cs in zip(chunk, candidates) for c in cs], tokenizer, seq_len)
+        ids, targets, _ = pad_records([Record(r.prompt, c) for r, cs in zip(chunk, candidates) for c in cs], tokenizer,
+                                      seq_len, to_longest=True, hide_labels=hide_labels)
         logits = model(input_ids=ids).logits  # [rows, T, V]
         row = 0
         for record, options in zip(chunk, candidates):
@@ -52,11 +55,6 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record]
             correct += int(int(per_option.argmin()) == truth)
             row += len(options)
     return EvalResult(loss_sum / max(scored, 1), correct / len(records) if labels else None, len(records))
-
-
-def _batch(records: list[Record], tokenizer: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, targets, _ = pad_records(records, tokenizer, seq_len, to_longest=True)
-    return ids, targets
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from edge_runtime.models.registry import load_config, weight_source
 from edge_runtime.models.slices import cut_slice, materialize, skeleton
 from ringtune.manifest import ExportManifest, StageManifest, toolchain_versions
 from ringtune.plan import Plan, validate_plan
+from ringtune.lifetime import end_with_parent
 from ringtune.quiet import quiet_libraries
 from ringtune.run_shape import RunShape
 
@@ -115,7 +116,7 @@ def _export_programs(config: dict, plan: Plan, indices: list[int], slices: dict[
         if workers > 1 and len(jobs) > 1:
             context = multiprocessing.get_context("spawn")  # no forked torch/executorch state
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
-                                     initializer=quiet_libraries) as pool:
+                                     initializer=_start_worker) as pool:
                 futures = {pool.submit(_write_program_job, str(slices[i]), config, lora_spec.to_dict(),
                                        plan.to_dict(), i, shape, str(out_dir), kind): i for i, kind in jobs}
                 for future in as_completed(futures):
@@ -126,6 +127,12 @@ def _export_programs(config: dict, plan: Plan, indices: list[int], slices: dict[
                 write_program(*stages[i], plan.stages[i], i, shape, out_dir, kind)
                 task.advance(plan.stages[i].num_layers)
     return tuple(write_stage_manifest(*stages[i], plan.stages[i], i, shape, out_dir) for i in indices)
+
+
+def _start_worker() -> None:
+    """A lowering worker: library warnings filtered, and it ends with the coordinator (even a killed one)."""
+    quiet_libraries()
+    end_with_parent()
 
 
 def _stage(slice_path: Path, config: dict, lora_spec: LoraSpec, spec, index: int):

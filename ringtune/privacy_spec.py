@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 HIDDEN_MECHANISMS = ("off", "dchi", "gaussian")
 GRADIENT_MECHANISMS = ("off", "maxnorm")
-_KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed", "public"},
-         "gaussian": {"sigma", "clip", "delta", "seed", "public"}}
-_INTEGER_KEYS = {"seed", "public"}
+_KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed", "public", "hide_labels"},
+         "gaussian": {"sigma", "clip", "delta", "seed", "public", "hide_labels"}}
+_INTEGER_KEYS = {"seed", "public", "hide_labels"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,10 @@ PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||)
                             f"{p.noise_ratio:g}x the median hidden-state norm at the cut, gradients {p.gradient}; "
                             f"{p.measured})" for p in PRESETS.values())
                 + ". Add seed=N for reproducible noise, public=N when the first N tokens of every sequence are a "
-                "fixed public prompt template (sent unprivatized; checked to be identical in every sequence)")
+                "fixed public prompt template (sent unprivatized; checked to be identical in every sequence), "
+                "hide_labels=1 (dchi, gaussian; presets always do) to keep prompt/completion labels out of what "
+                "is sent: only each completion's first token is trained, predicted from the prompt, and no "
+                "completion token is fed to the model (completions must be one token)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,9 @@ class PrivacySpec:
     """Leading positions of every sequence that hold a shared public prompt prefix and travel unprivatized."""
     preset: str = ""
     """The preset these numbers come from ("": none); clip and epsilon stay 0 until calibrated."""
+    hide_labels: bool = False
+    """Prompt/completion records train only their one-token completion, predicted from the prompt, and the
+    completion is never an input: no hidden state sent depends on a label (edge_runtime.data.dataset)."""
 
     def __post_init__(self) -> None:
         if self.hidden not in HIDDEN_MECHANISMS:
@@ -95,6 +101,9 @@ class PrivacySpec:
                              f"tokens as a whole number >= 0 (0: privatize every position)")
         if self.public and self.hidden == "off":
             raise ValueError("public=N only applies to a hidden-state mechanism: use it with dchi or gaussian")
+        if not isinstance(self.hide_labels, bool):
+            raise ValueError(f"--privacy hide_labels={self.hide_labels!r}: give 1 (keep labels out of what is sent) "
+                             f"or 0")
 
     @property
     def active(self) -> bool:
@@ -126,6 +135,8 @@ class PrivacySpec:
             parts = f"preset {self.preset}: {parts}"
         if self.public:
             parts += f", first {self.public} position{'s' if self.public > 1 else ''} public"
+        if self.hide_labels:
+            parts += ", labels never sent (one-token completions)"
         if self.hidden != "off" and self.calibrated:
             delta = f", delta={self.delta:g}" if self.hidden == "gaussian" else ""
             parts += f" (per token epsilon={self.token_epsilon():.3g}{delta})"
@@ -138,8 +149,9 @@ class PrivacySpec:
                              f"{seq_len} tokens: lower public= or raise --seq-len")
 
     def to_dict(self) -> dict:
-        # public=0 and no preset are left out so that a spec without them serializes exactly as before they existed
-        return {k: v for k, v in asdict(self).items() if k not in ("public", "preset") or v}
+        # public=0, no preset and hide_labels=False are left out so that a spec without them serializes exactly as
+        # before they existed
+        return {k: v for k, v in asdict(self).items() if k not in ("public", "preset", "hide_labels") or v}
 
     def public_dict(self) -> dict:
         """What may be recorded in the plan every agent sees: the mechanism, never the noise seed."""
@@ -154,22 +166,25 @@ class PrivacySpec:
                            sigma=float(data.get("sigma", 0.0)), clip=float(data.get("clip", 0.0)),
                            delta=float(data.get("delta", 1e-5)), gradient=str(data.get("gradient", "off")),
                            seed=None if seed is None else int(seed), public=int(data.get("public", 0)),
-                           preset=str(data.get("preset", "")))
+                           preset=str(data.get("preset", "")), hide_labels=bool(data.get("hide_labels", False)))
 
     @staticmethod
     def parse(hidden: str | None, gradient: str | None = None) -> "PrivacySpec":
         """From the CLI strings; ValueError naming the expected form on bad input. A preset brings its own
-        gradient mechanism (gradient is then ignored) and takes only seed= and public=."""
+        gradient mechanism (gradient is then ignored), always hides labels and takes only seed= and public=."""
         text = (hidden or "off").strip()
         name = re.match(r"[^:,]*", text).group().strip()
         rest = text[len(name):].lstrip(":,")
         if name in PRESETS:
             values = _values(text, rest, {"seed", "public"}, f"the preset {name} takes only public=N and seed=N "
                                                              f"(it calibrates its noise and clip at the cut)")
-            return PrivacySpec(hidden="dchi", gradient=PRESETS[name].gradient, preset=name, **values)
+            return PrivacySpec(hidden="dchi", gradient=PRESETS[name].gradient, preset=name, hide_labels=True, **values)
         if name not in _KEYS:
             raise ValueError(f"--privacy {hidden!r}: expected {PRIVACY_HELP}")
         values = _values(text, rest, _KEYS[name], f"expected {PRIVACY_HELP}")
+        if values.get("hide_labels", 0) not in (0, 1):
+            raise ValueError(f"--privacy {text!r}: hide_labels takes 1 (keep labels out of what is sent) or 0")
+        values["hide_labels"] = bool(values.get("hide_labels", 0))
         return PrivacySpec(hidden=name, gradient=(gradient or "off").strip(), **values)
 
 

@@ -28,10 +28,11 @@ from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
 4: hello names the agent's link probe port;
-5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS."""
+5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS;
+6: calibrate may name the tokenizer, and the owner replies with its data's share of scored positions."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -143,6 +144,9 @@ class PairFinishReply(Reply):
 class CalibrateReply(Reply):
     block_seconds: float
     """Forward + backward of one block at the run's micro-batch shape."""
+    scored_share: float | None = None
+    """The owner's data: scored positions over all positions of its padded sequences (None elsewhere). A
+    number about the data, never the data: the planner prices the LM head and the loss with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +290,8 @@ class Calibrate(Request):
     """Tokens per sequence."""
     base_dtype: str = "fp32"
     """How the block's frozen weights are stored (dequantizing costs time on the device itself)."""
+    tokenizer: str | None = None
+    """sha256 of the uploaded tokenizer blob (owner only): the owner then reports its data's scored share."""
 
     def reply_seconds(self, timeouts: Timeouts) -> float:
         return max(timeouts.heartbeat, timeouts.work)

@@ -1,7 +1,7 @@
 """Known-harmless library warnings, silenced where they are raised; ringtune's own stay visible.
 
 Each entry names the library and the exact message. Called by the CLI before anything imports
-torch, and by every worker process ringtune spawns (``initializer=quiet_libraries``), which
+torch, and by every worker process ringtune spawns (a pool's initializer), which
 otherwise start with Python's default filters.
 """
 from __future__ import annotations

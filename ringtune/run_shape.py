@@ -24,6 +24,9 @@ class RunShape:
     """Pipeline schedule: 1f1b (S - s micro-batches in flight on stage s) or gpipe (all M)."""
     min_owner_blocks: int = 1
     """Blocks the owner keeps at each end (its head and its tail), so raw embeddings never leave it."""
+    scored_share: float = 1.0
+    """Share of the positions the loss scores (the owner reports it from its data: 1 for plain text, a few
+    percent for short labels). The tail runs the LM head and the loss only there."""
 
     @property
     def tokens(self) -> int:

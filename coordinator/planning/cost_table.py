@@ -28,7 +28,7 @@ from coordinator.planning.costs import CostTable, EndCost
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.quantization import CompactLinear, compact_model, compact_weights
 from edge_runtime.models.registry import load_config
-from edge_runtime.models.stage import StageModule, token_loss_sum
+from edge_runtime.models.stage import StageModule, rows_loss_sum
 from edge_runtime.models.structure import DecoderParts, find_parts, sliceable_meta_model
 
 # A trainable fp32 tensor costs itself, its gradient and AdamW's two moments.
@@ -84,7 +84,8 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         block_compact_weights=tuple(b.compact_weights for b in per_block),
         cut_bytes=float(config.hidden_size * 4),
         head_end=EndCost(*_param_bytes(head_modules), 0.0, 0.0, 0.0),
-        tail_end=_tail_cost(parts, peft_model.config, seq_len, exclude=head_modules))
+        tail_end=_tail_cost(parts, peft_model.config, seq_len, exclude=head_modules),
+        scored_end=_scored_cost(parts, peft_model.config, seq_len))
 
 
 def _signature(block: nn.Module, attention_type: str) -> tuple:
@@ -195,12 +196,23 @@ def _block_cost(parts: DecoderParts, config: PreTrainedConfig, index: int, seq_l
 
 
 def _tail_cost(parts: DecoderParts, config: PreTrainedConfig, seq_len: int, exclude: list[nn.Module]) -> EndCost:
+    """The final norm over every position; the parameters of the norm and the LM head."""
     hidden = torch.empty(1, seq_len, parts.embed.embedding_dim, device="meta", requires_grad=True)
-    labels = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     modules = [parts.final_norm, parts.head]
-    params = {id(t) for m in modules for t in _tensors(m)}
     tail = StageModule(parts, config, (len(parts.blocks), len(parts.blocks)), "tail")
-    forward_flops, backward_flops, saved, peak = _trace(lambda x: token_loss_sum(tail(x), labels), hidden, params)
+    forward_flops, backward_flops, saved, peak = _trace(tail.normed_hidden, hidden,
+                                                        {id(t) for m in modules for t in _tensors(m)})
     param_bytes, trainable_bytes = _param_bytes(modules, exclude)
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
-                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len, _compact_linear_weights(modules))
+                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len)
+
+
+def _scored_cost(parts: DecoderParts, config: PreTrainedConfig, rows: int) -> EndCost:
+    """LM head and loss per scored position, traced on rows normed hidden states [N, d] as the tail runs them."""
+    normed = torch.empty(rows, parts.embed.embedding_dim, device="meta", requires_grad=True)  # [N, d]
+    targets = torch.zeros(rows, dtype=torch.long, device="meta")
+    tail = StageModule(parts, config, (len(parts.blocks), len(parts.blocks)), "tail")
+    forward_flops, backward_flops, saved, peak = _trace(lambda x: rows_loss_sum(x, targets, tail.logits), normed,
+                                                        {id(t) for t in _tensors(parts.head)})
+    return EndCost(0, 0, saved / rows, forward_flops / rows, backward_flops / rows, max(peak - saved, 0.0) / rows,
+                   _compact_linear_weights([parts.head]))  # dequantized once per pass, however many rows

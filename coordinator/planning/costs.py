@@ -69,7 +69,11 @@ class CostTable:
     head_end: EndCost
     """Embedding (and learned position embedding) on the owner's first stage."""
     tail_end: EndCost
-    """Final norm, LM head and loss on the owner's last stage."""
+    """Final norm on the owner's last stage, per token; its parameters include the LM head's."""
+    scored_end: EndCost
+    """LM head and loss per scored position: the tail runs them only where a label is scored
+    (``StageModule.scored_loss_sum``), so the compute model prices them by the data's share of scored
+    positions (the memory model by every position: a micro-batch may score them all)."""
     base_dtype: str = "fp32"
     """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
     block_compact_weights: tuple[int, ...] = ()
@@ -85,6 +89,7 @@ class CostTable:
         return [(f + b) * tokens + dequantize_flops(self.base_dtype, w)
                 for f, b, w in zip(self.block_forward_flops, self.block_backward_flops, compact)]
 
-    def end_flops(self, end: EndCost, tokens: int) -> float:
-        """Priced FLOPs of one of the owner's ends (head_end or tail_end) for a micro-batch of tokens."""
+    def end_flops(self, end: EndCost, tokens: float) -> float:
+        """Priced FLOPs of one of the owner's ends (head_end, tail_end, or scored_end for the scored positions)
+        for a micro-batch of tokens."""
         return (end.forward_flops + end.backward_flops) * tokens + dequantize_flops(self.base_dtype, end.compact_weights)

@@ -22,7 +22,7 @@ evaluates for one plan: a plan that the planner says fits is checked with the ve
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -94,7 +94,12 @@ class MemoryModel:
         self.workspace = _range_max(np.asarray(table.block_workspace_bytes, dtype=float) * tokens)  # [L + 1, L + 1]
         self.frame = table.cut_bytes * tokens
         """Bytes of one hidden state (or its gradient) of a micro-batch."""
-        self.head, self.tail = table.head_end, table.tail_end
+        # The LM head and loss run on scored positions only, but how many a micro-batch scores varies (one
+        # may score every position): priced on every position (the compute model uses the data's mean share).
+        scored = table.scored_end
+        self.head, self.tail = table.head_end, replace(
+            table.tail_end, activation_bytes=table.tail_end.activation_bytes + scored.activation_bytes,
+            workspace_bytes=table.tail_end.workspace_bytes + scored.workspace_bytes)
         self.tokens = tokens
         first = 0 if table.num_blocks else None
         self.calibration = 0.0 if first is None else (

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from coordinator.planning.costs import CostTable
+from coordinator.planning.costs import CostTable, EndCost
 from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel, describe, gb, in_flight,
                                          plan_memory)
 from ringtune.run_shape import RunShape
@@ -59,7 +59,7 @@ class _Costs:
     head_flops: float
     """FLOPs per micro-batch of the embedding end."""
     tail_flops: float
-    """FLOPs per micro-batch of the norm + LM head + loss end."""
+    """FLOPs per micro-batch of the norm + LM head + loss end (the head and loss on scored positions)."""
 
 
 def _costs(table: CostTable, shape: RunShape) -> _Costs:
@@ -70,7 +70,8 @@ def _costs(table: CostTable, shape: RunShape) -> _Costs:
         flops=np.concatenate([[0.0], np.cumsum(table.block_flops(tokens))]),
         cut_bytes=table.cut_bytes * tokens,
         head_flops=table.end_flops(table.head_end, tokens),
-        tail_flops=table.end_flops(table.tail_end, tokens))
+        tail_flops=table.end_flops(table.tail_end, tokens) + table.end_flops(table.scored_end,
+                                                                             tokens * shape.scored_share))
 
 
 def _in_flight(shape: RunShape, stages_to_end: int) -> int:
@@ -380,6 +381,8 @@ def _check_input(table: CostTable, profiles: list[DeviceProfile], owner: str, sh
     if min(shape.micro_batch_size, shape.seq_len, shape.micro_batches) < 1 or shape.min_owner_blocks < 0:
         raise PlanError("micro-batch size, sequence length and micro-batches must be >= 1, "
                         "min owner blocks >= 0")
+    if not 0 < shape.scored_share <= 1:
+        raise PlanError(f"the share of scored positions must be in (0, 1], got {shape.scored_share}")
     if shape.schedule not in PLANNED_SCHEDULES:
         raise PlanError(f"unknown schedule {shape.schedule!r}: use one of {', '.join(PLANNED_SCHEDULES)}")
     if shape.seq_len != table.seq_len:

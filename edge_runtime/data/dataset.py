@@ -2,6 +2,13 @@
 
 Records are ``{"text": ...}`` (every token scored) or ``{"prompt": ..., "completion": ...}``
 (only completion tokens scored). Sequences are right-padded to ``seq_len``.
+
+With ``hide_labels`` (privacy presets, ``--privacy ...,hide_labels=1``) a prompt/completion record is
+the prompt alone as input and its one-token completion as the only label, scored at the prompt's last
+position: teacher forcing would feed the completion (the label) as an input token, and the hidden
+states of its positions would leave the owner. Under causal attention nothing sent then depends on
+the label, and the prompt's last position still learns to predict it. Plain text records (every token
+both input and target) are encoded as without it.
 """
 from __future__ import annotations
 
@@ -67,8 +74,13 @@ def _parse_record(line: str, path: Path, number: int) -> Record:
                     f"non-empty 'completion' (strings)")
 
 
-def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one record, at most seq_len long; the prompt is cut from the left."""
+def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int,
+                  hide_labels: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, at most seq_len long; the prompt is cut from the left. With
+    hide_labels and a prompt, the ids are the prompt alone and the labels one longer (the completion's
+    token after it)."""
+    if hide_labels and record.prompt:
+        return _label_hidden(record, tokenizer, seq_len)
     completion = (tokenizer.encode(record.completion) + [tokenizer.eos_token_id])[:seq_len]
     prompt = tokenizer.encode(record.prompt) if record.prompt else []
     room = seq_len - len(completion)
@@ -78,21 +90,41 @@ def encode_record(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[l
     return ids, labels
 
 
-def pad_records(records: list[Record], tokenizer: Tokenizer, seq_len: int,
-                to_longest: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded token ids and labels [n, W] and each record's length [n], from encode_record.
+def _label_hidden(record: Record, tokenizer: Tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
+    """The prompt's last seq_len - 1 tokens as input; the completion's one token as the label after them."""
+    completion = tokenizer.encode(record.completion)
+    if len(completion) != 1:
+        raise DataError(f"completion {record.completion!r} is {len(completion)} tokens: with hidden labels "
+                        f"(a --privacy preset or hide_labels=1) each completion must be one token, the label "
+                        f"predicted from the prompt, since no completion token may be fed to the model; map the "
+                        f"labels to one-token words (e.g. ' positive'), or train without hidden labels (labels "
+                        f"are then readable from what the owner sends: README, threat model)")
+    prompt = tokenizer.encode(record.prompt)[-(seq_len - 1):]
+    return prompt, [IGNORE_INDEX] * len(prompt) + completion
 
-    W is seq_len, or with ``to_longest`` the longest record's length (evaluation batches). Right
+
+def pad_records(records: list[Record], tokenizer: Tokenizer, seq_len: int, to_longest: bool = False,
+                hide_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and labels [n, W] and each record's input length [n], from encode_record.
+
+    W is seq_len, or with ``to_longest`` the longest record's labels (evaluation batches). Right
     padding plus a causal mask keeps every real position's logits exact."""
-    encoded = [encode_record(record, tokenizer, seq_len) for record in records]
+    encoded = [encode_record(record, tokenizer, seq_len, hide_labels) for record in records]
     lengths = torch.tensor([len(token_ids) for token_ids, _ in encoded], dtype=torch.long)
-    width = int(lengths.max()) if to_longest and encoded else seq_len
+    width = max(len(token_labels) for _, token_labels in encoded) if to_longest and encoded else seq_len
     ids = torch.full((len(records), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
     for row, (token_ids, token_labels) in enumerate(encoded):
         ids[row, :len(token_ids)] = torch.tensor(token_ids)
         labels[row, :len(token_labels)] = torch.tensor(token_labels)
     return ids, labels, lengths
+
+
+def scored_share(records: list[Record], tokenizer: Tokenizer, seq_len: int) -> float:
+    """Share of the positions of the padded sequences [N, seq_len] whose next token the loss scores: what
+    the owner tells the planner (one number about its data) so it prices the tail's LM head and loss."""
+    _, labels, _ = pad_records(records, tokenizer, seq_len)
+    return max(scored_tokens(labels), 1) / labels.numel()
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
@@ -106,13 +138,14 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 class OwnerData:
-    """Deterministic micro-batches: epoch e visits records in a permutation seeded by (seed, e)."""
+    """Deterministic micro-batches: epoch e visits records in a permutation seeded by (seed, e); hide_labels
+    as in encode_record."""
 
     def __init__(self, records: list[Record], tokenizer: Tokenizer, micro_batch_size: int, seq_len: int,
-                 micro_batches: int, seed: int) -> None:
+                 micro_batches: int, seed: int, hide_labels: bool = False) -> None:
         if seq_len < 2:
             raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-        self._ids, self._labels, self._lengths = pad_records(records, tokenizer, seq_len)
+        self._ids, self._labels, self._lengths = pad_records(records, tokenizer, seq_len, hide_labels=hide_labels)
         self.micro_batch_size = micro_batch_size
         self.seq_len = seq_len
         self.micro_batches = micro_batches

@@ -66,8 +66,7 @@ class StageModule(nn.Module):
         """Summed next-token loss from the normed hidden [B, T, d] (tail/full)."""
         targets = labels[:, 1:]  # [B, T-1]
         scored = targets != IGNORE_INDEX
-        logits = self.logits(hidden[:, :-1][scored])  # [N, V]
-        return nn.functional.cross_entropy(logits, targets[scored], reduction="sum")
+        return rows_loss_sum(hidden[:, :-1][scored], targets[scored], self.logits)
 
     def _blocks_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         seq_len = inputs.shape[1]
@@ -104,6 +103,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
     return nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX,
                                        reduction="sum")
+
+
+def rows_loss_sum(rows: torch.Tensor, targets: torch.Tensor, to_logits) -> torch.Tensor:
+    """Summed cross-entropy of scored rows [N, d] (normed hidden states) against their next tokens [N]:
+    the tail's LM head and loss, which the cost table prices per scored position."""
+    logits = to_logits(rows)  # [N, V]
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 def scored_tokens(labels: torch.Tensor) -> int:

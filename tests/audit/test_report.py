@@ -32,6 +32,8 @@ def test_targets_are_against_the_default_split_and_the_frontier_is_the_undominat
     missed = targets_note([OFF, private(4, 0.5, 0.6, auc=0.7, preset="strong")])
     assert "misses the recovery cut (38% < 60%), the accuracy target (-10.0 points), the label AUC target (0.700)" in missed
     assert targets_note([private(4, 0.3, 0.6)]) == ""  # nothing to compare against
+    aligned = replace(private(4, 0.30, 0.695, preset="strong"), aligned_direction_auc=0.94)
+    assert assess([OFF, aligned])[0].label_auc == 0.94  # the strongest label attack counts
 
 
 @pytest.mark.parametrize("accuracy", [None, 0.65])

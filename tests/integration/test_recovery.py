@@ -16,6 +16,13 @@ import pytest
 from safetensors.torch import load_file
 
 from coordinator.discovery.mdns import MdnsDiscovery
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.local_ring import train_ring_in_process
+from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.registry import load_model, load_tokenizer
+from ringtune.optimizer_spec import OptimizerSpec
+from ringtune.plan import Plan
+from ringtune.privacy_spec import PrivacySpec
 
 from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
 from reference import max_difference
@@ -101,12 +108,19 @@ def uninterrupted(agents, tmp_path_factory):
     return run_uninterrupted(agents, tmp_path_factory.mktemp("uninterrupted"))
 
 
-PRIVATE = ["--privacy", "dchi:epsilon=2,clip=50,seed=7", "--grad-privacy", "maxnorm"]
+PRIVACY = "dchi:epsilon=2,clip=50,seed=7"
+PRIVATE = ["--privacy", PRIVACY, "--grad-privacy", "maxnorm"]
 
 
 @pytest.fixture(scope="module")
-def private_uninterrupted(agents, tmp_path_factory):
-    return run_uninterrupted(agents, tmp_path_factory.mktemp("private"), *PRIVATE)
+def private_reference(uninterrupted, tmp_path_factory):
+    """The private run's adapter trained in one process: the in-process ring over the uninterrupted run's plan,
+    privatizing at its cuts with the same seeded noise."""
+    data = write_text_data(tmp_path_factory.mktemp("data") / "train.jsonl", records=40)  # the agents' data
+    owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 32, 4, seed=11)
+    plan = Plan.from_json((uninterrupted.out / "plan.json").read_text())
+    return train_ring_in_process(apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=11)), plan, owner_data,
+                                 OptimizerSpec(lr=0.01), 12, PrivacySpec.parse(PRIVACY, "maxnorm")).adapter
 
 
 def test_a_middle_agent_killed_at_step_6_the_run_finishes_on_the_others_exactly(agents, uninterrupted, tmp_path):
@@ -218,11 +232,11 @@ def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(agents, 
 
 
 def test_a_private_run_with_a_middle_agent_killed_then_its_coordinator_killed_and_resumed_ends_exactly(
-        agents, private_uninterrupted, uninterrupted, tmp_path):
+        agents, private_reference, uninterrupted, tmp_path):
     """Private runs restore exactly: checkpoints hold the owner's AdamW state, and the noise is keyed by (seed,
     step, micro-batch, stage), so the steps replayed after node1 is killed at step 6 (from checkpoint 4), and
     after the coordinator is killed at step 10 and resumed (from checkpoint 8, without the seed: run.json does
-    not hold it, the owner kept it), draw the noise the uninterrupted private run drew."""
+    not hold it, the owner kept it), draw the noise an uninterrupted private ring draws (computed in one process)."""
     middle = AgentProcess("node1", tmp_path / "node1")
     urls = [agents["owner"].url, middle.url, agents["node2"].url]
     process = coordinator(urls, tmp_path, *PRIVATE)
@@ -244,5 +258,5 @@ def test_a_private_run_with_a_middle_agent_killed_then_its_coordinator_killed_an
     assert failed["agent"] == "node1" and failed["steps_replayed"] == 2
     assert "resuming from the checkpoint of step 8" in resumed.stdout and "step 12/12" in resumed.stdout
     adapter = load_file(tmp_path / "adapter_model.safetensors")
-    assert max_difference(adapter, private_uninterrupted.adapter) < 1e-5
-    assert max_difference(private_uninterrupted.adapter, uninterrupted.adapter) > 1e-4, "the noise changed nothing"
+    assert max_difference(adapter, private_reference) < 1e-5
+    assert max_difference(private_reference, uninterrupted.adapter) > 1e-4, "the noise changed nothing"

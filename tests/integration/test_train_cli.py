@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
 from coordinator.run_store import step_records
-from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from ringtune.optimizer_spec import OptimizerSpec
@@ -173,6 +173,24 @@ def test_owner_killed_mid_run_pauses_the_run_then_stops_it_with_advice(tmp_path,
                 and "agent" in (p.info["cmdline"] or [])], "local agents were left running"
 
 
+def test_local_agents_end_with_a_killed_coordinator(tmp_path, data):
+    """SIGKILL leaves the coordinator no chance to stop its --local agents: the kernel ends them (PR_SET_PDEATHSIG)."""
+    process = subprocess.Popen(ringtune_command("train", "--model", "tiny-llama", "--local", "2", "--data", str(data),
+                                                "--out", str(tmp_path), "--steps", "100000", "--seq-len", "16"),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 1/"):
+                break
+        agents = psutil.Process(process.pid).children()
+        assert len(agents) == 2 and all("agent" in agent.cmdline() for agent in agents)
+    finally:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive, f"local agents outlived their coordinator: {[a.cmdline() for a in alive]}"
+
+
 def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     shape = SHAPE[:SHAPE.index("--split")]  # planned, not even
     result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape)
@@ -183,3 +201,6 @@ def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["predicted"]["step_seconds"] > 0
     assert timed[1] == plan["base_dtype"]  # timed at the dtype the plan runs
+    # the owner told the planner its data's share of scored positions (a number, computed on the owner)
+    share = scored_share(read_records(data), load_tokenizer("tiny-llama"), 24)
+    assert f"the owner's data: {share:.1%} of the positions are scored" in result.stdout

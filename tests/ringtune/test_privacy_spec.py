@@ -97,9 +97,22 @@ def test_a_preset_parses_uncalibrated_round_trips_and_takes_only_seed_and_public
     done = replace(spec, clip=40.0, epsilon=2.0)
     assert done.calibrated and done.token_epsilon() == 160 and done.describe().startswith("preset strong: d_chi")
     assert "preset" not in PrivacySpec.parse("dchi:epsilon=1,clip=1").to_dict()
+    assert spec.hide_labels and "labels never sent" in spec.describe()  # a preset always hides labels
     with pytest.raises(ValueError, match="the preset strong takes only public=N and seed=N"):
         PrivacySpec.parse("strong,epsilon=3")
     with pytest.raises(ValueError, match="unknown privacy preset 'loose'"):
         PrivacySpec.from_dict({"hidden": "dchi", "preset": "loose"})
     with pytest.raises(ValueError, match="calibrated with both clip and epsilon, or neither"):
         replace(spec, clip=4.0)
+
+
+def test_hide_labels_is_opt_in_for_a_mechanism_and_serializes_only_when_on():
+    plain = PrivacySpec.parse("dchi:epsilon=1,clip=1")
+    assert not plain.hide_labels and "hide_labels" not in plain.to_dict()  # specs without it serialize as before
+    hidden = PrivacySpec.parse("gaussian:sigma=1,clip=1,hide_labels=1", "maxnorm")
+    assert hidden.hide_labels and hidden.public_dict()["hide_labels"] is True
+    assert PrivacySpec.from_dict(hidden.to_dict()) == hidden
+    with pytest.raises(ValueError, match="hide_labels takes 1 .* or 0"):
+        PrivacySpec.parse("dchi:epsilon=1,clip=1,hide_labels=2")
+    with pytest.raises(ValueError, match="'hide_labels=1' is not one of"):
+        PrivacySpec.parse("strong,hide_labels=1")  # a preset always hides them

@@ -16,7 +16,8 @@ PLAN = even_plan("tiny-llama", 4, ["owner", "pi"], "owner")
 REQUESTS = [
     protocol.Hello(), protocol.PairBegin(run="r1"), protocol.PairFinish(agent_nonce=b"a" * 32, nonce=b"n" * 32,
                                                                         proof=b"p" * 32),
-    protocol.Calibrate(config={"hidden_size": 64}, lora=LoraSpec(4, 8, ("q_proj",), 3), micro_batch_size=2, seq_len=16),
+    protocol.Calibrate(config={"hidden_size": 64}, lora=LoraSpec(4, 8, ("q_proj",), 3), micro_batch_size=2, seq_len=16,
+                       tokenizer="2" * 64),
     protocol.Have(digests=["0" * 64]), protocol.Upload(sha256="0" * 64, offset=0, total=3, data=b"abc"),
     protocol.Assign(run="r1", lineage="0123456789abcdef", plan=PLAN, config={"a": [1, 2]}, hidden_size=64,
                     lora=LoraSpec(), optimizer=OptimizerSpec(lr=0.01, betas=(0.8, 0.9)), micro_batch_size=2,
@@ -30,7 +31,7 @@ REQUESTS = [
 ]
 REPLIES = [
     protocol.Done(), hello_reply(busy="0123456789abcdef"), protocol.PairBeginReply(agent_id="pi@h", nonce=b"n" * 32),
-    protocol.PairFinishReply(proof=b"p" * 32, session="s"), protocol.CalibrateReply(block_seconds=0.25),
+    protocol.PairFinishReply(proof=b"p" * 32, session="s"), protocol.CalibrateReply(block_seconds=0.25, scored_share=0.04),
     protocol.HaveReply(missing=[]), protocol.UploadReply(complete=True),
     protocol.AssignReply(listen={1: "tcp://10.0.0.2:9000"}),
     protocol.StatusReply(state="idle", rss=1 << 30, peak_rss=1 << 31, refused_control=2, pairing_backoff=1, step=3,

@@ -23,8 +23,8 @@ def table(base_dtype: str, blocks: int = 4) -> CostTable:
                      block_activation_bytes=(1000.0,) * blocks, block_workspace_bytes=(1000.0,) * blocks,
                      block_forward_flops=(2.0 * WEIGHTS,) * blocks, block_backward_flops=(4.0 * WEIGHTS,) * blocks,
                      block_compact_weights=(compact,) * blocks, cut_bytes=1000.0,
-                     head_end=EndCost(1_000_000, 0, 0.0, 0.0, 0.0),
-                     tail_end=EndCost(1_000_000, 0, 100.0, 2.0 * WEIGHTS, 2.0 * WEIGHTS, 0.0, compact))
+                     head_end=EndCost(1_000_000, 0, 0.0, 0.0, 0.0), tail_end=EndCost(1_000_000, 0, 10.0, 10.0, 10.0),
+                     scored_end=EndCost(0, 0, 100.0, 2.0 * WEIGHTS, 2.0 * WEIGHTS, 0.0, compact))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
@@ -32,8 +32,8 @@ def test_a_compact_block_costs_its_matmuls_plus_one_dequantization_per_pass(dtyp
     tokens = SHAPE.tokens
     assert table("fp32").block_flops(tokens) == [6.0 * WEIGHTS * tokens] * 4
     assert table(dtype).block_flops(tokens) == [6.0 * WEIGHTS * tokens + 2 * DEQUANTIZE_FLOPS[dtype] * WEIGHTS] * 4
-    tail = table(dtype).tail_end
-    assert table(dtype).end_flops(tail, tokens) == 4.0 * WEIGHTS * tokens + 2 * DEQUANTIZE_FLOPS[dtype] * WEIGHTS
+    head = table(dtype).scored_end  # dequantized once per pass however few positions are scored
+    assert table(dtype).end_flops(head, 3) == 4.0 * WEIGHTS * 3 + 2 * DEQUANTIZE_FLOPS[dtype] * WEIGHTS
     assert table(dtype).end_flops(table(dtype).head_end, tokens) == 0.0  # a lookup dequantizes only its rows
 
 

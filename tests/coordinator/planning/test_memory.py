@@ -15,8 +15,11 @@ TABLE = CostTable(
     block_activation_bytes=(3.0,) * 4, block_workspace_bytes=(5.0,) * 4, block_forward_flops=(1.0,) * 4,
     block_backward_flops=(1.0,) * 4, cut_bytes=1.0,
     head_end=EndCost(param_bytes=7, trainable_bytes=0, activation_bytes=0.0, forward_flops=0.0, backward_flops=0.0),
-    tail_end=EndCost(param_bytes=11, trainable_bytes=0, activation_bytes=4.0, forward_flops=1.0, backward_flops=1.0,
-                     workspace_bytes=20.0))
+    tail_end=EndCost(param_bytes=11, trainable_bytes=0, activation_bytes=1.0, forward_flops=1.0, backward_flops=1.0,
+                     workspace_bytes=8.0),
+    # the LM head and loss: priced on every position (a micro-batch may score them all), whatever the data's share
+    scored_end=EndCost(param_bytes=0, trainable_bytes=0, activation_bytes=3.0, forward_flops=9.0, backward_flops=9.0,
+                       workspace_bytes=12.0))
 RING = Plan("m", "owner", (StageSpec("owner", (0, 1), "head"), StageSpec("pi", (1, 3), "middle"),
                            StageSpec("owner", (3, 4), "tail")), "1f1b", 4)
 BASELINE = 100
@@ -47,6 +50,12 @@ def test_footprints_by_hand_1f1b():
     assert (pi.weights, pi.trainable, pi.activations, pi.workspace) == (20, 4, (12 + 2) * 2, 10)
     assert pi.buffers == 2 * (2 + 3) * 2
     assert pi.total == BASELINE + 20 + 4 + 28 + 10 + 20
+
+
+def test_the_lm_head_is_priced_on_every_position_whatever_the_scored_share():
+    few = RunShape(micro_batch_size=2, seq_len=1, micro_batches=4, scored_share=0.05)
+    baselines = {"owner": BASELINE, "pi": BASELINE}
+    assert plan_memory(TABLE, few, RING, baselines) == plan_memory(TABLE, shape("1f1b"), RING, baselines)
 
 
 def test_gpipe_keeps_every_micro_batch_in_flight():

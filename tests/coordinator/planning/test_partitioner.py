@@ -13,7 +13,7 @@ from coordinator.planning.costs import DEQUANTIZE_FLOPS
 from coordinator.planning.memory import plan_memory
 from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
-from ringtune.plan import Plan, StageSpec, validate_plan
+from ringtune.plan import Plan, PlanError, StageSpec, validate_plan
 from ringtune.run_shape import RunShape
 
 
@@ -32,18 +32,21 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
         cut_bytes=float(rng.randint(1, 3)),
         head_end=EndCost(rng.randint(0, 40), 0, float(rng.randint(0, 5)), float(rng.randint(0, 20)), 0.0),
         tail_end=EndCost(rng.randint(0, 40), rng.randint(0, 8), float(rng.randint(0, 10)),
-                         float(rng.randint(0, 50)), float(rng.randint(0, 50)), float(rng.randint(0, 20))))
+                         float(rng.randint(0, 50)), float(rng.randint(0, 50)), float(rng.randint(0, 20))),
+        scored_end=EndCost(0, 0, float(rng.randint(0, 40)), float(rng.randint(0, 200)), float(rng.randint(0, 200)),
+                           float(rng.randint(0, 20))))
     kinds = [DeviceProfile(f"kind{i}", rng.randint(100, 900), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
                            rng.choice([20.0, 100.0, 1000.0, 1e4]), baseline_bytes=rng.randint(1, 40))
              for i in range(rng.randint(1, 4))]
     # Repeating kinds exercises the grouping of interchangeable devices.
     devices = [rng.choice(kinds).renamed(f"d{i}") for i in range(rng.randint(1, 5))]
     shape = RunShape(micro_batch_size=rng.randint(1, 2), seq_len=seq_len, micro_batches=rng.randint(1, 6),
-                     schedule=rng.choice(["1f1b", "gpipe"]), min_owner_blocks=rng.randint(0, 2))
-    # Compact weights add their dequantization to the time of the blocks and the tail holding them.
+                     schedule=rng.choice(["1f1b", "gpipe"]), min_owner_blocks=rng.randint(0, 2),
+                     scored_share=rng.choice([1.0, 0.5, 0.25]))
+    # Compact weights add their dequantization to the time of the blocks and of the LM head holding them.
     table = replace(table, base_dtype=rng.choice(list(DEQUANTIZE_FLOPS)),
                     block_compact_weights=tuple(rng.randint(0, 5) for _ in range(num_blocks)),
-                    tail_end=replace(table.tail_end, compact_weights=rng.randint(0, 5)))
+                    scored_end=replace(table.scored_end, compact_weights=rng.randint(0, 5)))
     return table, devices, shape
 
 
@@ -64,8 +67,11 @@ def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, sh
             ends.append(table.head_end)
         if index == num_stages - 1:
             ends.append(table.tail_end)
+            # the LM head and the loss run on the scored positions only
+            flops += (table.scored_end.forward_flops + table.scored_end.backward_flops) * shape.scored_share
         flops += sum(e.forward_flops + e.backward_flops for e in ends)
         compact = sum(table.block_compact_weights[b] for b in blocks) + sum(e.compact_weights for e in ends)
+        compact += table.scored_end.compact_weights if index == num_stages - 1 else 0  # however many are scored
         dequantize = 2 * DEQUANTIZE_FLOPS[table.base_dtype] * compact  # once forward, once backward
         seconds = (flops * tokens + dequantize) / (device.gflops * 1e9)
         if index < num_stages - 1:
@@ -151,8 +157,24 @@ def test_every_block_assigned_once_and_middle_devices_distinct():
 
 def test_slow_device_is_left_out():
     table = CostTable("m", 1, (10,) * 8, (0,) * 8, (0.0,) * 8, (0.0,) * 8, (100.0,) * 8, (100.0,) * 8, 1.0,
-                      EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0))
+                      EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0))
     fast = DeviceProfile("fast", 1000, 4, 1e-6, 1e9, baseline_bytes=1)
     slow = DeviceProfile("slow", 1000, 4, 1e-9, 1e9, baseline_bytes=1)
     plan = partition(table, [fast, fast.renamed("fast2"), slow], "fast", RunShape(1, 1, 8, "1f1b", 1))
     assert "slow" not in plan.devices() and "fast2" in plan.devices()
+
+
+def test_the_tail_is_priced_by_the_scored_share():
+    """An LM head as costly as 6 blocks on every position: plain text (every position scored) leaves the
+    owner only its minimum, while prompt/completion data scoring 1 position in 16 gives it more blocks."""
+    table = CostTable("m", 1, (10,) * 12, (0,) * 12, (0.0,) * 12, (0.0,) * 12, (100.0,) * 12, (100.0,) * 12, 1.0,
+                      EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 0.0, 0.0), EndCost(0, 0, 0.0, 600.0, 600.0))
+    devices = [DeviceProfile(f"d{i}", 1000, 4, 1e-6, 1e9, baseline_bytes=1) for i in range(3)]
+
+    def owner_blocks(share: float) -> int:
+        plan = partition(table, devices, "d0", RunShape(1, 1, 8, "1f1b", 1, scored_share=share))
+        return sum(s.layers[1] - s.layers[0] for s in plan.stages if s.device == "d0")
+
+    assert owner_blocks(1.0) == 2 and owner_blocks(1 / 16) >= 4
+    with pytest.raises(PlanError, match="share of scored positions"):
+        partition(table, devices, "d0", RunShape(1, 1, 8, "1f1b", 1, scored_share=0.0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edge_runtime.data.dataset import (DataError, OwnerData, Record, common_prefix_length, encode_record,
-                                      pad_records, read_records)
+                                      pad_records, read_records, scored_share)
 from edge_runtime.models.stage import IGNORE_INDEX
 from edge_runtime.models.tokenizer import ByteTokenizer
 
@@ -20,6 +20,12 @@ def test_prompt_tokens_are_not_scored():
     assert labels == [IGNORE_INDEX, IGNORE_INDEX, 99, 100, ByteTokenizer.eos_token_id]
 
 
+def test_scored_share_counts_the_completion_tokens_of_the_padded_sequences():
+    # "ab" -> "cd": the loss scores c, d and eos: 3 of 2 x 8 positions over the two records
+    records = [Record("ab", "cd"), Record("", "x")]  # no prompt: x and eos, the first token is never scored
+    assert scored_share(records, ByteTokenizer(), 8) == (3 + 1) / 16
+
+
 def test_long_prompt_is_cut_from_the_left_so_the_completion_survives():
     ids, labels = encode_record(Record("0123456789", "ab"), ByteTokenizer(), 6)
     assert ByteTokenizer().decode(ids) == "789ab"
@@ -31,6 +37,26 @@ def test_a_prompt_that_fits_is_kept_whole(seq_len):
     # the room left after the completion is more than the prompt but less than twice it at 13..20
     ids, _ = encode_record(Record("0123456789", "ab"), ByteTokenizer(), seq_len)
     assert ByteTokenizer().decode(ids) == "0123456789ab"
+
+
+def test_hidden_labels_feed_the_prompt_alone_and_score_its_one_token_completion_after_it():
+    ids, labels = encode_record(Record("abcdef", "+"), ByteTokenizer(), 5, hide_labels=True)
+    assert ByteTokenizer().decode(ids) == "cdef"  # cut from the left to leave room for the label
+    assert labels == [IGNORE_INDEX] * 4 + [ord("+")]  # scored at the prompt's last position; no end-of-text
+    assert encode_record(Record("", "plain"), ByteTokenizer(), 8, hide_labels=True) == \
+        encode_record(Record("", "plain"), ByteTokenizer(), 8)  # plain text: every token is input and target
+    with pytest.raises(DataError, match=r"completion ' positive' is 9 tokens: .* must be one token"):
+        encode_record(Record("Tweet: x", " positive"), ByteTokenizer(), 32, hide_labels=True)
+
+
+@pytest.mark.parametrize("to_longest", [False, True])
+def test_hidden_labels_pad_after_the_prompt_and_batches_count_fed_tokens(to_longest):
+    records = [Record("ab", "+"), Record("0123456789", "-")]
+    ids, labels, lengths = pad_records(records, ByteTokenizer(), 8, to_longest=to_longest, hide_labels=True)
+    assert ids.shape == labels.shape == (2, 8) and lengths.tolist() == [2, 7]
+    assert ids[0, 2:].eq(ByteTokenizer.pad_token_id).all() and labels[0, 2] == ord("+")
+    assert labels[1, 7] == ord("-") and (labels[:, 1:] != IGNORE_INDEX).sum() == 2
+    assert pad_records(records[:1], ByteTokenizer(), 8, to_longest=True, hide_labels=True)[1].shape == (1, 3)
 
 
 @pytest.mark.parametrize("to_longest", [False, True])

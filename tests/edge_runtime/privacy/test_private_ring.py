@@ -137,3 +137,55 @@ def test_a_private_ring_restored_on_another_split_replays_the_same_noise(data_fo
     rest = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), two, data, OPTIMIZER, range(2, 4), spec,
                                  restore=first.training_state)
     assert max_difference(rest.adapter, whole) < 1e-6
+
+
+HIDDEN = replace(PREFIXED, hide_labels=True)
+TWEETS = [f"Tweet: {text} {i}\nSentiment:" for i, text in enumerate(["i love it", "awful day", "so so"] * 6)]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """OwnerData of TWEETS with one-token labels (bytes here): labels[i] is tweet i's, rotated by `shift`."""
+    folder = tmp_path_factory.mktemp("labels")
+
+    def make(shift: int, hide_labels: bool) -> OwnerData:
+        path = folder / f"labels-{shift}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": tweet, "completion": "+-0"[(i + shift) % 3]}) + "\n"
+                                for i, tweet in enumerate(TWEETS)))
+        return OwnerData(read_records(path), load_tokenizer("tiny-llama"), B, 48, M, seed=5, hide_labels=hide_labels)
+    return make
+
+
+def tail_runner(spec):
+    runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (2, 4), "tail"), OPTIMIZER)
+    return privatize(runner, spec, NoiseStream(spec.seed))
+
+
+def test_with_hidden_labels_nothing_the_owner_sends_depends_on_a_label(labelled):
+    """The same tweets with other labels: the head sends identical hidden states, and the gradients the tail
+    sends back are zero wherever the helpers computed from padding (they exist only at prompt positions)."""
+    for step in range(2):
+        first, other = labelled(0, True).step_batch(step), labelled(1, True).step_batch(step)
+        assert not any(torch.equal(a, b) for a, b in zip(first.labels, other.labels))
+        for m, (ids, other_ids) in enumerate(zip(first.input_ids, other.input_ids)):
+            assert torch.equal(head_runner(HIDDEN).forward(m, ids), head_runner(HIDDEN).forward(m, other_ids))
+            tail = tail_runner(HIDDEN)
+            tail.forward(m, torch.randn(B, 48, 64), first.labels[m], first.scored_tokens)
+            prompt = ids != load_tokenizer("tiny-llama").pad_token_id  # [B, T]
+            sent_back = tail.backward(m)  # [B, T, d]
+            assert (sent_back[~prompt] == 0).all() and (sent_back[prompt] != 0).any(dim=-1).all()
+    # without hidden labels the label is an input token: the head's states differ after it
+    first, other = labelled(0, False).step_batch(0), labelled(1, False).step_batch(0)
+    assert not torch.equal(head_runner(PREFIXED).forward(0, first.input_ids[0]),
+                           head_runner(PREFIXED).forward(0, other.input_ids[0]))
+
+
+def test_a_ring_with_hidden_labels_trains_exactly(labelled):
+    """At lr 1e-3: with one scored token per tweet some LoRA gradients are near AdamW's epsilon, where its update
+    (about lr x their sign) turns float rounding into differences of lr x 1e-3."""
+    data, optimizer = labelled(0, True), OptimizerSpec(lr=1e-3)
+    plan = even_plan("tiny-llama", 4, ["a", "b"], "a", "1f1b", M)
+    result = train_ring_in_process(apply_lora(load_model("tiny-llama"), LORA), plan, data, optimizer, STEPS, HIDDEN)
+    reference = reference_adapter("tiny-llama", LORA, optimizer, data, STEPS, HIDDEN, plan)
+    assert max_difference(result.adapter, reference) < 1e-5 and all(map(math.isfinite, result.losses))
+    assert all(batch.scored_tokens == B * M for batch in map(data.step_batch, range(STEPS)))  # one label a tweet
