@@ -11,8 +11,12 @@ from safetensors.torch import load_file
 import cluster
 from cluster import cgroups, netns
 from device_profiles import DeviceProfile
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.registry import load_tokenizer
 from helpers import ringtune_command, write_text_data
-from reference import max_difference
+from reference import max_difference, reference_adapter
+from ringtune.optimizer_spec import OptimizerSpec
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--model", "tiny-llama", "--steps", "2", "--micro-batches", "2", "--seq-len", "16", "--split", "even",
@@ -47,7 +51,7 @@ def run_as_coordinator(state, *args):
 
 
 @pytest.mark.root
-def test_training_through_discovery_on_an_emulated_cluster_equals_loopback(prefix, tmp_path):
+def test_training_through_discovery_on_an_emulated_cluster_equals_single_process_training(prefix, tmp_path):
     data = write_text_data(tmp_path / "data.jsonl")
     state = cluster.up(["rpi5-8gb:own", "rpi5-8gb:mid", "rpi5-8gb:end"], data, prefix=prefix,
                        core_gflops=CORE_GFLOPS, say=lambda _: None)
@@ -71,13 +75,9 @@ def test_training_through_discovery_on_an_emulated_cluster_equals_loopback(prefi
     for item in cluster.status(state):  # peak memory of every agent within its device's RAM
         assert item.state == "running" and item.oom_kills == 0
         assert 0 < item.peak_rss_bytes < 7e9 and 0 < item.peak_bytes < 7e9
-    local = subprocess.run(ringtune_command("train", "--local", "3", "--data", str(data), "--threads", "1",
-                                            "--token", "unused-with-local-0123456789",
-                                            "--out", str(tmp_path / "local"), *TRAIN),
-                           capture_output=True, text=True, timeout=240)
-    assert local.returncode == 0, local.stderr
-    assert max_difference(load_file(tmp_path / "cluster" / "adapter_model.safetensors"),
-                          load_file(tmp_path / "local" / "adapter_model.safetensors")) <= 1e-6
+    owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 16, 2, seed=5)
+    expected = reference_adapter("tiny-llama", LoraSpec(seed=5), OptimizerSpec(), owner_data, 2)  # TRAIN in one process
+    assert max_difference(load_file(tmp_path / "cluster" / "adapter_model.safetensors"), expected) < 1e-5
 
     removed = cluster.down(state)
     assert f"namespace {prefix}-coord" in removed and f"cgroup ringtune-{prefix}-own" in removed
