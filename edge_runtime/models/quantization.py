@@ -14,8 +14,9 @@ fp32 here) nor bf16 matmuls (fast only on CPUs with bf16 instructions, which Ras
 of rows is dequantized to fp32 and multiplied in fp32, for ``x @ W.T`` forward and ``dy @ W`` backward,
 so a tile at a time is all the fp32 weight that exists. int8's per-row scale is applied to the matmul's
 output (forward) and to the output gradient (backward) instead of to every weight: a tile is then the
-codes cast to fp32, one pass over the weight instead of two (benchmarks/base_dtype.py). Quantizing is a pure function of one weight
-tensor, so every split of the model computes with the same values.
+codes cast to fp32, one pass over the weight instead of two (benchmarks/README.md, base_dtype.py).
+Quantizing is a pure function of one weight tensor, so every split of the model computes with the same
+values.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from ringtune.base_dtype import BaseDtypeError, check_base_dtype
 GROUP = 32
 """Inputs per int4 scale."""
 TILE_ELEMENTS = 1 << 20
-"""Weight elements dequantized at once, into one reused 4 MB fp32 buffer (1 MB tiles cost up to 1.5x more
-per layer at 32 tokens: more, smaller matmuls)."""
+"""Weight elements dequantized at once, into one reused 4 MB fp32 buffer (fewer, larger matmuls than 1 MB
+tiles: one int8 layer at 0.93-1.11x fp32 against 1.01-1.16x, benchmarks/README.md)."""
 QUANTIZE_ELEMENTS = 1 << 22
 """Weight elements quantized at once (16 MB of fp32 temporaries)."""
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
