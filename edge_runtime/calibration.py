@@ -26,10 +26,12 @@ CALIBRATION_VOCAB = 256
 
 
 def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
-                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100) -> float:
+                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100,
+                  clock=time.perf_counter) -> float:
     """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
     weights stored as base_dtype (dequantizing costs time on the device itself): the mean over min_seconds,
-    or over max_calls when those take less (a tiny model)."""
+    or over max_calls when those take less (a tiny model). clock: wall time (what a step takes), or
+    time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
     stage, hidden_size = _one_block_stage(config_dict, lora, base_dtype)
     x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
 
@@ -41,11 +43,11 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
     forward_backward()
     # Wall time over a second or more: on a CPU quota (a cgroup, an emulated device) a shorter window
     # lands on a few scheduler periods and can miss the device's average speed by a quarter.
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < max_calls):
+    calls, start = 0, clock()
+    while calls < min_calls or (clock() - start < min_seconds and calls < max_calls):
         forward_backward()
         calls += 1
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def runtime_baseline() -> int:

@@ -40,8 +40,9 @@ class PrivacyPreset:
 PRESETS = {p.name: p for p in (
     PrivacyPreset("strong", owner_blocks=4, noise_ratio=0.4, clip_quantile=0.5, gradient="maxnorm",
                   measured="on smollm2-135m its cut and noise lower a learned inverter's token recovery on the base "
-                           "model by 61-68% against the default split; its accuracy cost after a full fine-tune is "
-                           "not yet measured (benchmarks/README.md)"),
+                           "model by 61-68% against the default split and its hidden labels bring the label read from "
+                           "hidden states to chance, but the gradients it sends back still reveal labels (AUC 0.90-0.94) "
+                           "and its accuracy cost after a full fine-tune is not yet measured (benchmarks/README.md)"),
 )}
 PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
                 "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off | a preset: "

@@ -66,6 +66,10 @@ class AgentProcess:
     @property
     def url(self) -> str:
         """The agent's control address, once it is listening."""
+        return self.ready()._url
+
+    def ready(self) -> "AgentProcess":
+        """This agent, once it is listening (and advertising, if it does)."""
         if self._url is None:
             from edge_runtime.commands.agent import READY
 
@@ -74,7 +78,7 @@ class AgentProcess:
                 self.stop()
                 raise RuntimeError(f"agent {self.name} did not start: {self.log.read_text()[-2000:]}")
             self._url = match.group(2)
-        return self._url
+        return self
 
     def alive(self) -> bool:
         return self.process.poll() is None

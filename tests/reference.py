@@ -34,6 +34,20 @@ def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec,
     return {adapter_key(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def dequantized_tolerance(base_dtype: str) -> float:
+    """How far an adapter trained on compact weights may lie from plain peft on their dequantized fp32 values.
+
+    1e-5 (float tolerance) except int8, which computes (x @ Q.T) * s and (dy * s) @ Q where peft computes
+    x @ (Q * s).T and dy @ (Q * s): the same values rounded in another order (about one fp32 ulp per
+    output). AdamW divides each gradient by its running RMS, so on entries whose gradient is near zero such
+    differences reach the update at up to lr times their relative size: after 3 steps at lr 1e-2 the
+    adapters differed by up to 2.3e-5 (tiny-gemma3; tiny-llama 6.7e-6, tiny-gpt2 7.8e-7), while int8 itself
+    moves them 3-5e-2 from fp32 peft. 1e-4 is 4x that rounding and 300x under quantization's effect, so a
+    wrong scale still fails. Splits are held to 1e-5 for every dtype (1 against 3 devices: the same
+    compact modules, the same order)."""
+    return 1e-4 if base_dtype == "int8" else 1e-5
+
+
 def dequantized_model(model, base_dtype: str):
     """model with every weight that ringtune stores compactly replaced by the fp32 values it computes with."""
     from edge_runtime.models.quantization import compact_targets, dequantized

@@ -87,6 +87,7 @@ def run(args) -> int:
 
 def print_plan(plan, devices: list) -> None:
     """The plan as a table (one row per stage), each device's predicted memory, then the step time and throughput."""
+    from coordinator.planning.costs import DEQUANTIZE_FLOPS
     from ringtune.console import print_table
 
     ram = {d.name: d.ram_bytes for d in devices}
@@ -105,6 +106,10 @@ def print_plan(plan, devices: list) -> None:
           f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
           f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
     print(f"base weights: {plan.base_dtype} ({plan.base_dtype_reason})")
+    if plan.base_dtype in DEQUANTIZE_FLOPS and DEQUANTIZE_FLOPS[plan.base_dtype]:
+        print(f"time at {plan.base_dtype}: fp32 matmuls + dequantizing every frozen weight on each forward and "
+              f"backward, priced at {DEQUANTIZE_FLOPS[plan.base_dtype]:g} FLOPs per weight per pass (measured on x86 "
+              f"by benchmarks/base_dtype.py; live agents time their own blocks at {plan.base_dtype} instead)")
     unused = [d.name for d in devices if d.name not in plan.devices()]
     if unused:
         print(f"left out (they would make the step slower or do not fit): {', '.join(unused)}")

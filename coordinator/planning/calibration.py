@@ -14,7 +14,7 @@ def calibrated_profile(profile: DeviceProfile, table: CostTable, shape: RunShape
     for one micro-batch; every block and the owner's ends are then costed at that speed."""
     if not block_seconds > 0:
         raise ValueError(f"device {profile.name!r}: a measured block time must be > 0 s, got {block_seconds}")
-    flops = (table.block_forward_flops[0] + table.block_backward_flops[0]) * shape.tokens
+    flops = table.block_flops(shape.tokens)[0]  # priced as the partitioner prices it, dequantization included
     source = (f"measured: one {table.model} block, forward + backward of {shape.micro_batch_size} x "
               f"{shape.seq_len} tokens in {block_seconds * 1e3:.1f} ms")
     return replace(profile, gflops=flops / block_seconds / 1e9, sources={**profile.sources, "gflops": source})

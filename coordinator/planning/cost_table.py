@@ -26,7 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from coordinator.planning.costs import CostTable, EndCost
 from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.quantization import compact_model, compact_weights
+from edge_runtime.models.quantization import CompactLinear, compact_model, compact_weights
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import StageModule, rows_loss_sum
 from edge_runtime.models.structure import DecoderParts, find_parts, sliceable_meta_model
@@ -60,7 +60,8 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
                      name: str | None = None, base_dtype: str = "fp32") -> CostTable:
     """The cost table of a built-in model name, a local model directory, or a config, with its frozen
     weights stored as base_dtype (compact layers as on the devices: their bytes are priced as stored;
-    their FLOPs are those of the fp32 matmuls they compute with)."""
+    their FLOPs are those of the fp32 matmuls they compute with, and their weight elements are counted
+    for pricing dequantization, ``CostTable.block_flops``)."""
     config = load_config(model) if isinstance(model, str) else model
     name = name or (model if isinstance(model, str) else config.name_or_path or config.model_type)
     causal_lm = sliceable_meta_model(config)
@@ -80,6 +81,7 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         block_workspace_bytes=tuple(b.workspace_bytes for b in per_block),
         block_forward_flops=tuple(b.forward_flops for b in per_block),
         block_backward_flops=tuple(b.backward_flops for b in per_block),
+        block_compact_weights=tuple(b.compact_weights for b in per_block),
         cut_bytes=float(config.hidden_size * 4),
         head_end=EndCost(*_param_bytes(head_modules), 0.0, 0.0, 0.0),
         tail_end=_tail_cost(parts, peft_model.config, seq_len, exclude=head_modules),
@@ -112,6 +114,12 @@ def _distinct_blocks(parts: DecoderParts) -> list[int]:
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
     """Parameters, and compact weights (buffers)."""
     return [*module.parameters(), *compact_weights(module)]
+
+
+def _compact_linear_weights(modules: list[nn.Module]) -> int:
+    """Weight elements of the compact linear layers in modules (each dequantized on every pass)."""
+    layers = {id(m): m for module in modules for m in module.modules() if isinstance(m, CompactLinear)}
+    return sum(m.in_features * m.out_features for m in layers.values())
 
 
 def _param_bytes(modules: list[nn.Module], exclude: list[nn.Module] = ()) -> tuple[int, int]:
@@ -184,7 +192,7 @@ def _block_cost(parts: DecoderParts, config: PreTrainedConfig, index: int, seq_l
     forward_flops, backward_flops, saved, peak = _trace(stage, hidden, {id(t) for t in _tensors(block)})
     param_bytes, trainable_bytes = _param_bytes([block])
     return EndCost(param_bytes, trainable_bytes, saved / seq_len, forward_flops / seq_len,
-                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len)
+                   backward_flops / seq_len, max(peak - saved, 0.0) / seq_len, _compact_linear_weights([block]))
 
 
 def _tail_cost(parts: DecoderParts, config: PreTrainedConfig, seq_len: int, exclude: list[nn.Module]) -> EndCost:
@@ -206,4 +214,5 @@ def _scored_cost(parts: DecoderParts, config: PreTrainedConfig, rows: int) -> En
     tail = StageModule(parts, config, (len(parts.blocks), len(parts.blocks)), "tail")
     forward_flops, backward_flops, saved, peak = _trace(lambda x: rows_loss_sum(x, targets, tail.logits), normed,
                                                         {id(t) for t in _tensors(parts.head)})
-    return EndCost(0, 0, saved / rows, forward_flops / rows, backward_flops / rows, max(peak - saved, 0.0) / rows)
+    return EndCost(0, 0, saved / rows, forward_flops / rows, backward_flops / rows, max(peak - saved, 0.0) / rows,
+                   _compact_linear_weights([parts.head]))  # dequantized once per pass, however many rows

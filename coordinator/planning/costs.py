@@ -1,10 +1,30 @@
 """The model cost table as plain data (no torch): what the partitioner prices and the cache stores.
 
 ``cost_table.py`` traces it from a config; ``table_cache.py`` keeps traced tables on disk.
+
+Time is priced in fp32 matmul FLOPs (a device's GFLOP/s turns them into seconds): a part's matmuls, plus,
+for frozen weights stored compactly, their dequantization in FLOP equivalents (``DEQUANTIZE_FLOPS``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DEQUANTIZE_FLOPS = {"fp32": 0.0, "bf16": 6.0, "int8": 5.5, "int4": 500.0}
+"""What one pass (a forward, or a backward) over one compactly stored frozen weight element costs on top of
+the fp32 matmul, in fp32 matmul FLOPs: each pass dequantizes every weight tile by tile (CompactWeight.tiles).
+Derived from benchmarks/base_dtype.py (one thread, x86, two runs on 2026-11-26, benchmarks/README.md):
+(block time at the dtype / at fp32 - 1) x the block's FLOPs / (2 x its compact weights), at 1 x 32
+tokens, where dequantizing weighs most against the matmuls (at 4 x 64 it drowns in the machine's noise):
+SmolLM2's and a 1B-class block gave bf16 5.1 / 7.7 / 13.3 / 4.3, int8 5.6 / 5.4 / 9.5 / 1.6, int4 456 /
+566 / 493 / 476 (its nibbles are unpacked through an index lookup); the values are their middle.
+bf16 weights are upcast to fp32 tiles and multiplied in fp32 like the others (never by bf16 instructions,
+which Raspberry Pis lack), so no x86 bf16 speed-up enters any device's price. Devices whose
+blocks are timed at the chosen dtype (agents calibrate) are priced by that measurement instead."""
+
+
+def dequantize_flops(base_dtype: str, compact_weights: int) -> float:
+    """FLOP equivalent of dequantizing compact_weights elements for one forward and one backward."""
+    return 2 * DEQUANTIZE_FLOPS[base_dtype] * compact_weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +43,9 @@ class EndCost:
     workspace_bytes: float = 0.0
     """Bytes per token live at the peak of one forward + backward beyond those kept for backward
     (gradients on their way through, temporaries of the largest op)."""
+    compact_weights: int = 0
+    """Frozen linear weight elements stored compactly (dequantized on every forward and backward); an
+    embedding's are not counted (a lookup dequantizes only the rows it reads)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +79,8 @@ class CostTable:
     positions (the memory model by every position: a micro-batch may score them all)."""
     base_dtype: str = "fp32"
     """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
+    block_compact_weights: tuple[int, ...] = ()
+    """Frozen linear weight elements of each block stored compactly (none at fp32; empty: none)."""
 
     @property
     def hidden_size(self) -> int:
@@ -65,3 +90,14 @@ class CostTable:
     @property
     def num_blocks(self) -> int:
         return len(self.block_param_bytes)
+
+    def block_flops(self, tokens: int) -> list[float]:
+        """Priced FLOPs of each block's forward + backward of a micro-batch of tokens (matmuls + dequantization)."""
+        compact = self.block_compact_weights or (0,) * self.num_blocks
+        return [(f + b) * tokens + dequantize_flops(self.base_dtype, w)
+                for f, b, w in zip(self.block_forward_flops, self.block_backward_flops, compact)]
+
+    def end_flops(self, end: EndCost, tokens: float) -> float:
+        """Priced FLOPs of one of the owner's ends (head_end, tail_end, or scored_end for the scored positions)
+        for a micro-batch of tokens."""
+        return (end.forward_flops + end.backward_flops) * tokens + dequantize_flops(self.base_dtype, end.compact_weights)

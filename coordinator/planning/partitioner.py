@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from coordinator.planning.costs import CostTable, EndCost
+from coordinator.planning.costs import CostTable
 from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel, describe, gb, in_flight,
                                          plan_memory)
 from ringtune.run_shape import RunShape
@@ -53,7 +53,7 @@ class _Costs:
     memory: MemoryModel
     """Memory terms (prefix sums and range matrices over blocks)."""
     flops: np.ndarray
-    """[L + 1] prefix sums of forward + backward FLOPs per micro-batch."""
+    """[L + 1] prefix sums of forward + backward FLOPs per micro-batch (with dequantization's, CostTable.block_flops)."""
     link_bytes: float
     """Bytes one cut sends per micro-batch: the encoded hidden state forward and its gradient back."""
     head_flops: float
@@ -64,18 +64,14 @@ class _Costs:
 
 def _costs(table: CostTable, shape: RunShape) -> _Costs:
     tokens = shape.tokens
-    block_flops = [f + b for f, b in zip(table.block_forward_flops, table.block_backward_flops)]
     return _Costs(
         num_blocks=table.num_blocks,
         memory=MemoryModel(table, shape),
-        flops=np.concatenate([[0.0], np.cumsum(block_flops)]) * tokens,
+        flops=np.concatenate([[0.0], np.cumsum(table.block_flops(tokens))]),
         link_bytes=tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size) for kind in ("activation", "gradient")),
-        head_flops=(table.head_end.forward_flops + table.head_end.backward_flops) * tokens,
-        tail_flops=(_flops(table.tail_end) + _flops(table.scored_end) * shape.scored_share) * tokens)
-
-
-def _flops(end: EndCost) -> float:
-    return end.forward_flops + end.backward_flops
+        head_flops=table.end_flops(table.head_end, tokens),
+        tail_flops=table.end_flops(table.tail_end, tokens) + table.end_flops(table.scored_end,
+                                                                             tokens * shape.scored_share))
 
 
 def _in_flight(shape: RunShape, stages_to_end: int) -> int:

@@ -12,11 +12,15 @@ AdamW state, norms, biases and activations stay fp32.
 Compute never uses packed low-precision kernels (torch's int8/int4 CPU kernels ran 35-75x slower than
 fp32 here) nor bf16 matmuls (fast only on CPUs with bf16 instructions, which Raspberry Pis lack): a tile
 of rows is dequantized to fp32 and multiplied in fp32, for ``x @ W.T`` forward and ``dy @ W`` backward,
-so a tile at a time is all the fp32 weight that exists. Quantizing is a pure function of one weight
-tensor, so every split of the model computes with the same values.
+so a tile at a time is all the fp32 weight that exists. int8's per-row scale is applied to the matmul's
+output (forward) and to the output gradient (backward) instead of to every weight: a tile is then the
+codes cast to fp32, one pass over the weight instead of two (benchmarks/README.md, base_dtype.py).
+Quantizing is a pure function of one weight tensor, so every split of the model computes with the same
+values.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +31,9 @@ from ringtune.base_dtype import BaseDtypeError, check_base_dtype
 
 GROUP = 32
 """Inputs per int4 scale."""
-TILE_ELEMENTS = 1 << 18
-"""Weight elements dequantized at once (1 MB of fp32: stays in cache next to the matmul)."""
+TILE_ELEMENTS = 1 << 20
+"""Weight elements dequantized at once, into one reused 4 MB fp32 buffer (fewer, larger matmuls than 1 MB
+tiles: one int8 layer at 0.93-1.11x fp32 against 1.01-1.16x, benchmarks/README.md)."""
 QUANTIZE_ELEMENTS = 1 << 22
 """Weight elements quantized at once (16 MB of fp32 temporaries)."""
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -115,15 +120,44 @@ class CompactWeight:
         grouped = codes.reshape(*scales.shape, -1)  # [..., G, columns / G]
         return (grouped * scales.unsqueeze(-1)).reshape(*scales.shape[:-1], self.columns)
 
+    def row_scales(self) -> torch.Tensor | None:
+        """int8's per-row scales [rows], which ``tiles`` leave out for the matmul to apply to its output;
+        None for dtypes whose tiles are the weight itself."""
+        return self.tensors["scales"] if self.dtype == "int8" else None
+
     def tiles(self):
-        """(first row, fp32 rows) for consecutive blocks of rows."""
-        step = max(1, TILE_ELEMENTS // self.columns)
+        """(first row, fp32 rows [n, columns]) for consecutive blocks of rows, without ``row_scales``.
+        The rows live in one buffer that the next tile overwrites: use them before asking for the next."""
+        step = min(self.rows, max(1, TILE_ELEMENTS // self.columns))
+        stored = self.tensors["weight" if self.dtype == "bf16" else "qweight"]
+        buffer = _tile_buffer(stored.device)[:step * self.columns].view(step, self.columns)
         for start in range(0, self.rows, step):
-            yield start, self.dequantize(slice(start, start + step))
+            rows = buffer[:min(step, self.rows - start)]
+            if self.dtype == "int4":
+                rows.copy_(self.dequantize(slice(start, start + step)))
+            else:  # bf16 upcast, or int8 codes (their scales go to the output)
+                rows.copy_(stored[start:start + step])
+            yield start, rows
+
+
+_THREAD = threading.local()
+
+
+def _tile_buffer(device: torch.device) -> torch.Tensor:
+    """TILE_ELEMENTS fp32 for tiles, one per thread, kept between calls: an agent maps every block of 256 KB
+    or more afresh (edge_runtime.memory), and faulting in a new 4 MB tile buffer on every call made an int8
+    layer 3.6x slower than fp32 at 32 tokens. On the meta device (cost tables) a fresh one, so the traced
+    workspace holds it."""
+    if device.type == "meta":
+        return torch.empty(TILE_ELEMENTS, device=device)
+    if getattr(_THREAD, "tile_buffer", None) is None:
+        _THREAD.tile_buffer = torch.empty(TILE_ELEMENTS)
+    return _THREAD.tile_buffer
 
 
 class _TiledLinear(torch.autograd.Function):
     """y = x @ W.T with W dequantized a tile of rows at a time; the input gradient dy @ W the same way.
+    int8: y = (x @ Q.T) * scales and dy @ W = (dy * scales) @ Q, Q the codes as fp32.
     The weight is frozen: nothing is saved for backward but a reference to its compact tensors."""
 
     @staticmethod
@@ -132,13 +166,19 @@ class _TiledLinear(torch.autograd.Function):
         flat = x.reshape(-1, weight.columns)  # [N, in]
         out = flat.new_empty(flat.shape[0], weight.rows)  # [N, out]
         for start, rows in weight.tiles():
-            torch.mm(flat, rows.T, out=out[:, start:start + rows.shape[0]])
+            torch.mm(flat, rows.T, out=out[:, start:start + rows.shape[0]])  # a strided view: BLAS writes it in place
+        scales = weight.row_scales()
+        if scales is not None:
+            out.mul_(scales)
         return out.reshape(*x.shape[:-1], weight.rows)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight = ctx.weight
         flat = grad.reshape(-1, weight.rows)  # [N, out]
+        scales = weight.row_scales()
+        if scales is not None:
+            flat = flat * scales
         grad_x = flat.new_zeros(flat.shape[0], weight.columns)  # [N, in]
         for start, rows in weight.tiles():  # addmm with out=, not addmm_: FLOP counters see it (cost table)
             torch.addmm(grad_x, flat[:, start:start + rows.shape[0]], rows, out=grad_x)

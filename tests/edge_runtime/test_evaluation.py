@@ -52,3 +52,20 @@ def test_greedy_completion_takes_the_argmax_token_each_step(model_name):
                 break
             expected.append(next_id)
     assert greedy_completion(model, tokenizer, prompt, max_new_tokens=12) == tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+@torch.no_grad()
+def test_with_hidden_labels_each_label_is_scored_as_one_token_after_the_prompt_alone(model_name):
+    """As a run that hid its labels trained it: the prompt's last position predicts the label; no end-of-text."""
+    model, tokenizer = load_model(model_name).eval(), load_tokenizer(model_name)
+    labels = ["+", "-", "0"]  # one token each for the tiny models' byte tokenizer
+    records = [Record(r.prompt, labels[i % 3]) for i, r in enumerate(RECORDS)]
+    result = evaluate(model, tokenizer, records, seq_len=64, records_per_batch=4, hide_labels=True)
+    candidates = torch.tensor([tokenizer.encode(label)[0] for label in labels])  # [3]
+    last = torch.stack([model(input_ids=torch.tensor([tokenizer.encode(r.prompt)])).logits[0, -1]
+                        for r in records])  # [n, V]: the next-token logits after each prompt
+    truth = torch.tensor([labels.index(r.completion) for r in records])
+    expected_loss = torch.nn.functional.cross_entropy(last, candidates[truth])
+    assert result.loss == pytest.approx(float(expected_loss), rel=1e-5)
+    assert result.accuracy == pytest.approx(float((last[:, candidates].argmax(dim=1) == truth).float().mean()))

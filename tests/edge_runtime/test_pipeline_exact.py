@@ -10,7 +10,7 @@ from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.training_state import pack_state, unpack_state
 from ringtune.optimizer_spec import OptimizerSpec
-from reference import max_difference, reference_adapter
+from reference import dequantized_tolerance, max_difference, reference_adapter
 from ringtune.plan import even_plan
 
 LORA = LoraSpec(r=4, alpha=8, seed=3)
@@ -49,13 +49,15 @@ def test_ring_equals_single_process_training(model_name, schedule, devices, data
 @pytest.mark.parametrize("model_name", ARCHITECTURES)
 @pytest.mark.parametrize("base_dtype", ["bf16", "int8", "int4"])
 def test_compact_base_weights_train_the_same_on_one_and_three_devices(model_name, base_dtype, data_for):
-    """Frozen weights quantized once, identically wherever the cut falls; the tiled fp32 matmuls equal plain
-    peft on a model holding the dequantized values."""
+    """Frozen weights quantized once, identically wherever the cut falls (1 and 3 devices equal to 1e-5); the
+    tiled fp32 matmuls equal plain peft on a model holding the dequantized values (int8 rounds in another
+    order: dequantized_tolerance says why and by how much)."""
     data = data_for(model_name)
     one, _, _ = train_ring(model_name, ["a"], "1f1b", data, base_dtype=base_dtype)
     three, losses, _ = train_ring(model_name, ["a", "b", "c"], "1f1b", data, base_dtype=base_dtype)
     assert max_difference(one, three) < 1e-5
-    assert max_difference(three, reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, base_dtype=base_dtype)) < 1e-5
+    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, base_dtype=base_dtype)
+    assert max_difference(three, reference) < dequantized_tolerance(base_dtype)
     assert max_difference(three, reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS)) > 1e-6, \
         "compact weights changed nothing"
     assert losses[-1] < losses[0]

@@ -10,8 +10,12 @@ import uuid
 import pytest
 from safetensors.torch import load_file
 
+from edge_runtime.data.dataset import OwnerData, read_records
+from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.registry import load_tokenizer
 from helpers import TOKEN, AgentProcess, files_holding, ringtune_command, write_text_data
-from reference import max_difference
+from reference import max_difference, reference_adapter
+from ringtune.optimizer_spec import OptimizerSpec
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--model", "tiny-llama", "--steps", "2", "--micro-batches", "2", "--seq-len", "16", "--split", "even",
@@ -22,12 +26,14 @@ def run(*args, prefix=(), timeout=240):
     return subprocess.run([*prefix, *ringtune_command(*args)], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def loopback_agents(tmp_path):
-    data = write_text_data(tmp_path / "data.jsonl")
+@pytest.fixture(scope="module")
+def loopback_agents(tmp_path_factory):
+    """An owner and a helper advertising on loopback, shared by the module's tests (each run ends by freeing them)."""
+    root = tmp_path_factory.mktemp("loopback")
+    data = write_text_data(root / "data.jsonl")
     tag = uuid.uuid4().hex[:6]  # other runs may advertise on loopback too
-    agents = [AgentProcess(f"own-{tag}", tmp_path / "a", data=data, interfaces=("127.0.0.1",)),
-              AgentProcess(f"pi-{tag}", tmp_path / "b", interfaces=("127.0.0.1",))]
+    agents = [agent.ready() for agent in (AgentProcess(f"own-{tag}", root / "a", data=data, interfaces=("127.0.0.1",)),
+                                          AgentProcess(f"pi-{tag}", root / "b", interfaces=("127.0.0.1",)))]
     yield agents
     for agent in agents:
         agent.stop()
@@ -59,7 +65,7 @@ def test_train_by_discovery_equals_train_by_address(loopback_agents, tmp_path):
     assert owner.alive() and helper.alive()
     # nothing either run wrote holds the token: not the adapter, run.json, metrics, plan, checkpoints nor logs
     assert (tmp_path / "given" / "run.json").exists() and (tmp_path / "given" / "ringtune.json").exists()
-    assert files_holding(tmp_path, TOKEN) == []
+    assert files_holding(tmp_path, TOKEN) == [] and files_holding(owner.log.parents[1], TOKEN) == []  # and agents'
 
 
 def test_plan_over_discovered_agents(loopback_agents):
@@ -81,7 +87,7 @@ def test_wrong_token_is_refused_with_advice(loopback_agents, tmp_path):
     assert owner.alive()
 
 
-def test_discovery_timeout_names_who_is_missing(loopback_agents, tmp_path):
+def test_discovery_timeout_names_who_is_missing(tmp_path):
     result = run("train", "--discover", "nobody-here", "--interface", "127.0.0.1", "--discover-timeout", "2",
                  "--out", str(tmp_path), *TRAIN)
     assert result.returncode != 0 and "nobody-here" in result.stderr and "Traceback" not in result.stderr
@@ -104,10 +110,9 @@ def test_training_across_network_namespaces(bridged_namespaces, tmp_path):
     finally:
         for agent in agents:
             agent.stop()
-    local = run("train", "--local", "2", "--data", str(data), "--out", str(tmp_path / "local"), *TRAIN)
-    assert local.returncode == 0, local.stderr
-    assert max_difference(load_file(tmp_path / "ns" / "adapter_model.safetensors"),
-                          load_file(tmp_path / "local" / "adapter_model.safetensors")) == 0.0
+    owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 16, 2, seed=3)
+    expected = reference_adapter("tiny-llama", LoraSpec(seed=3), OptimizerSpec(), owner_data, 2)  # TRAIN in one process
+    assert max_difference(load_file(tmp_path / "ns" / "adapter_model.safetensors"), expected) < 1e-5
 
 
 CTRL_C_RUNS = int(os.environ.get("RINGTUNE_CTRL_C_RUNS", "2"))

@@ -16,7 +16,7 @@ from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.wire import payload_bytes
-from reference import max_difference, reference_adapter
+from reference import dequantized_tolerance, max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow
 SHAPE = ["--steps", "3", "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", "24",
@@ -68,7 +68,8 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft_and_loads_in_peft(name
 
 def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_peft(data, tmp_path, monkeypatch):
     """Slices cut and quantized by the coordinator, computed with on the agents: the adapter equals plain peft on
-    the dequantized weights (1e-5), says what dtype was chosen, and loads in peft on the fp32 base model."""
+    the dequantized weights (to int8's rounding order, dequantized_tolerance), says what dtype was chosen, and
+    loads in peft on the fp32 base model."""
     from peft import PeftModel
 
     monkeypatch.setenv("RINGTUNE_CACHE", str(tmp_path / "cache"))  # slices are cut and shipped, not found in a
@@ -85,7 +86,7 @@ def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_pef
     owner_data = OwnerData(read_records(data), load_tokenizer(name), 2, 24, 4, seed=11)
     reference = reference_adapter(name, LoraSpec(4, 8, seed=11), OptimizerSpec(lr=0.01), owner_data, 3,
                                   base_dtype="int8")
-    assert max_difference(ring, reference) < 1e-5
+    assert max_difference(ring, reference) < dequantized_tolerance("int8")  # another rounding order than peft's
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["base_dtype"] == "int8"
     loaded = PeftModel.from_pretrained(load_model(name), str(tmp_path / "run"))
     assert any(float(t.abs().max()) > 0 for n, t in loaded.state_dict().items() if "lora_B" in n)

@@ -46,6 +46,20 @@ def test_table_matches_the_real_model(name):
     assert table.tail_end.forward_flops < 16 * hidden  # the final norm alone, on every position
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_compact_linear_weights_are_counted_for_pricing_their_dequantization(name):
+    """Each block's frozen linear weights (GPT-2's Conv1D too), and the LM head's; none at fp32."""
+    model = load_model(name)
+    parts = find_parts(model)
+    linear = sum(p.numel() for n, p in parts.blocks[0].named_parameters() if n.endswith("weight") and p.dim() == 2)
+    compact = model_cost_table(name, LoraSpec(r=4), seq_len=16, base_dtype="int8")
+    assert compact.block_compact_weights[0] == linear
+    assert compact.scored_end.compact_weights == parts.head.weight.numel() and compact.tail_end.compact_weights == 0
+    assert compact.head_end.compact_weights == 0  # an embedding lookup dequantizes only the rows it reads
+    plain = model_cost_table(name, LoraSpec(r=4), seq_len=16)
+    assert set(plain.block_compact_weights) == {0} and plain.scored_end.compact_weights == 0
+
+
 def test_llama_7b_plans_on_eight_pi5():
     """Planning needs only the config (meta device); how long it takes is not a test's business."""
     devices = [resolve_device(f"rpi5-8gb:pi-{i}") for i in range(8)]

@@ -4,10 +4,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
+from coordinator.planning.costs import DEQUANTIZE_FLOPS
 from coordinator.planning.memory import plan_memory
 from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
@@ -42,6 +44,10 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
     shape = RunShape(micro_batch_size=rng.randint(1, 2), seq_len=seq_len, micro_batches=rng.randint(1, 6),
                      schedule=rng.choice(["1f1b", "gpipe"]), min_owner_blocks=rng.randint(0, 2),
                      scored_share=rng.choice([1.0, 0.5, 0.25]), wire=rng.choice([WireSpec(), WireSpec("int8", "bf16")]))
+    # Compact weights add their dequantization to the time of the blocks and of the LM head holding them.
+    table = replace(table, base_dtype=rng.choice(list(DEQUANTIZE_FLOPS)),
+                    block_compact_weights=tuple(rng.randint(0, 5) for _ in range(num_blocks)),
+                    scored_end=replace(table.scored_end, compact_weights=rng.randint(0, 5)))
     return table, devices, shape
 
 
@@ -65,7 +71,10 @@ def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, sh
             # the LM head and the loss run on the scored positions only
             flops += (table.scored_end.forward_flops + table.scored_end.backward_flops) * shape.scored_share
         flops += sum(e.forward_flops + e.backward_flops for e in ends)
-        seconds = flops * tokens / (device.gflops * 1e9)
+        compact = sum(table.block_compact_weights[b] for b in blocks) + sum(e.compact_weights for e in ends)
+        compact += table.scored_end.compact_weights if index == num_stages - 1 else 0  # however many are scored
+        dequantize = 2 * DEQUANTIZE_FLOPS[table.base_dtype] * compact  # once forward, once backward
+        seconds = (flops * tokens + dequantize) / (device.gflops * 1e9)
         if index < num_stages - 1:
             receiver = devices[ranges[index + 1][0]]
             # hidden state forward, gradient back, each in its codec's bytes
