@@ -9,11 +9,14 @@ plans, losses and timings; never data or activations.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 from safetensors.torch import load as load_tensors
 
@@ -42,6 +45,7 @@ from ringtune.privacy_spec import PRESETS, PrivacySpec
 from ringtune.progress import Progress, amount_text
 from ringtune.run_shape import RunShape
 from ringtune.security import new_key, wrap_key
+from ringtune.wire import AUTO as WIRE_AUTO, WireSpec
 
 # Each status poll costs an agent CPU (about 3.6% of a core at 10 ms, measured on the emulated cluster):
 # a slow device's time matters more than up to 50 ms of latency at the end of a multi-second step.
@@ -80,6 +84,7 @@ class RingSession:
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
         self._scored_share: float | None = None  # the owner's data: share of positions the loss scores
         self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
+        self.wire = WireSpec.resolve(settings.wire, float("inf"))  # auto: decided by the links when planning
         self._config = load_config(settings.model)  # read once: every plan, calibration and check uses it
         # Fixed by the run's first plan: a re-plan after a device leaves (or a --resume) must train the same
         # base weights, so auto is decided once per run.
@@ -103,9 +108,10 @@ class RingSession:
             return replace(even_plan(s.model, num_layers, devices, s.owner, s.schedule, s.micro_batches),
                            base_dtype=dtype, base_dtype_reason=why)
         # sequential is a comparison baseline: plan it like 1F1B, then run it one micro-batch at a time
-        shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
-                         "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks)
         links = self._link_bytes_per_s(devices)
+        shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
+                         "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks,
+                         wire=self._wire(devices, links))
         measured = {p.name: p for p in self._profiles(devices, links)}
         # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
         dtype, why = choose_base_dtype(requested, self._table, list(measured.values()), s.owner, shape, dtypes)
@@ -155,6 +161,17 @@ class RingSession:
             self.progress.event("link bandwidth: " + ", ".join(
                 f"{name} {self._links[name] * 8 / 1e6:.0f} Mbit/s" for name in todo))
         return {name: self._links[name] for name in names}
+
+    def _wire(self, names: list[str], links: dict[str, float]) -> WireSpec:
+        """The run's codecs: --wire, or under auto by the slowest link between these devices. Agents on this
+        machine's loopback have no link to save (a busy machine measures loopback at any speed)."""
+        remote = [links[n] for n in names if not _on_loopback(self.members.client(n).url)]
+        wire = WireSpec.resolve(self.settings.wire, min(remote) if len(names) > 1 and remote else float("inf"))
+        if wire != self.wire:
+            self.progress.event(f"wire: {wire.describe()}" + (" (auto: a link is under 1 Gbit/s)"
+                                                               if self.settings.wire == WIRE_AUTO else ""))
+        self.wire = wire
+        return wire
 
     def _table(self, base_dtype: str) -> CostTable:
         """The model's cost table at a base dtype, built once (re-plans after a device leaves reuse it)."""
@@ -262,7 +279,7 @@ class RingSession:
                 hidden_size=shipment.hidden_size, lora=s.lora, optimizer=s.optimizer,
                 micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, seed=s.seed,
                 run_key=wrap_key(self.members.client(name).session_key, run_key), timeout=s.data_timeout,
-                encrypt=s.encrypt, privacy=self.privacy if name == plan.owner else PrivacySpec(),
+                encrypt=s.encrypt, privacy=self.privacy if name == plan.owner else PrivacySpec(), wire=self.wire,
                 slice=shipment.slices[name].sha256 if runs_torch(hello) else None,
                 export=exports[name].manifest.sha256 if name in exports else None,
                 tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None)
@@ -418,3 +435,12 @@ class RingSession:
             raise AgentGone(name, f"agent {name} left the run: {error}") from None
         self.members.heard(name)
         return reply
+
+
+def _on_loopback(url: str) -> bool:
+    """Whether an agent's control URL (tcp://HOST:PORT) is on this machine's loopback."""
+    host = urlparse(url).hostname or ""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False

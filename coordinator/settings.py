@@ -57,6 +57,8 @@ class TrainSettings:
     """Blocks the owner keeps at each end (planned split)."""
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     """What the owner privatizes before hidden states and gradients leave it."""
+    wire: str = "fp32"
+    """Codecs of the frames (--wire): a ringtune.wire spec (CODEC or ACT,GRAD) or auto."""
     base_dtype: str = "auto"
     """Storage of the frozen base weights on the devices: auto (fp32 if it fits, else the widest dtype that
     fits), fp32, bf16, int8 or int4."""

@@ -412,7 +412,7 @@ class Agent:
     def _edge_config(self, run: ActiveRun, stage: int, peer: int) -> EdgeConfig:
         s = run.settings
         return EdgeConfig.for_link(s.run, run.run_key, stage, peer, (s.micro_batch_size, s.seq_len, s.hidden_size),
-                                   s.timeout, s.encrypt)
+                                   s.timeout, s.encrypt, s.wire)
 
     def _noise_seed(self, s: protocol.Assign) -> int:
         """The run's noise seed: the one given (tests, audits), else one drawn from the CSPRNG at the run's first

@@ -20,6 +20,7 @@ from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 from ringtune.security import new_key
+from ringtune.wire import WireSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +31,18 @@ class RingResult:
     """Loss per step run."""
     training_state: dict[str, torch.Tensor]
     """Every stage's StageRunner.training_state (LoRA + AdamW by tensor name), as a checkpoint holds it."""
+    bytes_sent: int = 0
+    """Frame bytes every edge sent in the run (hidden states and gradients, sealed)."""
 
 
 def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerData, optimizer: OptimizerSpec,
                           steps: int | range, privacy: PrivacySpec = PrivacySpec(), timeout: float = 600.0,
-                          restore: dict[str, torch.Tensor] | None = None,
+                          restore: dict[str, torch.Tensor] | None = None, wire: WireSpec = WireSpec(),
                           after_step: Callable[[int], None] | None = None) -> RingResult:
     """Train peft_model's LoRA in place over plan's stages for ``steps`` (a count, or the step indices to run,
-    e.g. a replay from a checkpoint); ``restore`` is a training state to start from. ``after_step(step)`` runs
-    between steps, when peft_model holds the weights after that step (e.g. to evaluate a learning curve)."""
+    e.g. a replay from a checkpoint); ``restore`` is a training state to start from; ``wire`` the frames'
+    codecs. ``after_step(step)`` runs between steps, when peft_model holds the weights after that step (e.g.
+    to evaluate a learning curve)."""
     noise = NoiseStream(privacy.seed)
     runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise)
                for s in plan.stages]
@@ -46,8 +50,8 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
         runner.load_training_state(restore)
     shape = (data.micro_batch_size, data.seq_len, peft_model.config.hidden_size)
     key = new_key()
-    edges = [InMemoryEdge.pair(EdgeConfig.for_link("local", key, i, i + 1, shape, timeout),
-                               EdgeConfig.for_link("local", key, i + 1, i, shape, timeout))
+    edges = [InMemoryEdge.pair(EdgeConfig.for_link("local", key, i, i + 1, shape, timeout, wire=wire),
+                               EdgeConfig.for_link("local", key, i + 1, i, shape, timeout, wire=wire))
              for i in range(len(runners) - 1)]
     stages = [LocalStage(i, runner, edges[i - 1][1] if i else None, edges[i][0] if i < len(edges) else None)
               for i, runner in enumerate(runners)]
@@ -60,7 +64,7 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
     for runner in runners:
         adapter.update({adapter_key(n): t for n, t in runner.lora_state().items()})
         training_state.update(runner.training_state())
-    return RingResult(adapter, losses, training_state)
+    return RingResult(adapter, losses, training_state, sum(e.bytes_sent for pair in edges for e in pair))
 
 
 def _ring_step(stages: list[LocalStage], plan: Plan, step: int, data: OwnerData) -> float:

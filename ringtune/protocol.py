@@ -27,12 +27,14 @@ from ringtune.lora_spec import LoraSpec
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
+from ringtune.wire import WireSpec
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
 4: hello names the agent's link probe port;
 5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS;
-6: calibrate may name the tokenizer, and the owner replies with its data's share of scored positions."""
+6: calibrate may name the tokenizer, and the owner replies with its data's share of scored positions;
+7: assign names the wire codecs of the hidden states and gradients (frames name theirs)."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -358,6 +360,8 @@ class Assign(Request):
     """Encrypt hidden states on the wire."""
     privacy: PrivacySpec
     """What this agent privatizes before it sends (the owner's spec; off elsewhere)."""
+    wire: WireSpec = WireSpec()
+    """Codecs of the hidden states and gradients on the ring (every agent of the run uses the same)."""
     slice: str | None = None
     """sha256 of this agent's slice blob (torch runtime)."""
     export: str | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringtune.plan import Schedule
+from ringtune.wire import WireSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class RunShape:
     scored_share: float = 1.0
     """Share of the positions the loss scores (the owner reports it from its data: 1 for plain text, a few
     percent for short labels). The tail runs the LM head and the loss only there."""
+    wire: WireSpec = WireSpec()
+    """Codecs of the frames: a link carries the hidden state's and the gradient's encoded bytes."""
 
     @property
     def tokens(self) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
+from ringtune.wire import WIRE_HELP, WireSpec
 
 
 def register(subparsers) -> None:
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
     parser.add_argument("--link-mbit", type=float,
                         help="link bandwidth the planner assumes for every agent (default: measured to each "
                              "agent before planning, a short timed transfer)")
+    parser.add_argument("--wire", default="fp32", help=WIRE_HELP)
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--runtime", default="torch",
                         help="with --local: torch or executorch for every agent, or one per agent (owner first), "
@@ -99,7 +101,7 @@ def settings_from_args(args, owner: str):
                          encrypt=args.encrypt, split=args.split, min_owner_blocks=max(args.min_owner_blocks, (
                              PRESETS[privacy.preset].owner_blocks if privacy.preset else 0)),
                          link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
-                         privacy=privacy, base_dtype=args.base_dtype)
+                         privacy=privacy, wire=args.wire, base_dtype=args.base_dtype)
 
 
 def run(args) -> int:
@@ -134,6 +136,7 @@ def train(args, discovery) -> int:
     else:
         sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
+        WireSpec.resolve(args.wire, float("inf"))  # and a bad --wire
     store = RunStore(args.out)
     resumed = store.read_run() if args.resume else None
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None

@@ -68,7 +68,7 @@ class CostTable:
     block_backward_flops: tuple[float, ...]
     """Backward FLOPs per token of each block (input gradients + LoRA gradients)."""
     cut_bytes: float
-    """Bytes per token of the hidden state that crosses a cut (the same for its gradient)."""
+    """Bytes per token of the hidden state that crosses a cut (the same for its gradient), in fp32."""
     head_end: EndCost
     """Embedding (and learned position embedding) on the owner's first stage."""
     tail_end: EndCost
@@ -81,6 +81,11 @@ class CostTable:
     """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
     block_compact_weights: tuple[int, ...] = ()
     """Frozen linear weight elements of each block stored compactly (none at fp32; empty: none)."""
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden state that crosses a cut (a wire codec's bytes per token follow from it)."""
+        return round(self.cut_bytes / 4)
 
     @property
     def num_blocks(self) -> int:

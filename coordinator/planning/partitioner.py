@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from coordinator.planning.costs import CostTable, EndCost
+from coordinator.planning.costs import CostTable
 from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel, describe, gb, in_flight,
                                          plan_memory)
 from ringtune.run_shape import RunShape
@@ -54,8 +54,8 @@ class _Costs:
     """Memory terms (prefix sums and range matrices over blocks)."""
     flops: np.ndarray
     """[L + 1] prefix sums of forward + backward FLOPs per micro-batch (with dequantization's, CostTable.block_flops)."""
-    cut_bytes: float
-    """Bytes of one hidden state (or its gradient) of a micro-batch."""
+    link_bytes: float
+    """Bytes one cut sends per micro-batch: the encoded hidden state forward and its gradient back."""
     head_flops: float
     """FLOPs per micro-batch of the embedding end."""
     tail_flops: float
@@ -68,7 +68,7 @@ def _costs(table: CostTable, shape: RunShape) -> _Costs:
         num_blocks=table.num_blocks,
         memory=MemoryModel(table, shape),
         flops=np.concatenate([[0.0], np.cumsum(table.block_flops(tokens))]),
-        cut_bytes=table.cut_bytes * tokens,
+        link_bytes=tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size) for kind in ("activation", "gradient")),
         head_flops=table.end_flops(table.head_end, tokens),
         tail_flops=table.end_flops(table.tail_end, tokens) + table.end_flops(table.scored_end,
                                                                              tokens * shape.scored_share))
@@ -82,7 +82,7 @@ def _in_flight(shape: RunShape, stages_to_end: int) -> int:
 
 def _link_seconds(costs: _Costs, sender: DeviceProfile, receiver: DeviceProfile) -> float:
     """Hidden state forward plus its gradient back, over the slower of the two links."""
-    return 2 * costs.cut_bytes / min(sender.link_bytes_per_s, receiver.link_bytes_per_s)
+    return costs.link_bytes / min(sender.link_bytes_per_s, receiver.link_bytes_per_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_runtime.transport.frames import (DTYPE_NAMES, MAX_HEADER_BYTES, FrameError, FrameHeader, FrameKind,
-                                          pack_frame, unpack_frame)
+from edge_runtime.transport.codecs import encoded_bytes
+from edge_runtime.transport.frames import (DTYPE, MAX_HEADER_BYTES, FrameError, FrameHeader, FrameKind, pack_frame,
+                                          unpack_frame)
 from ringtune.security import AuthError, FrameAuthenticator, ReplayError, link_key
+from ringtune.wire import WireSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,9 @@ class EdgeConfig:
     recv_key: bytes
     """Key of frames this end receives."""
     shape: tuple[int, ...]
-    """Shape of every hidden state / gradient on this edge: [B, T, d]."""
-    dtype: torch.dtype = torch.float32
-    """Dtype of every tensor on this edge."""
+    """Shape of every hidden state / gradient on this edge: [B, T, d] (float32 once decoded)."""
+    wire: WireSpec = WireSpec()
+    """Codec of the hidden states and of the gradients on this edge (both ends use the run's)."""
     timeout: float = 120.0
     """Seconds to wait for a frame or for a send to complete."""
     peer: str = "peer"
@@ -51,18 +53,16 @@ class EdgeConfig:
 
     @staticmethod
     def for_link(run: str, run_key: bytes, stage: int, peer_stage: int, shape: tuple[int, ...],
-                 timeout: float, encrypt: bool = False) -> "EdgeConfig":
+                 timeout: float, encrypt: bool = False, wire: WireSpec = WireSpec()) -> "EdgeConfig":
         """The edge of ring stage ``stage`` towards ``peer_stage``; each direction has its own key."""
         me, peer = f"stage {stage}", f"stage {peer_stage}"
         return EdgeConfig(run=run, send_key=link_key(run_key, me, peer), recv_key=link_key(run_key, peer, me),
-                          shape=shape, timeout=timeout, peer=peer, encrypt=encrypt)
+                          shape=shape, wire=wire, timeout=timeout, peer=peer, encrypt=encrypt)
 
     @property
     def max_frame_bytes(self) -> int:
-        numel = 1
-        for n in self.shape:
-            numel *= n
-        return numel * self.dtype.itemsize + MAX_HEADER_BYTES + 64  # payload, header, envelope + tag
+        payload = max(encoded_bytes(codec, self.shape) for codec in (self.wire.activation, self.wire.gradient))
+        return payload + MAX_HEADER_BYTES + 64  # payload, header, envelope + tag
 
 
 class Edge(ABC):
@@ -80,8 +80,8 @@ class Edge(ABC):
         self._cond = threading.Condition()
 
     def send(self, kind: FrameKind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
-        header = FrameHeader(self.config.run, step, microbatch, kind, DTYPE_NAMES[tensor.dtype],
-                             tuple(tensor.shape))
+        header = FrameHeader(self.config.run, step, microbatch, kind, DTYPE, tuple(tensor.shape),
+                             self.config.wire.codec(kind))
         data = self._sealer.seal(*pack_frame(header, tensor))
         self._transmit(data)
         self.bytes_sent += len(data)
@@ -123,8 +123,7 @@ class Edge(ABC):
             if len(data) > self.config.max_frame_bytes:
                 raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {self.config.max_frame_bytes}",
                                  "oversized")
-            header, tensor = unpack_frame(*self._opener.open(data))
-            self._check(header)
+            header, tensor = unpack_frame(*self._opener.open(data), expect=self._check)
         except (FrameError, AuthError) as error:
             self._refuse(_reason(error), str(error))
             return
@@ -145,9 +144,10 @@ class Edge(ABC):
     def _check(self, header: FrameHeader) -> None:
         if header.run != self.config.run:
             raise FrameError(f"frame of run {header.run!r}, expected {self.config.run!r}", "unexpected")
-        if header.shape != self.config.shape or header.dtype != DTYPE_NAMES[self.config.dtype]:
-            raise FrameError(f"frame {header.dtype}{list(header.shape)} does not match the "
-                             f"expected {DTYPE_NAMES[self.config.dtype]}{list(self.config.shape)}", "unexpected")
+        codec = self.config.wire.codec(header.kind)
+        if header.shape != self.config.shape or header.codec != codec:
+            raise FrameError(f"{header.kind} frame {header.codec}{list(header.shape)} does not match the "
+                             f"expected {codec}{list(self.config.shape)}", "unexpected")
 
     @abstractmethod
     def _transmit(self, data: bytes) -> None:

@@ -1,8 +1,9 @@
-"""Data-plane frame contents: a small msgpack header and the raw tensor bytes.
+"""Data-plane frame contents: a small msgpack header and the tensor encoded with the frame's codec.
 
 Sealing (MAC or encryption, replay counter) is ``ringtune.security.FrameAuthenticator``'s job;
 this module turns a header and a tensor into the two byte strings it seals, and back, refusing
-anything that is not exactly a well-formed header with a payload matching its dtype and shape.
+anything that is not exactly a well-formed header with a payload matching its codec and shape.
+The header names the codec (``ringtune.wire``), so the MAC covers it like every other field.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from typing import Literal
 import msgpack
 import torch
 
+from edge_runtime.transport.codecs import decode, encode, encoded_bytes
+from ringtune.wire import CODECS
+
 FrameKind = Literal["activation", "gradient"]
 MAX_HEADER_BYTES = 4096
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE = "float32"
+"""Every tensor on the ring is float32 once decoded; the codec says how its bytes travel."""
 
 
 class FrameError(ValueError):
@@ -37,31 +41,32 @@ class FrameHeader:
     kind: FrameKind
     """activation (forward) or gradient (backward)."""
     dtype: str
-    """Tensor dtype name, e.g. float32."""
+    """Dtype of the decoded tensor (float32)."""
     shape: tuple[int, ...]
     """Tensor shape."""
-    codec: str = "raw"
-    """Payload encoding: raw tensor bytes (privacy/compression codecs plug in here)."""
+    codec: str = "fp32"
+    """Payload encoding (ringtune.wire.CODECS): fp32 is the tensor's bytes as they are."""
 
 
 def pack_frame(header: FrameHeader, tensor: torch.Tensor) -> tuple[bytes, bytes]:
     """(header bytes, payload bytes) for FrameAuthenticator.seal."""
     head = msgpack.packb([header.run, header.step, header.microbatch, header.kind, header.dtype,
                           list(header.shape), header.codec])
-    return head, tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return head, encode(header.codec, tensor)
 
 
-def unpack_frame(head: bytes, payload: bytes | memoryview) -> tuple[FrameHeader, torch.Tensor]:
-    """Parse an opened frame; raise FrameError for anything not exactly right."""
+def unpack_frame(head: bytes, payload: bytes | memoryview,
+                 expect=lambda header: None) -> tuple[FrameHeader, torch.Tensor]:
+    """Parse an opened frame; raise FrameError for anything not exactly right. ``expect(header)``
+    raises FrameError for a well-formed header the receiver did not ask for, before any decoding."""
     if len(head) > MAX_HEADER_BYTES:
         raise FrameError(f"header of {len(head)} bytes is too long")
     header = _parse_header(head)
-    dtype = DTYPES[header.dtype]
-    expected = _numel(header.shape) * dtype.itemsize
+    expect(header)
+    expected = encoded_bytes(header.codec, header.shape)
     if len(payload) != expected:
         raise FrameError(f"payload has {len(payload)} bytes, header says {expected}")
-    tensor = torch.frombuffer(bytearray(payload), dtype=dtype).reshape(header.shape)
-    return header, tensor
+    return header, decode(header.codec, payload, header.shape)
 
 
 def _parse_header(raw: bytes) -> FrameHeader:
@@ -72,15 +77,8 @@ def _parse_header(raw: bytes) -> FrameHeader:
                              tuple(int(n) for n in shape), str(codec))
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         raise FrameError(f"malformed header: {error}") from None
-    if header.kind not in ("activation", "gradient") or header.dtype not in DTYPES:
+    if header.kind not in ("activation", "gradient") or header.dtype != DTYPE:
         raise FrameError(f"unknown kind {header.kind!r} or dtype {header.dtype!r}")
-    if header.codec != "raw" or any(n < 0 for n in header.shape) or len(header.shape) > 8:
+    if header.codec not in CODECS or not header.shape or any(n < 1 for n in header.shape) or len(header.shape) > 8:
         raise FrameError(f"unsupported codec {header.codec!r} or shape {header.shape}")
     return header
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count

@@ -13,8 +13,9 @@ from helpers import ARCHITECTURES, ringtune_command, write_text_data
 from coordinator.run_store import step_records
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.registry import load_model, load_tokenizer
+from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from ringtune.optimizer_spec import OptimizerSpec
+from ringtune.wire import payload_bytes
 from reference import dequantized_tolerance, max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,8 @@ def test_local_agents_end_with_a_killed_coordinator(tmp_path, data):
 
 def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     shape = SHAPE[:SHAPE.index("--split")]  # planned, not even
-    result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape)
+    result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--out", str(tmp_path), *shape,
+                   "--wire", "int8")
     assert result.returncode == 0, result.stderr
     timed = re.search(r"^one block forward \+ backward \((\w+) weights\): (.*)$", result.stdout, re.MULTILINE)
     assert timed, result.stdout
@@ -204,3 +206,10 @@ def test_the_planner_uses_each_agents_measured_block_time(tmp_path, data):
     # the owner told the planner its data's share of scored positions (a number, computed on the owner)
     share = scored_share(read_records(data), load_tokenizer("tiny-llama"), 24)
     assert f"the owner's data: {share:.1%} of the positions are scored" in result.stdout
+    # --wire int8: hidden states in int8 (a token's outliers in bf16), gradients in bf16; the helper sends one
+    # of each per micro-batch (4 of 2 x 24 tokens)
+    if any(stage["device"] == "node1" for stage in plan["stages"]):  # the planner may keep a tiny model on the owner
+        hidden = load_config("tiny-llama").hidden_size
+        payload = 4 * (payload_bytes("int8", 2 * 24, hidden) + payload_bytes("bf16", 2 * 24, hidden))
+        sent = step_records(tmp_path)[0]["devices"]["node1"]["bytes_sent"]
+        assert payload < sent < payload + 8 * 300  # and each frame's header and MAC

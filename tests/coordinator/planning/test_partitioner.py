@@ -15,6 +15,7 @@ from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
 from ringtune.plan import Plan, PlanError, StageSpec, validate_plan
 from ringtune.run_shape import RunShape
+from ringtune.wire import WireSpec, payload_bytes
 
 
 def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile], RunShape]:
@@ -29,20 +30,20 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
         block_workspace_bytes=tuple(float(rng.randint(0, 10)) for _ in range(num_blocks)),
         block_forward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
         block_backward_flops=tuple(float(rng.randint(1, 100)) for _ in range(num_blocks)),
-        cut_bytes=float(rng.randint(1, 3)),
+        cut_bytes=float(4 * rng.randint(1, 3)),
         head_end=EndCost(rng.randint(0, 40), 0, float(rng.randint(0, 5)), float(rng.randint(0, 20)), 0.0),
         tail_end=EndCost(rng.randint(0, 40), rng.randint(0, 8), float(rng.randint(0, 10)),
                          float(rng.randint(0, 50)), float(rng.randint(0, 50)), float(rng.randint(0, 20))),
         scored_end=EndCost(0, 0, float(rng.randint(0, 40)), float(rng.randint(0, 200)), float(rng.randint(0, 200)),
                            float(rng.randint(0, 20))))
-    kinds = [DeviceProfile(f"kind{i}", rng.randint(100, 900), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
-                           rng.choice([20.0, 100.0, 1000.0, 1e4]), baseline_bytes=rng.randint(1, 40))
+    kinds = [DeviceProfile(f"kind{i}", rng.randint(150, 1300), 4, rng.choice([0.5, 1.0, 2.0, 3.0, 5.0]) * 1e-6,
+                           rng.choice([200.0, 1000.0, 1e4, 1e5]), baseline_bytes=rng.randint(1, 40))
              for i in range(rng.randint(1, 4))]
     # Repeating kinds exercises the grouping of interchangeable devices.
     devices = [rng.choice(kinds).renamed(f"d{i}") for i in range(rng.randint(1, 5))]
     shape = RunShape(micro_batch_size=rng.randint(1, 2), seq_len=seq_len, micro_batches=rng.randint(1, 6),
                      schedule=rng.choice(["1f1b", "gpipe"]), min_owner_blocks=rng.randint(0, 2),
-                     scored_share=rng.choice([1.0, 0.5, 0.25]))
+                     scored_share=rng.choice([1.0, 0.5, 0.25]), wire=rng.choice([WireSpec(), WireSpec("int8", "bf16")]))
     # Compact weights add their dequantization to the time of the blocks and of the LM head holding them.
     table = replace(table, base_dtype=rng.choice(list(DEQUANTIZE_FLOPS)),
                     block_compact_weights=tuple(rng.randint(0, 5) for _ in range(num_blocks)),
@@ -76,7 +77,9 @@ def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, sh
         seconds = (flops * tokens + dequantize) / (device.gflops * 1e9)
         if index < num_stages - 1:
             receiver = devices[ranges[index + 1][0]]
-            seconds += 2 * table.cut_bytes * tokens / min(device.link_bytes_per_s, receiver.link_bytes_per_s)
+            # hidden state forward, gradient back, each in its codec's bytes
+            sent = sum(payload_bytes(shape.wire.codec(kind), tokens, table.hidden_size) for kind in ("activation", "gradient"))
+            seconds += sent / min(device.link_bytes_per_s, receiver.link_bytes_per_s)
         costs.append(seconds)
         busy[name] = busy.get(name, 0.0) + seconds
     roles = ["full"] if num_stages == 1 else ["head", *["middle"] * (num_stages - 2), "tail"]

@@ -9,6 +9,7 @@ from edge_runtime.transport.frames import FrameHeader, pack_frame
 from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.transport.pynng_edge import PynngEdge
 from ringtune.security import FrameAuthenticator, link_key, new_key
+from ringtune.wire import WireSpec
 
 SHAPE = (2, 3, 4)
 
@@ -78,16 +79,17 @@ def test_a_captured_frame_sent_again_is_refused_as_a_replay():
     assert right.refused["replay"] == 1
 
 
-def sealed(kind="activation", step=0, run="run1", shape=SHAPE, key=KEY, dtype="float32"):
+def sealed(kind="activation", step=0, run="run1", shape=SHAPE, key=KEY, dtype="float32", codec="fp32"):
     """A frame as stage 0 would send it to stage 1 (with the given key)."""
     sealer = FrameAuthenticator(link_key(key, "stage 0", "stage 1"))
-    header = FrameHeader(run, step, 0, kind, dtype, shape)
+    header = FrameHeader(run, step, 0, kind, dtype, shape, codec)
     return sealer.seal(*pack_frame(header, torch.zeros(shape)))
 
 
 @pytest.mark.parametrize("frame, reason", [
     (lambda: sealed(run="other"), "unexpected"),
     (lambda: sealed(shape=(1, 3, 4)), "unexpected"),
+    (lambda: sealed(codec="int8"), "unexpected"),  # a codec the run did not choose
     (lambda: sealed(key=new_key()), "authentication"),
     (lambda: sealed()[:-1] + b"x", "authentication"),
     (lambda: b"\0" * (memory_pair()[1].config.max_frame_bytes + 1), "oversized"),
@@ -143,3 +145,18 @@ def test_abort_wakes_a_waiting_receiver():
     waiter.join(timeout=5)
     assert not waiter.is_alive()
     assert "run stopped" in str(errors[0].value)
+
+
+def test_compressed_edges_send_the_codecs_bytes():
+    shape = (4, 64, 576)
+    sent = {}
+    for wire in (WireSpec(), WireSpec("int8", "bf16")):
+        left, right = InMemoryEdge.pair(*(EdgeConfig.for_link("run1", KEY, me, peer, shape, 5.0, wire=wire)
+                                          for me, peer in ((0, 1), (1, 0))))
+        hidden, grad = torch.randn(shape), torch.randn(shape)
+        left.send("activation", 0, 0, hidden)
+        right.send("gradient", 0, 0, grad)
+        assert torch.allclose(right.recv("activation", 0, 0), hidden, atol=0.02 * float(hidden.abs().max()))
+        assert torch.allclose(left.recv("gradient", 0, 0), grad, rtol=2 ** -8)
+        sent[wire.activation] = (left.bytes_sent, right.bytes_sent)
+    assert sent["int8"][0] / sent["fp32"][0] < 0.27 and sent["int8"][1] / sent["fp32"][1] < 0.51

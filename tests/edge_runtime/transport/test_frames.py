@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from edge_runtime.transport.frames import FrameError, FrameHeader, pack_frame, unpack_frame
+from ringtune.wire import CODECS
 
 
 def test_round_trip_keeps_header_and_bits():
@@ -19,9 +20,9 @@ def test_payload_not_matching_shape_is_refused():
         unpack_frame(head, payload)
 
 
-@pytest.mark.parametrize("head", [b"\xc1\xc1", msgpack.packb([1, 2]), msgpack.packb(["r", 0, 0, "x", "float32", [1], "raw"]),
-                                  msgpack.packb(["r", 0, 0, "activation", "int64", [1], "raw"]),
-                                  msgpack.packb(["r", 0, 0, "activation", "float32", [-1], "raw"]),
+@pytest.mark.parametrize("head", [b"\xc1\xc1", msgpack.packb([1, 2]), msgpack.packb(["r", 0, 0, "x", "float32", [1], "fp32"]),
+                                  msgpack.packb(["r", 0, 0, "activation", "int64", [1], "fp32"]),
+                                  msgpack.packb(["r", 0, 0, "activation", "float32", [-1], "fp32"]),
                                   msgpack.packb(["r", 0, 0, "activation", "float32", [1], "zip"]),
                                   b"\x00" * 5000])
 def test_malformed_headers_are_refused(head):
@@ -40,3 +41,19 @@ def test_random_headers_only_ever_raise_frame_error():
             unpack_frame(bytes(head), payload)
         except FrameError:
             pass
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_codec_names_itself_and_round_trips(codec):
+    tensor = torch.randn(2, 3, 16)
+    header = FrameHeader("r1", 0, 0, "gradient", "float32", (2, 3, 16), codec)
+    decoded_header, decoded = unpack_frame(*pack_frame(header, tensor))
+    assert decoded_header.codec == codec and decoded.dtype == torch.float32
+    assert torch.allclose(decoded, tensor, atol=0.02 * float(tensor.abs().max()))
+
+
+def test_a_payload_of_another_codec_is_refused():
+    _, payload = pack_frame(FrameHeader("r", 0, 0, "activation", "float32", (2, 3, 8), "int8"), torch.zeros(2, 3, 8))
+    bf16_head, _ = pack_frame(FrameHeader("r", 0, 0, "activation", "float32", (2, 3, 8), "bf16"), torch.zeros(2, 3, 8))
+    with pytest.raises(FrameError, match="payload has 264 bytes, header says 96"):
+        unpack_frame(bf16_head, payload)
