@@ -12,11 +12,11 @@ from dataclasses import dataclass
 DEQUANTIZE_FLOPS = {"fp32": 0.0, "bf16": 6.0, "int8": 5.5, "int4": 500.0}
 """What one pass (a forward, or a backward) over one compactly stored frozen weight element costs on top of
 the fp32 matmul, in fp32 matmul FLOPs: each pass dequantizes every weight tile by tile (CompactWeight.tiles).
-Derived from benchmarks/base_dtype.py (one thread, x86, two runs on 2026-11-26, benchmarks/README.md):
+Derived from benchmarks/base_dtype.py (one thread, x86, three runs on 2026-11-26, benchmarks/README.md):
 (block time at the dtype / at fp32 - 1) x the block's FLOPs / (2 x its compact weights), at 1 x 32
-tokens, where dequantizing weighs most against the matmuls (at 4 x 64 it drowns in the machine's noise):
-SmolLM2's and a 1B-class block gave bf16 5.1 / 7.7 / 13.3 / 4.3, int8 5.6 / 5.4 / 9.5 / 1.6, int4 456 /
-566 / 493 / 476 (its nibbles are unpacked through an index lookup); the values are their middle.
+tokens, where dequantizing weighs most against the matmuls (at 4 x 64 it drowns in the machine's noise);
+SmolLM2's and a 1B-class block gave bf16 0.3-17 (median 6.4), int8 1.6-9.7 (5.6), int4 456-659 (529,
+its nibbles unpacked through an index lookup): about their medians.
 bf16 weights are upcast to fp32 tiles and multiplied in fp32 like the others (never by bf16 instructions,
 which Raspberry Pis lack), so no x86 bf16 speed-up enters any device's price. Devices whose
 blocks are timed at the chosen dtype (agents calibrate) are priced by that measurement instead."""
