@@ -1,5 +1,5 @@
 """Faults in sequence on loopback (benchmarks/chaos.py, on tiny-llama): a helper killed and restarted, another
-frozen for 12 s, the coordinator killed and resumed; the run ends on the adapter of single-process training."""
+frozen for 12 s, the coordinator killed and resumed; the run ends on the uninterrupted run's adapter."""
 import json
 from dataclasses import replace
 
@@ -13,7 +13,7 @@ from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from helpers import ringtune_command, write_text_data
-from reference import max_difference, reference_adapter
+from reference import max_difference
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
@@ -25,7 +25,10 @@ SHAPE = ["--model", "tiny-llama", "--steps", "24", "--checkpoint-every", "3", "-
 
 
 def test_a_run_through_the_fault_sequence_ends_on_the_uninterrupted_adapter(tmp_path, monkeypatch):
-    """The faulted ring's adapter equals single-process training of the same model and batches (plain peft)."""
+    """The faulted ring's adapter equals the uninterrupted ring's, trained in one process over the same plan (the
+    stages, losses and optimizer the agents run; tests/integration/test_train_cli.py holds rings to plain peft).
+    The injected faults are detected in order; on a loaded machine a healthy agent may also miss a heartbeat and
+    be replayed around, which must not change the adapter either."""
     data = write_text_data(tmp_path / "train.jsonl", records=40)
     monkeypatch.setenv("RINGTUNE_STATE", str(tmp_path / "state"))  # the agents' caches and the owner's checkpoints
     agents = start_local_agents(4, str(data), tmp_path / "logs", chaos.TOKEN, threads=1)
@@ -36,11 +39,14 @@ def test_a_run_through_the_fault_sequence_ends_on_the_uninterrupted_adapter(tmp_
     log = "".join(faulted.log)
     events = [json.loads(line) for line in (faulted.out / "metrics.jsonl").read_text().splitlines()]
     failed = [e["agent"] for e in events if e.get("event") == "failed"]
-    assert failed[:2] == ["node1", "node2"], failed  # killed at step 4, frozen at step 12
+    # node1 killed at step 4, node2 frozen at step 12 (CI once saw the owner declared gone between them too)
+    assert [agent for agent in failed if agent in ("node1", "node2")][:2] == ["node1", "node2"], failed
     assert any(e.get("event") == "rejoined" and e["agent"] == "node1" for e in events)  # restarted at step 8
     assert "resuming from the checkpoint of step 15" in log and "step 24/24" in log
+    plan = Plan.from_json((faulted.out / "plan.json").read_text())
     owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 32, 4, seed=11)
-    expected = reference_adapter("tiny-llama", LoraSpec(4, 8, seed=11), OptimizerSpec(lr=0.01), owner_data, 24)
+    expected = train_ring_in_process(apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=11)), plan, owner_data,
+                                     OptimizerSpec(lr=0.01), 24).adapter
     assert max_difference(load_file(faulted.out / "adapter_model.safetensors"), expected) < 1e-5
     print(f"\ntime lost per fault: {json.dumps(chaos.faults(faulted), indent=1)}")
 
