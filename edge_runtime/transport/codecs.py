@@ -5,6 +5,8 @@ and decoding gives float32 again, so the stages never see another dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ringtune.wire import CODECS, outliers_per_token, payload_bytes
@@ -50,7 +52,7 @@ def decode(codec: str, payload: bytes | bytearray | memoryview, shape: tuple[int
         index = torch.frombuffer(data, dtype=torch.int16, offset=4 * rows, count=rows * k).reshape(rows, k)
         outliers = torch.frombuffer(data, dtype=torch.bfloat16, offset=(4 + 2 * k) * rows, count=rows * k)
         values = torch.frombuffer(data, dtype=torch.int8, offset=(4 + 4 * k) * rows).reshape(rows, width)  # [N, d]
-        if rows * k and int(index.min()) < 0 or rows * k and int(index.max()) >= width:
+        if rows * k and (int(index.min()) < 0 or int(index.max()) >= width):
             raise ValueError(f"int8 payload names a channel outside 0..{width - 1}")
         decoded = values.to(torch.float32) * scale
         decoded.scatter_(1, index.to(torch.int64), outliers.reshape(rows, k).to(torch.float32))
@@ -65,10 +67,7 @@ def encoded_bytes(codec: str, shape: tuple[int, ...]) -> int:
 
 def _rows(shape: tuple[int, ...]) -> int:
     """Vectors in a tensor of this shape: every dimension but the last."""
-    rows = 1
-    for n in shape[:-1]:
-        rows *= n
-    return rows
+    return math.prod(shape[:-1])
 
 
 def _int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
