@@ -135,12 +135,14 @@ def ring(reps: int) -> list[dict]:
         for rep in range(reps):
             for dtype in ("fp32", "int8"):
                 out = Path(scratch) / f"{dtype}-{rep}"
-                subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--local", str(RING["agents"]),
-                                "--model", RING["model"], "--data", str(data / "train.jsonl"), "--split", "even",
-                                "--base-dtype", dtype, "--threads", "1", "--steps", str(RING["steps"]),
-                                "--micro-batches", str(RING["micro_batches"]),
-                                "--micro-batch-size", str(RING["micro_batch_size"]), "--seq-len", str(RING["seq_len"]),
-                                "--out", str(out)], check=True, capture_output=True)
+                command = ["train", "--local", str(RING["agents"]), "--model", RING["model"], "--data",
+                           str(data / "train.jsonl"), "--split", "even", "--base-dtype", dtype, "--threads", "1",
+                           "--steps", str(RING["steps"]), "--micro-batches", str(RING["micro_batches"]),
+                           "--micro-batch-size", str(RING["micro_batch_size"]), "--seq-len", str(RING["seq_len"]),
+                           "--out", str(out)]
+                run = subprocess.run([sys.executable, "-m", "ringtune.cli", *command], capture_output=True, text=True)
+                if run.returncode:
+                    raise SystemExit(f"the {dtype} ring failed: {run.stderr[-2000:]}")
                 seconds = [step["step_seconds"] for step in step_records(out)[1:]]
                 rows.append({"rep": rep, "base_dtype": dtype, "step_seconds": statistics.median(seconds),
                              "steps_seconds": seconds, "load_average": os.getloadavg()})
