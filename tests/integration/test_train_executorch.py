@@ -7,7 +7,7 @@ gives each helper one block and leaves the owner the embedding (head) and the no
 (tail), the fewest blocks a 3-device ring takes, and one export cache serves the whole module:
 tiny-llama-2l runs all on ExecuTorch, then mixed on the cached stages; tiny-gpt2-2l runs mixed
 with only node2 on torch, which exports head, middle and tail but one block. The "full" role is
-tests/exporters/test_executorch_export.py's.
+tests/edge_runtime/backends/executorch/test_export.py's.
 """
 import json
 import os
