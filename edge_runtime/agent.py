@@ -230,10 +230,13 @@ class Agent:
         return protocol.PairBeginReply(**self.pairing.begin(msg.run, peer))
 
     def _cmd_pair_finish(self, msg: protocol.PairFinish, _: str) -> protocol.PairFinishReply:
-        return protocol.PairFinishReply(**self.pairing.finish(msg.agent_nonce, msg.nonce, msg.proof))
+        reply = protocol.PairFinishReply(**self.pairing.finish(msg.agent_nonce, msg.nonce, msg.proof))
+        self.cache.unpin_all()  # a new coordinator session names the blobs it needs again
+        return reply
 
     # --- paired commands ----------------------------------------------------------------
     def _cmd_have(self, msg: protocol.Have) -> protocol.HaveReply:
+        self.cache.pin(msg.digests)  # the run needs them: room for its other blobs is never made by evicting these
         return protocol.HaveReply(missing=[d for d in msg.digests if not self.cache.has(d)])
 
     def _cmd_upload(self, msg: protocol.Upload) -> protocol.UploadReply:
@@ -350,9 +353,12 @@ class Agent:
     def _load(self, run: ActiveRun, indices: list[int], previous: threading.Thread | None) -> None:
         """previous: the worker of the run stopped before this one (its memory is freed before loading)."""
         try:
-            if previous is not None:
-                previous.join()
             s = run.settings
+            if previous is not None:
+                previous.join(timeout=2 * s.timeout)  # edges closed: it ends after the compute in flight, at most
+                if previous.is_alive():
+                    raise RuntimeError(f"the worker of this agent's previous run has not ended after {2 * s.timeout:.0f}"
+                                       f" s (its memory is not freed yet): restart the agent {self.name}")
             noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
             run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
