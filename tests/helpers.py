@@ -71,12 +71,17 @@ class AgentProcess:
     def ready(self) -> "AgentProcess":
         """This agent, once it is listening (and advertising, if it does)."""
         if self._url is None:
+            import select
+
+            from coordinator.local import START_TIMEOUT
             from edge_runtime.commands.agent import READY
 
-            match = READY.search(self.process.stdout.readline())
+            started, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)  # an agent may hang
+            match = READY.search(self.process.stdout.readline()) if started else None
             if not match:
                 self.stop()
-                raise RuntimeError(f"agent {self.name} did not start: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"agent {self.name} did not start within {START_TIMEOUT:.0f} s: "
+                                   f"{self.log.read_text()[-2000:]}")
             self._url = match.group(2)
         return self
 
