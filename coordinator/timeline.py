@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ringtune.protocol import Span, StageTiming
 
-TIMELINE_FILE = "timeline.png"
 SECONDS_FIELDS = ("compute_seconds", "wait_seconds", "send_seconds", "wall_seconds")
 """StageTiming's totals, in its field order: each a map by stage index in a device's metrics."""
 COLORS = {"F": "#4c78a8", "B": "#f58518"}

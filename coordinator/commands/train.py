@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from coordinator.timeline import TIMELINE_FILE, draw_timeline, require_matplotlib, typical_step
+from coordinator.timeline import draw_timeline, require_matplotlib, typical_step
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
@@ -204,7 +204,7 @@ def train(args, discovery) -> int:
     if args.timeline:
         from coordinator.run_store import step_records
 
-        print(f"timeline: {draw_timeline(typical_step(step_records(args.out)), args.out / TIMELINE_FILE)}")
+        print(f"timeline: {draw_timeline(typical_step(step_records(args.out)), store.timeline)}")
     return 0
 
 
