@@ -64,13 +64,14 @@ def main() -> None:
         out = Path(tmp) / "run"
         train(args, data / "train.jsonl", out)
         record = typical_step(step_records(out))
+        stages = [{"device": stage.device, "layers": stage.layers} for stage in RunStore(out).read_plan().stages]
         RESULTS.mkdir(exist_ok=True)
         shutil.copy(RunStore(out).timeline, RESULTS / "timeline_demo.png")
     rows = lane_rows(record)
     result = {"benchmark": "step_timeline", "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "settings": vars(args),
-              "step": record["step"], "step_seconds": record["step_seconds"], "tokens_per_s": record["tokens_per_s"],
-              "lanes": rows}
+              "stages": stages, "step": record["step"], "step_seconds": record["step_seconds"],
+              "tokens_per_s": record["tokens_per_s"], "lanes": rows}
     (RESULTS / "step_timeline.json").write_text(json.dumps(result, indent=1))
     print(table(record, rows))
 
