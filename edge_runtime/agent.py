@@ -231,10 +231,13 @@ class Agent:
         return protocol.PairBeginReply(**self.pairing.begin(msg.run, peer))
 
     def _cmd_pair_finish(self, msg: protocol.PairFinish, _: str) -> protocol.PairFinishReply:
-        return protocol.PairFinishReply(**self.pairing.finish(msg.agent_nonce, msg.nonce, msg.proof))
+        reply = protocol.PairFinishReply(**self.pairing.finish(msg.agent_nonce, msg.nonce, msg.proof))
+        self.cache.unpin_all()  # a new coordinator session names the blobs it needs again
+        return reply
 
     # --- paired commands ----------------------------------------------------------------
     def _cmd_have(self, msg: protocol.Have) -> protocol.HaveReply:
+        self.cache.pin(msg.digests)  # the run needs them: room for its other blobs is never made by evicting these
         return protocol.HaveReply(missing=[d for d in msg.digests if not self.cache.has(d)])
 
     def _cmd_upload(self, msg: protocol.Upload) -> protocol.UploadReply:

@@ -4,15 +4,23 @@ Uploads arrive in ordered chunks into a part file, hashed as they arrive (so the
 an fsync, not a pass over the whole blob); the blob becomes visible under its sha256 only after
 the hash is verified, so a torn upload is never used. A second run with the same
 slice finds it here and skips the transfer.
+
+The cache never fills the device's disk (a Pi's SD card): before an upload it drops blobs unused for
+KEEP_DAYS, then the least recently used blobs the coordinator has not named for its run (pinned), until
+the disk has room for the blob and RESERVE_BYTES; if it still has not, the upload is refused saying so.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
+KEEP_DAYS = 14  # as the coordinator keeps its cut slices
+RESERVE_BYTES = 256 << 20  # left free for checkpoints, logs and the system
 
 
 class UploadError(ValueError):
@@ -20,14 +28,28 @@ class UploadError(ValueError):
 
 
 class SliceCache:
-    def __init__(self, root: Path, max_blob_bytes: int = 64 << 30) -> None:
+    def __init__(self, root: Path, max_blob_bytes: int = 64 << 30, reserve_bytes: int = RESERVE_BYTES) -> None:
         self.root = root
         self.max_blob_bytes = max_blob_bytes
+        self.reserve_bytes = reserve_bytes
         (root / "parts").mkdir(parents=True, exist_ok=True)
         self._hashing: dict[str, "hashlib._Hash"] = {}  # uploads in progress: the hash of their bytes so far
+        self._pinned: set[str] = set()  # blobs the paired coordinator named for its run: never evicted
 
     def has(self, digest: str) -> bool:
-        return self._path(digest).is_file()
+        path = self._path(digest)
+        if not path.is_file():
+            return False
+        os.utime(path)  # recently used: evicted last
+        return True
+
+    def pin(self, digests: list[str]) -> None:
+        """Keep these blobs whatever else arrives (the coordinator's run needs them)."""
+        self._pinned.update(digests)
+
+    def unpin_all(self) -> None:
+        """A new coordinator session: what the last one needed may go when room is needed."""
+        self._pinned.clear()
 
     def path(self, digest: str) -> Path:
         """Where a complete blob lives (check ``has`` first)."""
@@ -50,6 +72,8 @@ class SliceCache:
         size = part.stat().st_size if part.exists() and digest in self._hashing else 0
         if offset == 0:
             size = 0
+            self._hashing.pop(digest, None)
+            self._make_room(total)
             self._hashing[digest] = hashlib.sha256()
         if offset != size or offset + len(chunk) > total:
             raise UploadError(f"chunk at {offset} does not continue the upload of {digest[:12]} (have {size} bytes): "
@@ -73,7 +97,37 @@ class SliceCache:
         os.replace(part, self._path(digest))
         return True
 
+    def _make_room(self, total: int) -> None:
+        """Evict until the disk holds total more bytes and the reserve, or refuse the upload saying why."""
+        blobs = sorted((p for p in self.root.iterdir() if p.is_file() and DIGEST.match(p.name)),
+                       key=lambda p: p.stat().st_mtime)  # least recently used first
+        stale = time.time() - KEEP_DAYS * 86400
+        torn = [p for p in (self.root / "parts").iterdir() if p.name not in self._hashing]  # uploads never finished
+        for path in torn + [p for p in blobs if p.stat().st_mtime < stale and p.name not in self._pinned]:
+            path.unlink(missing_ok=True)
+        evictable = [p for p in blobs if p.exists() and p.name not in self._pinned]
+        needed, free = total + self.reserve_bytes, self._free()
+        if free + sum(p.stat().st_size for p in evictable) < needed:
+            self._refuse(total, free + sum(p.stat().st_size for p in evictable))
+        while evictable and self._free() < needed:
+            evictable.pop(0).unlink()
+        if self._free() < needed:
+            self._refuse(total, self._free())
+
+    def _refuse(self, total: int, could_free: int) -> None:
+        raise UploadError(f"this device can free only {_size(could_free)} on {self.root} (dropping the cached blobs "
+                          f"this run does not need), and a blob of {_size(total)} needs {_size(total + self.reserve_bytes)} "
+                          f"with {_size(self.reserve_bytes)} kept free: free disk space on this device, or restart its "
+                          f"agent with --state-dir on a larger disk")
+
+    def _free(self) -> int:
+        return shutil.disk_usage(self.root).free
+
     def _path(self, digest: str) -> Path:
         if not DIGEST.match(digest):
             raise UploadError(f"{digest!r} is not a sha256 hex digest")
         return self.root / digest
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"

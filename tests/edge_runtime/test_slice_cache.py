@@ -1,8 +1,11 @@
 import hashlib
+import os
+import subprocess
+import time
 
 import pytest
 
-from edge_runtime.slice_cache import SliceCache, UploadError
+from edge_runtime.slice_cache import KEEP_DAYS, SliceCache, UploadError
 
 
 def digest(data: bytes) -> str:
@@ -34,3 +37,60 @@ def test_out_of_order_chunks_and_bad_names_are_refused(tmp_path):
         SliceCache(tmp_path, max_blob_bytes=10).append(digest(blob), 0, len(blob), blob)
     with pytest.raises(UploadError, match="upload it first"):
         cache.read(digest(b"never sent"))
+
+
+def upload(cache: SliceCache, blob: bytes) -> str:
+    assert cache.append(digest(blob), 0, len(blob), blob)
+    return digest(blob)
+
+
+def last_used(cache: SliceCache, name: str, seconds_ago: float) -> None:
+    when = time.time() - seconds_ago
+    os.utime(cache.path(name), (when, when))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MB filesystem (tmpfs), so the cache meets a full disk as on a Pi's SD card."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.root
+def test_a_full_disk_evicts_the_least_recently_used_blobs_the_run_does_not_need(small_disk):
+    cache = SliceCache(small_disk, reserve_bytes=2 << 20)
+    pinned, old, recent = (upload(cache, bytes([i]) * (6 << 20)) for i in range(3))  # 18 of 24 MB
+    for name, seconds_ago in ((pinned, 400), (old, 300), (recent, 100)):
+        last_used(cache, name, seconds_ago)
+    cache.pin([pinned])
+    new = upload(cache, b"n" * (6 << 20))  # 6 MB + the 2 MB reserve: one blob must go, the oldest unpinned
+    assert [cache.has(name) for name in (pinned, old, recent, new)] == [True, False, True, True]
+
+
+@pytest.mark.root
+def test_a_blob_the_disk_cannot_hold_is_refused_saying_what_to_do_and_nothing_is_evicted(small_disk):
+    cache = SliceCache(small_disk, reserve_bytes=2 << 20)
+    pinned, kept = upload(cache, b"p" * (8 << 20)), upload(cache, b"k" * (4 << 20))
+    cache.pin([pinned])
+    big = b"b" * (16 << 20)  # fits only if the pinned blob went
+    with pytest.raises(UploadError, match=r"free disk space on this device, or restart its agent with --state-dir"):
+        cache.append(digest(big), 0, len(big), big[:1 << 20])
+    assert cache.has(pinned) and cache.has(kept)
+    cache.unpin_all()  # the next coordinator session does not need it: now it may go
+    assert upload(cache, big) and not cache.has(pinned)
+
+
+def test_blobs_unused_for_two_weeks_go_when_an_upload_starts_unless_the_run_needs_them(tmp_path):
+    cache = SliceCache(tmp_path)
+    stale, pinned = upload(cache, b"s" * 64), upload(cache, b"q" * 64)
+    for name in (stale, pinned):
+        last_used(cache, name, KEEP_DAYS * 86400 + 60)
+    (tmp_path / "parts" / digest(b"torn")).write_bytes(b"an upload that never finished")
+    cache.pin([pinned])
+    upload(cache, b"fresh")
+    assert not cache.has(stale) and cache.has(pinned) and not list((tmp_path / "parts").iterdir())

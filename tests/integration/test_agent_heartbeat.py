@@ -1,6 +1,7 @@
 """An agent busy with work keeps answering heartbeats: a 500 MB slice uploaded to and loaded by an agent
 limited to 0.3 of a core (cgroup v1 CPU quota, as an emulated Raspberry Pi gets), with the coordinator's
 status heartbeat timed throughout."""
+import shutil
 import time
 import uuid
 
@@ -44,6 +45,7 @@ def slow_agent(tmp_path):
     yield agent
     agent.stop()
     group.remove()
+    shutil.rmtree(tmp_path / "slow" / "cache", ignore_errors=True)  # the 500 MB slice; the log stays
 
 
 def middle_slice(path) -> str:
@@ -63,6 +65,7 @@ def timed_status(client: AgentClient, latencies: list[float]) -> protocol.Status
 def test_an_agent_on_a_third_of_a_core_answers_heartbeats_while_it_takes_and_loads_a_500_mb_slice(slow_agent, tmp_path):
     digest = middle_slice(tmp_path / "slice.safetensors")
     blob = (tmp_path / "slice.safetensors").read_bytes()
+    (tmp_path / "slice.safetensors").unlink()  # held in memory from here on; a full run keeps every tmp_path
     assert len(blob) > 500e6
     client = AgentClient(slow_agent.url, protocol.Timeouts(heartbeat=HEARTBEAT))
     client.pair(TOKEN, "heartbeat-run")
