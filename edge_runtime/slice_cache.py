@@ -6,8 +6,10 @@ the hash is verified, so a torn upload is never used. A second run with the same
 slice finds it here and skips the transfer.
 
 The cache never fills the device's disk (a Pi's SD card): before an upload it drops blobs unused for
-KEEP_DAYS, then the least recently used blobs the coordinator has not named for its run (pinned), until
-the disk has room for the blob and RESERVE_BYTES; if it still has not, the upload is refused saying so.
+KEEP_DAYS, then the least recently used blobs that no run needs, until the disk has room for the blob
+and RESERVE_BYTES; if it still has not, the upload is refused saying so. A run needs the blobs its
+coordinator named (pinned) and, since agents on one machine may share a state directory, any blob used
+in the last IN_USE_SECONDS (another agent's run being set up).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 KEEP_DAYS = 14  # as the coordinator keeps its cut slices
 RESERVE_BYTES = 256 << 20  # left free for checkpoints, logs and the system
+IN_USE_SECONDS = 3600  # a run's blobs are named (Have) before shipping starts and used at assign, within this
 
 
 class UploadError(ValueError):
@@ -99,13 +102,15 @@ class SliceCache:
 
     def _make_room(self, total: int) -> None:
         """Evict until the disk holds total more bytes and the reserve, or refuse the upload saying why."""
+        now = time.time()
         blobs = sorted((p for p in self.root.iterdir() if p.is_file() and DIGEST.match(p.name)),
                        key=lambda p: p.stat().st_mtime)  # least recently used first
-        stale = time.time() - KEEP_DAYS * 86400
-        torn = [p for p in (self.root / "parts").iterdir() if p.name not in self._hashing]  # uploads never finished
-        for path in torn + [p for p in blobs if p.stat().st_mtime < stale and p.name not in self._pinned]:
+        torn = [p for p in (self.root / "parts").iterdir() if p.stat().st_mtime < now - IN_USE_SECONDS]
+        stale = [p for p in blobs if p.stat().st_mtime < now - KEEP_DAYS * 86400 and p.name not in self._pinned]
+        for path in torn + stale:
             path.unlink(missing_ok=True)
-        evictable = [p for p in blobs if p.exists() and p.name not in self._pinned]
+        evictable = [p for p in blobs if p.exists() and p.name not in self._pinned
+                     and p.stat().st_mtime < now - IN_USE_SECONDS]
         needed, free = total + self.reserve_bytes, self._free()
         if free + sum(p.stat().st_size for p in evictable) < needed:
             self._refuse(total, free + sum(p.stat().st_size for p in evictable))
@@ -116,7 +121,7 @@ class SliceCache:
 
     def _refuse(self, total: int, could_free: int) -> None:
         raise UploadError(f"this device can free only {_size(could_free)} on {self.root} (dropping the cached blobs "
-                          f"this run does not need), and a blob of {_size(total)} needs {_size(total + self.reserve_bytes)} "
+                          f"no run needs), and a blob of {_size(total)} needs {_size(total + self.reserve_bytes)} "
                           f"with {_size(self.reserve_bytes)} kept free: free disk space on this device, or restart its "
                           f"agent with --state-dir on a larger disk")
 

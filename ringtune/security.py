@@ -143,7 +143,7 @@ class AgentHandshake:
         transcript = self._context + self.nonce + coordinator_nonce
         if not hmac.compare_digest(_proof(self._key, b"coordinator", transcript), coordinator_proof):
             raise AuthError("the coordinator does not know this agent's pairing token: give it the token "
-                            "this agent printed at its first start (--token or RINGTUNE_TOKEN)")
+                            "this agent printed at its first start (RINGTUNE_TOKEN, or --token)")
         return (_proof(self._key, b"agent", transcript),
                 _session_key(self._key, self.nonce, coordinator_nonce, self._context))
 

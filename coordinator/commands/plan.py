@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import PLANNED_SCHEDULES
+from ringtune.wire import WIRE_HELP
 
 
 def register(subparsers) -> None:
@@ -39,6 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--base-dtype", choices=BASE_DTYPE_CHOICES, default="auto",
                         help="how devices store the frozen base weights (priced in memory and time): auto is fp32 "
                              "when the model fits at fp32, else the widest dtype that fits")
+    parser.add_argument("--wire", default="fp32", help=WIRE_HELP)
+    parser.add_argument("--scored-share", type=float, default=1.0, metavar="SHARE",
+                        help="share of positions the loss scores: 1 for plain text; for prompt/completion data "
+                             "the owner measures it at train time (about 0.05 for the demo's tweets)")
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -69,11 +74,16 @@ def run(args) -> int:
     from coordinator.planning import plan_run
     from ringtune.lora_spec import LoraSpec
     from ringtune.run_shape import RunShape
+    from ringtune.wire import WireSpec
 
+    if not 0 < args.scored_share <= 1:
+        raise ValueError(f"--scored-share {args.scored_share:g}: give the share of positions the loss scores, "
+                         f"in (0, 1] (1 for plain text)")
     devices = devices_from_args(args)
     owner = args.owner or devices[0].name
+    wire = WireSpec.resolve(args.wire, min(d.link_bytes_per_s for d in devices))  # auto: by the slowest link
     shape = RunShape(args.micro_batch_size, args.seq_len, args.micro_batches, args.schedule,
-                     args.min_owner_blocks)
+                     args.min_owner_blocks, args.scored_share, wire)
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     model = args.model_config if args.model_config is not None else args.model
     plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets),
@@ -82,6 +92,7 @@ def run(args) -> int:
         print(plan.to_json())
     else:
         print_plan(plan, devices)
+        print(f"wire: {wire.describe()}; the loss scores {args.scored_share:.0%} of positions")
     return 0
 
 

@@ -168,8 +168,9 @@ def train(args, discovery) -> int:
             raise ValueError("--agents needs --owner NAME (the agent started with --data)")
         owner, urls = args.owner, [u.strip() for u in args.agents.split(",") if u.strip()]
     if not token:
-        raise ValueError("pass the agents' pairing token with --token TOKEN or RINGTUNE_TOKEN (each agent "
-                         "prints it at its first start and keeps it in its state directory)")
+        raise ValueError("set RINGTUNE_TOKEN to the agents' pairing token (each agent prints it at its first start "
+                         "and keeps it in its state directory); --token TOKEN works too, but other users of this "
+                         "machine can read a command line")
     watched = [*local, *cluster_devices(urls)]  # agents whose death we can explain
 
     def check_alive(names) -> None:

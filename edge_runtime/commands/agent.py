@@ -59,7 +59,7 @@ def run(args) -> int:
     else:
         token, created = load_or_create_token(args.state_dir)
         if created:
-            print(f"pairing token (give it to the coordinator: ringtune train --token ...): {token}", flush=True)
+            print(f"pairing token (give it to the coordinator: RINGTUNE_TOKEN=... ringtune train): {token}", flush=True)
     if args.export_dir and args.runtime != "executorch":
         raise ValueError("--export-dir holds ExecuTorch programs: use it with --runtime executorch")
     if args.max_memory is not None and args.max_memory <= 0:

@@ -22,28 +22,32 @@ def run(args) -> int:
     from edge_runtime.data.dataset import read_records
     from edge_runtime.evaluation import evaluate, greedy_completion
     from edge_runtime.models.registry import load_model, load_tokenizer
+    from ringtune.adapter_metadata import trained_privacy
 
     if not (args.adapter / "adapter_config.json").is_file():
         raise ValueError(f"{args.adapter} has no adapter_config.json: pass the --out directory of a finished run")
     records = read_records(args.data)
     records = records[:args.limit] if args.limit else records
     tokenizer = load_tokenizer(args.model)
-    base = evaluate(load_model(args.model), tokenizer, records, args.seq_len)
+    hide_labels = trained_privacy(args.adapter).hide_labels  # then it learned one label token after the prompt
+    base = evaluate(load_model(args.model), tokenizer, records, args.seq_len, hide_labels=hide_labels)
     tuned_model = PeftModel.from_pretrained(load_model(args.model), str(args.adapter)).eval()
-    tuned = evaluate(tuned_model, tokenizer, records, args.seq_len)
+    tuned = evaluate(tuned_model, tokenizer, records, args.seq_len, hide_labels=hide_labels)
     example = records[0]
     generation = greedy_completion(tuned_model, tokenizer, example.prompt) if example.prompt else ""
     result = {"examples": base.examples, "loss_before": base.loss, "loss_after": tuned.loss,
               "accuracy_before": base.accuracy, "accuracy_after": tuned.accuracy,
               "example_prompt": example.prompt, "example_expected": example.completion,
-              "example_generated": generation, "adapter": str(args.adapter)}
+              "example_generated": generation, "adapter": str(args.adapter), "hide_labels": hide_labels}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     print(f"held-out loss on {base.examples} examples: {base.loss:.4f} before -> {tuned.loss:.4f} after fine-tuning")
     if base.accuracy is not None:
-        print(f"label accuracy: {base.accuracy:.1%} before -> {tuned.accuracy:.1%} after")
+        scored = " (scored as trained: one label token after the prompt, hide_labels)" if hide_labels else ""
+        print(f"label accuracy: {base.accuracy:.1%} before -> {tuned.accuracy:.1%} after{scored}")
     if example.prompt:
         print(f"example: {example.prompt!r}\n  expected {example.completion!r}, generated {generation!r}")
     print(f"adapter: {args.adapter}")
     return 0
+

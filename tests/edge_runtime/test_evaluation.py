@@ -69,3 +69,33 @@ def test_with_hidden_labels_each_label_is_scored_as_one_token_after_the_prompt_a
     expected_loss = torch.nn.functional.cross_entropy(last, candidates[truth])
     assert result.loss == pytest.approx(float(expected_loss), rel=1e-5)
     assert result.accuracy == pytest.approx(float((last[:, candidates].argmax(dim=1) == truth).float().mean()))
+
+
+@pytest.mark.slow
+def test_ringtune_evaluate_scores_an_adapter_trained_with_hidden_labels_as_it_was_trained(tmp_path):
+    """The adapter's ringtune.json says hide_labels: the CLI scores one label token after the prompt, as the run did."""
+    import json
+    import subprocess
+
+    from helpers import ringtune_command
+    from edge_runtime.data.dataset import read_records
+    from edge_runtime.models.lora import LoraSpec, apply_lora
+    from ringtune.adapter_metadata import ADAPTER_METADATA_FILE
+    from ringtune.privacy_spec import PrivacySpec
+
+    tuned = apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=3))
+    tuned.save_pretrained(tmp_path / "adapter")
+    privacy = PrivacySpec.parse("gaussian:sigma=1,clip=1,hide_labels=1", "off").to_dict()
+    (tmp_path / "adapter" / ADAPTER_METADATA_FILE).write_text(json.dumps({"settings": {"privacy": privacy}}))
+    data = tmp_path / "test.jsonl"
+    labels = ["+", "-", "0"]  # one token each for the tiny models' byte tokenizer
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "completion": labels[i % 3]}) + "\n"
+                            for i, r in enumerate(RECORDS)))
+    run = subprocess.run(ringtune_command("evaluate", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"),
+                                          "--data", str(data), "--json"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    expected = evaluate(tuned.eval(), load_tokenizer("tiny-llama"), read_records(data), 64, hide_labels=True)
+    assert result["hide_labels"] is True
+    assert result["loss_after"] == pytest.approx(expected.loss, rel=1e-5)
+    assert result["accuracy_after"] == pytest.approx(expected.accuracy)

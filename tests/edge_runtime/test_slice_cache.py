@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from edge_runtime.slice_cache import KEEP_DAYS, SliceCache, UploadError
+from edge_runtime.slice_cache import IN_USE_SECONDS, KEEP_DAYS, SliceCache, UploadError
 
 
 def digest(data: bytes) -> str:
@@ -62,13 +62,14 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.root
-def test_a_full_disk_evicts_the_least_recently_used_blobs_the_run_does_not_need(small_disk):
+def test_a_full_disk_evicts_the_least_recently_used_blobs_no_run_needs(small_disk):
     cache = SliceCache(small_disk, reserve_bytes=2 << 20)
     pinned, old, recent = (upload(cache, bytes([i]) * (6 << 20)) for i in range(3))  # 18 of 24 MB
-    for name, seconds_ago in ((pinned, 400), (old, 300), (recent, 100)):
+    hour = IN_USE_SECONDS
+    for name, seconds_ago in ((pinned, 5 * hour), (old, 4 * hour), (recent, hour / 2)):
         last_used(cache, name, seconds_ago)
-    cache.pin([pinned])
-    new = upload(cache, b"n" * (6 << 20))  # 6 MB + the 2 MB reserve: one blob must go, the oldest unpinned
+    cache.pin([pinned])  # this agent's run needs it; `recent` may be another agent's (a shared state directory)
+    new = upload(cache, b"n" * (6 << 20))  # 6 MB + the 2 MB reserve: one blob must go, the oldest unneeded
     assert [cache.has(name) for name in (pinned, old, recent, new)] == [True, False, True, True]
 
 
@@ -76,13 +77,25 @@ def test_a_full_disk_evicts_the_least_recently_used_blobs_the_run_does_not_need(
 def test_a_blob_the_disk_cannot_hold_is_refused_saying_what_to_do_and_nothing_is_evicted(small_disk):
     cache = SliceCache(small_disk, reserve_bytes=2 << 20)
     pinned, kept = upload(cache, b"p" * (8 << 20)), upload(cache, b"k" * (4 << 20))
+    for name in (pinned, kept):
+        last_used(cache, name, 2 * IN_USE_SECONDS)
     cache.pin([pinned])
     big = b"b" * (16 << 20)  # fits only if the pinned blob went
     with pytest.raises(UploadError, match=r"free disk space on this device, or restart its agent with --state-dir"):
         cache.append(digest(big), 0, len(big), big[:1 << 20])
     assert cache.has(pinned) and cache.has(kept)
-    cache.unpin_all()  # the next coordinator session does not need it: now it may go
+    cache.unpin_all()  # the next coordinator session does not need it
+    for name in (pinned, kept):  # (has() marked them used just now)
+        last_used(cache, name, 2 * IN_USE_SECONDS)
     assert upload(cache, big) and not cache.has(pinned)
+
+
+def test_an_upload_in_progress_of_another_agent_sharing_the_directory_is_left_alone(tmp_path):
+    ours, theirs = SliceCache(tmp_path), SliceCache(tmp_path)  # two agents, one state directory (--local)
+    blob = b"t" * 64
+    assert not theirs.append(digest(blob), 0, len(blob), blob[:32])
+    upload(ours, b"another blob")
+    assert theirs.append(digest(blob), 32, len(blob), blob[32:]) and ours.has(digest(blob))
 
 
 def test_blobs_unused_for_two_weeks_go_when_an_upload_starts_unless_the_run_needs_them(tmp_path):
@@ -90,7 +103,9 @@ def test_blobs_unused_for_two_weeks_go_when_an_upload_starts_unless_the_run_need
     stale, pinned = upload(cache, b"s" * 64), upload(cache, b"q" * 64)
     for name in (stale, pinned):
         last_used(cache, name, KEEP_DAYS * 86400 + 60)
-    (tmp_path / "parts" / digest(b"torn")).write_bytes(b"an upload that never finished")
+    torn = tmp_path / "parts" / digest(b"torn")
+    torn.write_bytes(b"an upload that never finished")
+    os.utime(torn, (time.time() - 2 * IN_USE_SECONDS,) * 2)
     cache.pin([pinned])
     upload(cache, b"fresh")
     assert not cache.has(stale) and cache.has(pinned) and not list((tmp_path / "parts").iterdir())

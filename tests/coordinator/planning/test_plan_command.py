@@ -90,3 +90,22 @@ def test_compact_dtypes_price_less_memory_per_device():
         assert plan.base_dtype == dtype and plan.base_dtype_reason == f"asked for with --base-dtype {dtype}"
         memory[dtype] = sum(plan.predicted["memory_bytes"].values())
     assert memory["fp32"] > memory["bf16"] > memory["int8"] > memory["int4"]
+
+
+def test_plan_prices_the_wire_codec_and_the_scored_share_as_train_does():
+    phones = [arg for name in ("a", "b", "c") for arg in ("--device", f"phone-mid:{name}")]  # 300 Mbit/s WiFi
+
+    def plan(*extra: str) -> Plan:
+        result = ringtune("plan", "--model", "smollm2-135m", *phones, "--micro-batch-size", "4", "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        return Plan.from_json(result.stdout)
+
+    fp32, int8 = plan("--wire", "fp32"), plan("--wire", "int8")
+    assert sum(int8.predicted["stage_link_seconds"]) < 0.4 * sum(fp32.predicted["stage_link_seconds"])
+    tail = len(fp32.stages) - 1
+    assert plan("--wire", "fp32", "--scored-share", "0.05").predicted["stage_compute_seconds"][tail] < \
+        fp32.predicted["stage_compute_seconds"][tail]  # the LM head and loss run on 5% of the positions
+    table = ringtune("plan", "--model", "smollm2-135m", *phones, "--wire", "auto")
+    assert "wire: bf16; the loss scores 100% of positions" in table.stdout, table.stdout  # auto: a link under 1 Gbit/s
+    refused = ringtune("plan", "--model", "smollm2-135m", *phones, "--scored-share", "0")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "in (0, 1]" in refused.stderr
