@@ -135,23 +135,33 @@ def ring(reps: int) -> list[dict]:
         for rep in range(reps):
             for dtype in ("fp32", "int8"):
                 out = Path(scratch) / f"{dtype}-{rep}"
-                subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--local", str(RING["agents"]),
-                                "--model", RING["model"], "--data", str(data / "train.jsonl"), "--split", "even",
-                                "--base-dtype", dtype, "--threads", "1", "--steps", str(RING["steps"]),
-                                "--micro-batches", str(RING["micro_batches"]),
-                                "--micro-batch-size", str(RING["micro_batch_size"]), "--seq-len", str(RING["seq_len"]),
-                                "--out", str(out)], check=True, capture_output=True)
-                seconds = [step["step_seconds"] for step in step_records(out)[1:]]
+                command = ["train", "--local", str(RING["agents"]), "--model", RING["model"], "--data",
+                           str(data / "train.jsonl"), "--split", "even", "--base-dtype", dtype, "--threads", "1",
+                           "--steps", str(RING["steps"]), "--micro-batches", str(RING["micro_batches"]),
+                           "--micro-batch-size", str(RING["micro_batch_size"]), "--seq-len", str(RING["seq_len"]),
+                           "--out", str(out)]
+                run = subprocess.run([sys.executable, "-m", "ringtune.cli", *command], capture_output=True, text=True)
+                if run.returncode:
+                    raise SystemExit(f"the {dtype} ring failed: {run.stderr[-2000:]}")
+                steps = step_records(out)[1:]
+                seconds = [step["step_seconds"] for step in steps]
+                compute = [sum(sum(device["compute_seconds"].values()) for device in step["devices"].values())
+                           for step in steps]  # every stage's forward and backward time, all devices
                 rows.append({"rep": rep, "base_dtype": dtype, "step_seconds": statistics.median(seconds),
-                             "steps_seconds": seconds, "load_average": os.getloadavg()})
+                             "steps_seconds": seconds, "compute_seconds": statistics.median(compute),
+                             "load_average": os.getloadavg()})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def ring_result(reps: int) -> dict:
     rows = ring(reps)
-    median = {d: statistics.median(r["step_seconds"] for r in rows if r["base_dtype"] == d) for d in ("fp32", "int8")}
-    return {"settings": RING, "runs": rows, "int8_step_vs_fp32": median["int8"] / median["fp32"],
+    def ratio(key: str) -> float:
+        median = {d: statistics.median(r[key] for r in rows if r["base_dtype"] == d) for d in ("fp32", "int8")}
+        return median["int8"] / median["fp32"]
+
+    return {"settings": RING, "runs": rows, "int8_step_vs_fp32": ratio("step_seconds"),
+            "int8_compute_vs_fp32": ratio("compute_seconds"),
             "int8_vs_fp32_per_rep": [b["step_seconds"] / a["step_seconds"] for a, b in zip(rows[::2], rows[1::2])]}
 
 

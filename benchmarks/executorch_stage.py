@@ -60,12 +60,12 @@ def main() -> int:
 
 
 def export_both(args, root: Path) -> dict:
+    from edge_runtime.backends.executorch.export import export_executorch_stage
+    from edge_runtime.backends.torch.export import export_torch_stage
     from edge_runtime.models.lora import LoraSpec, apply_lora
     from edge_runtime.models.registry import load_config, load_model, weight_source
     from edge_runtime.models.slices import skeleton
     from edge_runtime.models.stage import build_stage
-    from exporters.executorch_export import export_executorch_stage
-    from exporters.torch_export import export_torch_stage
     from ringtune.manifest import ExportManifest, toolchain_versions
     from ringtune.plan import StageSpec
     from ringtune.run_shape import RunShape
@@ -155,10 +155,10 @@ def _runner(runtime: str, export_dir: Path):
     from ringtune.optimizer_spec import OptimizerSpec
 
     if runtime == "executorch":
-        from edge_runtime.runners.executorch_runner import ExecuTorchStageRunner
+        from edge_runtime.backends.executorch.runner import ExecuTorchStageRunner
         return ExecuTorchStageRunner(export_dir, 0, OptimizerSpec())
-    from edge_runtime.runners.torch_runner import TorchStageRunner
-    from exporters.torch_export import load_torch_stage
+    from edge_runtime.backends.torch.load import load_torch_stage
+    from edge_runtime.backends.torch.runner import TorchStageRunner
     module, lora = load_torch_stage(export_dir, 0)
     return TorchStageRunner(module, lora, OptimizerSpec())
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
-from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.memory import peak_rss
 from ringtune.optimizer_spec import OptimizerSpec
 

@@ -34,11 +34,11 @@ from coordinator.slices import ModelShipment, cut_model, owner_head, tokenizer_b
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
 from coordinator.timeline import stage_timings
 from device_profiles.profile import DeviceProfile
+from edge_runtime.backends.executorch.export import check_executorch_dtype
 from edge_runtime.checkpoint_store import Checkpoint
 from edge_runtime.models.registry import load_config, load_tokenizer
 from edge_runtime.privacy.calibration import calibrate
 from edge_runtime.training_state import pack_state
-from exporters.export import check_executorch_dtype
 from ringtune import protocol
 from ringtune.base_dtype import AUTO, BASE_DTYPES
 from ringtune.plan import Plan, PlanError, even_plan, validate_plan

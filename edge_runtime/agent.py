@@ -26,18 +26,17 @@ from safetensors.torch import save as save_tensors
 
 import ringtune
 from device_profiles.live import matmul_gflops, usable_ram
+from edge_runtime.backends.base import StageRunner
+from edge_runtime.backends.executorch.load import executorch_runners, export_from_cache, require_executorch
+from edge_runtime.backends.torch.load import torch_runners
 from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.memory import process_memory, release_free_memory, rss
-from edge_runtime.executorch_stages import executorch_runners, export_from_cache, require_executorch
-from edge_runtime.models.slices import materialize
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
-from edge_runtime.runners.base import StageRunner
-from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
@@ -405,8 +404,8 @@ class Agent:
     # --- helpers ------------------------------------------------------------------------
     def _runners(self, s: protocol.Assign, indices: list[int]) -> dict[int, StageRunner]:
         if self.runtime == "torch":
-            built = materialize(self.cache.path(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices})
-            return {i: TorchStageRunner(module, lora, s.optimizer) for i, (module, lora) in built.items()}
+            return torch_runners(self.cache.path(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices},
+                                 s.optimizer)
         if self.export_dir is None and s.export is None:
             raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
                              f"on the coordinator or start the agent with --export-dir DIR")

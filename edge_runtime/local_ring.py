@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.data.dataset import OwnerData
 from edge_runtime.models.lora import adapter_key
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import privatize
-from edge_runtime.runners.torch_runner import TorchStageRunner
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.worker import LocalStage, run_stages_step

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from edge_runtime.data.dataset import StepBatch
 from edge_runtime.memory import rss
-from edge_runtime.runners.base import StageRunner
+from edge_runtime.backends.base import StageRunner
 from edge_runtime.schedules import Action, schedule_for
 from edge_runtime.transport.base import Edge
 from ringtune.protocol import Span, StageTiming

@@ -1,6 +1,6 @@
-"""Export plan stages as the artifacts a device runtime loads (ExecuTorch programs or torch
-safetensors), with a manifest of shapes, LoRA order and file hashes.
+"""``ringtune export`` and its driver: check a plan against the model, have the runtime's backend
+(``edge_runtime.backends.<runtime>.export``) write the stages, and write the manifest that lists them.
 
-Submodules import heavy toolchains (transformers, executorch.exir) lazily: a device that only
-runs stages imports ``ringtune.manifest`` alone.
+The backends' exporters import heavy toolchains (executorch.exir) lazily: a device that only runs
+stages never imports this package (the runtime sits below it in pyproject.toml's import layers).
 """

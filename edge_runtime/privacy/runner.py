@@ -7,7 +7,7 @@ from edge_runtime.privacy.base import GradientMechanism, HiddenMechanism, NoiseS
 from edge_runtime.privacy.dchi import DChiMechanism
 from edge_runtime.privacy.gaussian import GaussianMechanism
 from edge_runtime.privacy.maxnorm import MaxNormMechanism
-from edge_runtime.runners.base import StageRunner
+from edge_runtime.backends.base import StageRunner
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.privacy_spec import PrivacySpec
 

@@ -125,18 +125,18 @@ def test_a_replan_that_does_not_fit_after_a_device_leaves_pauses_without_shippin
 @pytest.mark.root
 def test_an_agent_whose_disk_cannot_take_its_slice_refuses_it_and_the_run_says_which_device_and_what_to_do(
         agents, tmp_path):
-    """node1's state directory is a real 64 MB filesystem: less than its slice and the space kept free."""
+    """The owner's state directory is a real 64 MB filesystem: less than its slice and the space kept free."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
-    (tmp_path / "node1").mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmp_path / "node1")], check=True)
+    (tmp_path / "owner").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmp_path / "owner")], check=True)
     try:
-        ring = agents(["owner", "node1"])
-        run = train([a.url for a in ring.values()], tmp_path / "out", "--model", "tiny-llama", "--steps", "1")
+        ring = agents(["owner"])
+        run = train([ring["owner"].url], tmp_path / "out", "--model", "tiny-llama", "--steps", "1")
         _, stderr = run.communicate(timeout=300)
     finally:
-        subprocess.run(["umount", "--lazy", str(tmp_path / "node1")], check=True)
+        subprocess.run(["umount", "--lazy", str(tmp_path / "owner")], check=True)
     assert run.returncode == 2, stderr
-    assert "error: agent node1: this device can free only" in stderr, stderr
+    assert "error: agent owner: this device can free only" in stderr, stderr
     assert "free disk space on this device, or restart its agent with --state-dir on a larger disk" in stderr
     assert "Traceback" not in stderr

@@ -7,7 +7,7 @@ gives each helper one block and leaves the owner the embedding (head) and the no
 (tail), the fewest blocks a 3-device ring takes, and one export cache serves the whole module:
 tiny-llama-2l runs all on ExecuTorch, then mixed on the cached stages; tiny-gpt2-2l runs mixed
 with only node2 on torch, which exports head, middle and tail but one block. The "full" role is
-tests/exporters/test_executorch_export.py's.
+tests/edge_runtime/backends/executorch/test_export.py's.
 """
 import json
 import os
@@ -41,7 +41,7 @@ LORA = LoraSpec(r=4, alpha=8, seed=11)
 OPTIMIZER = OptimizerSpec(lr=0.01)
 # Per architecture: the runtimes of owner, node1, node2 in the ring checked against torch training.
 EXECUTORCH_RUNTIMES = {"tiny-llama": "executorch", "tiny-gpt2": "executorch,executorch,torch"}
-# Gemma-3's programs are checked by tests/exporters/test_executorch_export.py (the "full" role): a
+# Gemma-3's programs are checked by tests/edge_runtime/backends/executorch/test_export.py (the "full" role): a
 # ring of it here would lower three more stages.
 ARCHITECTURES = list(EXECUTORCH_RUNTIMES)
 

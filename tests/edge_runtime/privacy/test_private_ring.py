@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import ARCHITECTURES, write_text_data
+from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
 from edge_runtime.models.lora import LoraSpec, apply_lora
@@ -15,7 +16,6 @@ from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
 from edge_runtime.privacy.runner import check_public_prefix, privatize
-from edge_runtime.runners.torch_runner import TorchStageRunner
 from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan

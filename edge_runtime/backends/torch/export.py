@@ -1,33 +1,23 @@
-"""Export one stage for the torch runtime: its slice file, cut from the weights without the whole model.
+"""Export stages for the torch runtime: each its slice file, cut from the weights without the whole model.
 
 ``stage{i}/weights.safetensors`` is the stage's slice (``edge_runtime.models.slices``: frozen weights at
 the plan's base dtype, buffers such as the rotary frequencies, and the initial LoRA tensors), cut by the
 same function as the slices the coordinator ships; ``config.json`` is the model config.
-``load_torch_stage`` builds the skeleton on the meta device and maps only this stage.
+``load.load_torch_stage`` builds the skeleton on the meta device and maps only this stage.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from torch import nn
 from transformers import PreTrainedConfig
 
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.slices import Skeleton, SliceError, build_stages, cut_slice, materialize
-from edge_runtime.models.stage import StageModule, stage_lora
+from edge_runtime.models.slices import Skeleton, build_stages, cut_slice, skeleton
+from edge_runtime.models.stage import stage_lora
 from edge_runtime.models.weights import WeightSource
-from ringtune.manifest import (
-    ExportManifest,
-    ManifestError,
-    StageManifest,
-    TensorSpec,
-    dtype_name,
-    sha256_file,
-    stage_io,
-    verified_path,
-)
-from ringtune.plan import StageSpec
+from ringtune.manifest import StageManifest, TensorSpec, dtype_name, sha256_file, stage_io
+from ringtune.plan import Plan, StageSpec
+from ringtune.progress import Progress
 from ringtune.run_shape import RunShape
 
 CONFIG_NAME = "config.json"
@@ -37,6 +27,21 @@ def write_config(config: PreTrainedConfig, out_dir: Path) -> str:
     """The model config as ``config.json`` in out_dir (shared by the stages); its relative path."""
     (Path(out_dir) / CONFIG_NAME).write_text(config.to_json_string(use_diff=False))
     return CONFIG_NAME
+
+
+def export_torch_stages(config: PreTrainedConfig, source: WeightSource, plan: Plan, indices: list[int],
+                        out_dir: Path, shape: RunShape, lora_spec: LoraSpec,
+                        progress: Progress) -> tuple[StageManifest, ...]:
+    """Write the plan stages at ``indices`` under out_dir/stage{i}/, their frozen weights at the plan's base
+    dtype, each cut from the model's weights on its own."""
+    skel = skeleton(config, lora_spec, plan.base_dtype, initial_lora=True)
+    stages = []
+    blocks = sum(plan.stages[i].num_layers for i in indices)
+    with progress.task(f"cutting {plan.base_dtype} torch stages {indices}", blocks, "blocks") as task:
+        for i in indices:
+            stages.append(export_torch_stage(source, skel, plan.stages[i], i, shape, out_dir))
+            task.advance(plan.stages[i].num_layers)
+    return tuple(stages)
 
 
 def export_torch_stage(source: WeightSource, skel: Skeleton, spec: StageSpec, index: int, shape: RunShape,
@@ -52,19 +57,3 @@ def export_torch_stage(source: WeightSource, skel: Skeleton, spec: StageSpec, in
     return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
                          sha256={files["weights"]: digest, CONFIG_NAME: sha256_file(Path(out_dir) / CONFIG_NAME)},
                          inputs=inputs, outputs=outputs, lora=lora_specs)
-
-
-def load_torch_stage(export_dir: Path, stage_index: int) -> tuple[StageModule, dict[str, nn.Parameter]]:
-    """The stage module and its LoRA tensors (as ``build_stage`` returns them), from a torch export."""
-    manifest = ExportManifest.read(export_dir)
-    if manifest.runtime != "torch":
-        raise ManifestError(f"{export_dir} holds a {manifest.runtime!r} export; export with --runtime torch "
-                            f"for a torch agent")
-    stage = manifest.stage(stage_index)
-    config = json.loads(verified_path(export_dir, stage, "config").read_text())
-    weights = verified_path(export_dir, stage, "weights")
-    spec = StageSpec(stage.device, stage.layers, stage.role)
-    try:
-        return materialize(weights, config, LoraSpec.from_dict(manifest.lora), {stage_index: spec})[stage_index]
-    except SliceError as error:
-        raise ManifestError(f"stage {stage_index}: {error}; export again with this ringtune version") from None

@@ -11,18 +11,29 @@
 Frozen base weights are baked into both programs (ExecuTorch does not share constants between
 programs), the LoRA tensors are program inputs so the Python optimizer can feed updated values.
 Shapes are fixed: micro-batch size x sequence length.
+
+Lowering is slow (tens of seconds per block, all of it Python graph passes, one core) and each
+stage's ``forward`` and ``vjp`` lower independently, so with ``workers > 1`` each program is lowered
+in its own process, the biggest first.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
+from transformers import PreTrainedConfig
 
+from edge_runtime.models.lora import LoraSpec
+from edge_runtime.models.slices import cut_slice, materialize, skeleton
 from edge_runtime.models.stage import StageModule, token_loss_sum
+from edge_runtime.models.weights import WeightSource
+from ringtune.lifetime import end_with_parent
 from ringtune.manifest import (
     StageManifest,
     TensorSpec,
@@ -30,10 +41,14 @@ from ringtune.manifest import (
     sha256_file,
     stage_io,
 )
-from ringtune.plan import StageSpec
+from ringtune.plan import Plan, StageSpec
+from ringtune.progress import Progress
+from ringtune.quiet import quiet_libraries
 from ringtune.run_shape import RunShape
 
 LOSS_ROLES = ("tail", "full")
+SCRATCH_SLICE = "slice.safetensors.tmp"
+"""A stage's fp32 slice while its ExecuTorch programs are lowered (deleted after)."""
 
 
 class ExportError(RuntimeError):
@@ -65,6 +80,78 @@ class _StageFunction(nn.Module):
         else:
             return output
         return (result,) if self.joint else result
+
+
+def check_executorch_dtype(base_dtype: str) -> None:
+    """ExecuTorch programs keep their frozen weights in fp32 for now: refuse other dtypes in one line."""
+    if base_dtype != "fp32":
+        raise ValueError(f"ExecuTorch stages take --base-dtype fp32 only (XNNPACK's int8 linears also quantize "
+                         f"activations, which would break exactness): use --base-dtype fp32, or run the "
+                         f"{base_dtype} stages with --runtime torch")
+
+
+def export_executorch_stages(config: PreTrainedConfig, source: WeightSource, plan: Plan, indices: list[int],
+                             out_dir: Path, shape: RunShape, lora_spec: LoraSpec, workers: int,
+                             progress: Progress) -> tuple[StageManifest, ...]:
+    """Write the programs of the plan stages at ``indices`` under out_dir/stage{i}/. Each stage is cut from the
+    model's weights into a scratch slice of its own (mapped, so no process holds the whole model)."""
+    check_executorch_dtype(plan.base_dtype)
+    skel = skeleton(config, lora_spec, initial_lora=True, attn_implementation="eager")
+    slices = {}
+    for i in indices:
+        (out_dir / f"stage{i}").mkdir(exist_ok=True)
+        slices[i] = out_dir / f"stage{i}" / SCRATCH_SLICE
+        cut_slice(source, skel, {i: plan.stages[i]}, slices[i])
+    try:
+        return _export_programs(config.to_dict(), plan, indices, slices, out_dir, shape, lora_spec, workers, progress)
+    finally:
+        for path in slices.values():
+            path.unlink(missing_ok=True)
+
+
+def _export_programs(config: dict, plan: Plan, indices: list[int], slices: dict[int, Path], out_dir: Path,
+                     shape: RunShape, lora_spec: LoraSpec, workers: int, progress) -> tuple[StageManifest, ...]:
+    stages = {i: _stage(slices[i], config, lora_spec, plan.stages[i], i) for i in indices}
+    jobs = [(i, kind) for i in indices for kind in stage_programs(plan.stages[i], bool(stages[i][1]))]
+    # Lowering time grows with the graph: blocks, and the joint graph is about twice the forward.
+    jobs.sort(key=lambda job: -(plan.stages[job[0]].num_layers + 1) * (2 if job[1] == "vjp" else 1))
+    blocks = sum(plan.stages[i].num_layers for i, _ in jobs)
+    with progress.task(f"exporting ExecuTorch programs of stages {indices}", blocks, "blocks") as task:
+        if workers > 1 and len(jobs) > 1:
+            context = multiprocessing.get_context("spawn")  # no forked torch/executorch state
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                     initializer=_start_worker) as pool:
+                futures = {pool.submit(_write_program_job, str(slices[i]), config, lora_spec.to_dict(),
+                                       plan.to_dict(), i, shape, str(out_dir), kind): i for i, kind in jobs}
+                for future in as_completed(futures):
+                    future.result()
+                    task.advance(plan.stages[futures[future]].num_layers)
+        else:
+            for i, kind in jobs:
+                write_program(*stages[i], plan.stages[i], i, shape, out_dir, kind)
+                task.advance(plan.stages[i].num_layers)
+    return tuple(write_stage_manifest(*stages[i], plan.stages[i], i, shape, out_dir) for i in indices)
+
+
+def _start_worker() -> None:
+    """A lowering worker: library warnings filtered, and it ends with the coordinator (even a killed one)."""
+    quiet_libraries()
+    end_with_parent()
+
+
+def _stage(slice_path: Path, config: dict, lora_spec: LoraSpec, spec, index: int):
+    """(stage module, LoRA tensors) mapped from the stage's slice, with eager attention (SDPA does not lower to
+    XNNPACK; eager attention computes the same function)."""
+    return materialize(slice_path, config, lora_spec, {index: spec}, attn_implementation="eager")[index]
+
+
+def _write_program_job(slice_path: str, config: dict, lora: dict, plan: dict, index: int, shape: RunShape,
+                       out_dir: str, kind: str) -> None:
+    """One program, in a worker process."""
+    torch.set_num_threads(1)  # one lowering per core; the passes are single-threaded Python anyway
+    spec = Plan.from_dict(plan).stages[index]
+    write_program(*_stage(Path(slice_path), config, LoraSpec.from_dict(lora), spec, index), spec, index, shape,
+                  Path(out_dir), kind)
 
 
 def stage_programs(spec: StageSpec, has_lora: bool) -> tuple[str, ...]:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_runtime.models.lora import LoraSpec
-from ringtune.manifest import MANIFEST_NAME, ExportManifest, ManifestError
-from ringtune.optimizer_spec import OptimizerSpec
-from edge_runtime.runners.executorch_runner import (
+from edge_runtime.backends.executorch.runner import (
     INSTALL_HINT,
     ExecuTorchNotInstalledError,
     ExecuTorchStageRunner,
 )
+from edge_runtime.models.lora import LoraSpec
 from edge_runtime.slice_cache import SliceCache
+from ringtune.manifest import MANIFEST_NAME, ExportManifest, ManifestError
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan
 from ringtune.run_shape import RunShape
 

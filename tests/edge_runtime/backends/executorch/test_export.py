@@ -17,17 +17,17 @@ import torch
 pytest.importorskip("executorch")
 pytestmark = pytest.mark.slow
 
+from edge_runtime.backends.executorch.export import export_executorch_stage
+from edge_runtime.backends.executorch.runner import (
+    ExecuTorchNotInstalledError,
+    ExecuTorchStageRunner,
+)
+from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
 from ringtune.manifest import ExportManifest, ManifestError
 from ringtune.optimizer_spec import OptimizerSpec
-from edge_runtime.runners.executorch_runner import (
-    ExecuTorchNotInstalledError,
-    ExecuTorchStageRunner,
-)
-from edge_runtime.runners.torch_runner import TorchStageRunner
-from exporters.executorch_export import export_executorch_stage
 from ringtune.plan import StageSpec
 from ringtune.run_shape import RunShape
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from edge_runtime.runners.base import StageRunner
+from edge_runtime.backends.base import StageRunner
 
 from ringtune.manifest import (
     ExportManifest,

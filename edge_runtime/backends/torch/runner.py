@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from edge_runtime.backends.base import StageRunner
 from edge_runtime.models.stage import StageModule
-from edge_runtime.runners.base import StageRunner
 from ringtune.optimizer_spec import OptimizerSpec
 
 
