@@ -2,9 +2,10 @@
 
 ``OUT/run.json`` (lineage and settings, for --resume), ``plan.json``, ``metrics.jsonl`` (one JSON
 line per step or event), ``checkpoints/`` (atomic, hashed), the adapter (``adapter_config.json``,
-``adapter_model.safetensors``) with its ``ringtune.json`` (plan, losses, settings) and ``logs/``
-(local agents' stderr). Settings pass through ``settings_record``, which has no secret to write: the
-pairing token never reaches this module.
+``adapter_model.safetensors``) with its ``ringtune.json`` (plan, losses, settings), ``logs/``
+(local agents' stderr) and, with --timeline, ``timeline.png`` (drawn by coordinator/timeline.py at the
+path given here). Settings pass through ``settings_record``, which has no secret to write: the pairing
+token never reaches this module.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ringtune.plan import Plan
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
+TIMELINE_FILE = "timeline.png"
 
 
 class RunStore:
@@ -32,6 +34,11 @@ class RunStore:
     def logs(self) -> Path:
         """Where local agents write their logs."""
         return self.out / "logs"
+
+    @property
+    def timeline(self) -> Path:
+        """Where --timeline draws a typical step."""
+        return self.out / TIMELINE_FILE
 
     @property
     def checkpoints(self) -> CheckpointStore:

@@ -32,6 +32,7 @@ from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
 from coordinator.slices import ModelShipment, cut_model, owner_head, tokenizer_blob_of
 from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
+from coordinator.timeline import stage_timings
 from device_profiles.profile import DeviceProfile
 from edge_runtime.backends.executorch.export import check_executorch_dtype
 from edge_runtime.checkpoint_store import Checkpoint
@@ -340,7 +341,7 @@ class RingSession:
         owner = results[plan.owner].result
         return {"step": step + 1, "loss": owner.loss, "tokens": owner.tokens,
                 "tokens_per_s": owner.tokens / elapsed, "step_seconds": elapsed,
-                "devices": {name: {"compute_seconds": st.result.compute_seconds, "bytes_sent": st.result.bytes_sent,
+                "devices": {name: {**stage_timings(st.result.stages), "bytes_sent": st.result.bytes_sent,
                                    "rss": st.rss, "peak_rss": st.peak_rss}
                             for name, st in results.items()}}
 

@@ -387,8 +387,7 @@ class Agent:
             losses = [r.loss for r in results.values() if r.loss is not None]
             result = protocol.StepResult(loss=losses[0] if losses else None,
                                          tokens=batch.tokens if batch is not None else 0,
-                                         compute_seconds={i: r.compute_seconds for i, r in results.items()},
-                                         wall_seconds={i: r.wall_seconds for i, r in results.items()},
+                                         stages={i: r.timing for i, r in results.items()},
                                          bytes_sent=sum(edge.bytes_sent for _, _, edge in run.edges))
             release_free_memory()  # what the step freed goes back before the next one
             with self._lock:

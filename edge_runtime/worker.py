@@ -11,6 +11,7 @@ from edge_runtime.memory import rss
 from edge_runtime.backends.base import StageRunner
 from edge_runtime.schedules import Action, schedule_for
 from edge_runtime.transport.base import Edge
+from ringtune.protocol import Span, StageTiming
 
 log = logging.getLogger(__name__)
 
@@ -31,44 +32,49 @@ class LocalStage:
 class StageStepStats:
     loss: float | None
     """Step loss (tail/full stage only)."""
-    compute_seconds: float
-    """Time spent in forward/backward/optimizer, excluding waits for frames."""
-    wall_seconds: float
-    """Time from the first action to the optimizer step."""
+    timing: StageTiming
+    """Where the stage's step went."""
 
 
-def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: StepBatch | None) -> StageStepStats:
-    """batch is the owner's data for this step (needed by the head, tail and full stages)."""
+def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: StepBatch | None,
+                   started: float) -> StageStepStats:
+    """batch is the owner's data for this step (needed by the head, tail and full stages); started is the
+    agent's step start (perf_counter), the zero of every stage's spans so the owner's two lanes share a clock."""
     runner = stage.runner
     runner.begin_step(step)
-    loss, compute = 0.0, 0.0
-    started = time.perf_counter()
+    loss, compute, wait, send = 0.0, 0.0, 0.0, 0.0
+    spans = []
     for action in actions:
         mb = action.microbatch
+        waiting = time.perf_counter()
         if action.kind == "F":
             inputs = batch.input_ids[mb] if stage.prev is None else stage.prev.recv("activation", step, mb)
             labels = batch.labels[mb] if stage.next is None else None
             tokens = batch.scored_tokens if stage.next is None else None
-            t0 = time.perf_counter()
+            computing = time.perf_counter()
             output = runner.forward(mb, inputs, labels, tokens)
-            compute += time.perf_counter() - t0
+            sending = time.perf_counter()
             if stage.next is None:
                 loss += float(output)
             else:
                 stage.next.send("activation", step, mb, output)
         else:
             grad = None if stage.next is None else stage.next.recv("gradient", step, mb)
-            t0 = time.perf_counter()
+            computing = time.perf_counter()
             grad_input = runner.backward(mb, grad)
-            compute += time.perf_counter() - t0
+            sending = time.perf_counter()
             if stage.prev is not None:
                 stage.prev.send("gradient", step, mb, grad_input)
+        sent = time.perf_counter()
+        wait, compute, send = wait + computing - waiting, compute + sending - computing, send + sent - sending
+        spans.append(Span(action.kind, mb, computing - started, sending - started))
         if log.isEnabledFor(logging.DEBUG):  # memory per micro-batch in flight (ringtune -v agent ...)
             log.debug("step %d stage %d after %s%d: RSS %.1f MB", step, stage.index, action.kind, mb, rss() / 1e6)
     t0 = time.perf_counter()
     runner.step()
     compute += time.perf_counter() - t0
-    return StageStepStats(loss if stage.next is None else None, compute, time.perf_counter() - started)
+    timing = StageTiming(compute, wait, send, time.perf_counter() - started, tuple(spans))
+    return StageStepStats(loss if stage.next is None else None, timing)
 
 
 def run_stages_step(stages: list[LocalStage], step: int, batch: StepBatch | None, schedule: str, num_stages: int,
@@ -76,11 +82,12 @@ def run_stages_step(stages: list[LocalStage], step: int, batch: StepBatch | None
     """One step of several stages held by one process, each in its own thread (they exchange frames with
     each other). A failing stage aborts ``edges`` so the others stop waiting; its error is raised."""
     results: dict[int, StageStepStats | BaseException] = {}
+    started = time.perf_counter()
 
     def work(stage: LocalStage) -> None:
         actions = schedule_for(schedule, num_stages, stage.index, micro_batches)
         try:
-            results[stage.index] = run_stage_step(stage, step, actions, batch)
+            results[stage.index] = run_stage_step(stage, step, actions, batch, started)
         except BaseException as error:
             results[stage.index] = error
             for edge in edges:

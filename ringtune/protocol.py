@@ -29,12 +29,13 @@ from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 from ringtune.wire import WireSpec
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 """3: typed messages, hello says which run an agent is busy with, assign carries the run's lineage;
 4: hello names the agent's link probe port;
 5: hello carries the agent's resident memory and its runtime baseline, status its peak RSS;
 6: calibrate may name the tokenizer, and the owner replies with its data's share of scored positions;
-7: assign names the wire codecs of the hidden states and gradients (frames name theirs)."""
+7: assign names the wire codecs of the hidden states and gradients (frames name theirs);
+8: a step's result says, per stage, how long it computed, waited and sent, and when each F and B ran."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest command an agent accepts (weights ship in chunks of CHUNK_BYTES)."""
 MAX_REPLY_BYTES = 1024 * 1024 * 1024
@@ -170,6 +171,36 @@ class AssignReply(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class Span:
+    """One forward or backward of a micro-batch, as a stage computed it (what ``train --timeline`` draws)."""
+
+    kind: Literal["F", "B"]
+    """F (forward) or B (backward)."""
+    microbatch: int
+    """Micro-batch index within the step."""
+    start: float
+    """Seconds from the agent's step start."""
+    end: float
+    """Seconds from the agent's step start."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageTiming:
+    """Where one stage's step went, by its agent's clock."""
+
+    compute_seconds: float
+    """Forward, backward and optimizer time; waits and sends excluded."""
+    wait_seconds: float
+    """Blocked on a neighbour's frame: its compute, the link and the schedule's bubbles."""
+    send_seconds: float
+    """Handing frames to the link: encoding, sealing, and a full socket buffer's back-pressure."""
+    wall_seconds: float
+    """From the agent's step start to this stage's optimizer step done."""
+    spans: tuple[Span, ...]
+    """Every forward and backward of the step, in the order computed."""
+
+
+@dataclass(frozen=True, slots=True)
 class StepResult:
     """What an agent measured in its last step."""
 
@@ -177,10 +208,8 @@ class StepResult:
     """Step loss (the owner's tail stage; None elsewhere)."""
     tokens: int
     """Scored tokens of the step (owner; 0 elsewhere)."""
-    compute_seconds: dict[int, float]
-    """Forward/backward/optimizer time per local stage, waits excluded."""
-    wall_seconds: dict[int, float]
-    """Time from the first action to the optimizer step, per local stage."""
+    stages: dict[int, StageTiming]
+    """Timings per local stage."""
     bytes_sent: int
     """Data-plane bytes this agent sent in the run so far."""
 

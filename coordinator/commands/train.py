@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from coordinator.timeline import draw_timeline, require_matplotlib, typical_step
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
 from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
@@ -61,6 +62,9 @@ def register(subparsers) -> None:
                         help="link bandwidth the planner assumes for every agent (default: measured to each "
                              "agent before planning, a short timed transfer)")
     parser.add_argument("--wire", default="fp32", help=WIRE_HELP)
+    parser.add_argument("--timeline", action="store_true",
+                        help="draw a typical step (a lane per stage, each micro-batch's forward and backward) to "
+                             "timeline.png beside metrics.jsonl (needs matplotlib: pip install 'ringtune[bench]')")
     parser.add_argument("--threads", type=int, help="torch threads per local agent (default: cores / N)")
     parser.add_argument("--runtime", default="torch",
                         help="with --local: torch or executorch for every agent, or one per agent (owner first), "
@@ -137,6 +141,8 @@ def train(args, discovery) -> int:
         sliceable_meta_model(load_config(args.model))  # an unknown or unsplittable model fails before any agent starts
         PrivacySpec.parse(args.privacy, args.grad_privacy).check_seq_len(args.seq_len)  # and so does a bad --privacy
         WireSpec.resolve(args.wire, float("inf"))  # and a bad --wire
+    if args.timeline:
+        require_matplotlib()
     store = RunStore(args.out)
     resumed = store.read_run() if args.resume else None
     plan = Plan.from_json(args.plan.read_text()) if args.plan else None
@@ -196,6 +202,10 @@ def train(args, discovery) -> int:
           f"{result.tokens_per_second:.0f} tokens/s")
     print(f"adapter: {result.adapter_dir} (load with peft.PeftModel.from_pretrained(base_model, "
           f"'{result.adapter_dir}'))")
+    if args.timeline:
+        from coordinator.run_store import step_records
+
+        print(f"timeline: {draw_timeline(typical_step(step_records(args.out)), store.timeline)}")
     return 0
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
 from coordinator.run_store import step_records
+from coordinator.timeline import lanes
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
@@ -64,6 +65,27 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft_and_loads_in_peft(name
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["devices"]["node1"]["bytes_sent"] > 0 for m in metrics)
     assert_peft_reproduces_the_trained_model(name, tmp_path)
+
+
+def test_timeline_shows_where_each_stage_spent_the_step(data, tmp_path):
+    """--timeline draws a step beside metrics.jsonl; every stage's compute, wait and send fit in its agent's step,
+    which fits in the coordinator's, and its spans (one F and one B per micro-batch) follow each other inside it."""
+    result = train("--model", "tiny-llama", "--local", "3", "--data", str(data), "--out", str(tmp_path), *SHAPE,
+                   "--steps", "2", "--timeline")
+    assert result.returncode == 0, result.stderr
+    assert f"timeline: {tmp_path / 'timeline.png'}" in result.stdout
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for record in step_records(tmp_path):
+        stages = lanes(record)
+        assert [lane.label for lane in stages] == ["owner head", "node1", "node2", "owner tail"]
+        for lane in stages:
+            t, spans = lane.timing, lane.timing.spans
+            assert sorted((s.kind, s.microbatch) for s in spans) == [(k, mb) for k in "BF" for mb in range(4)]
+            assert 0 <= spans[0].start and all(s.start < s.end <= n.start for s, n in zip(spans, spans[1:]))
+            assert spans[-1].end <= t.wall_seconds <= record["step_seconds"]
+            assert sum(s.end - s.start for s in spans) <= t.compute_seconds + 1e-9
+            assert t.compute_seconds + t.wait_seconds + t.send_seconds <= t.wall_seconds + 1e-9
+        assert stages[1].timing.wait_seconds > 0 and stages[1].timing.send_seconds > 0  # a helper gets and sends frames
 
 
 def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_peft(data, tmp_path, monkeypatch):

@@ -35,8 +35,10 @@ REPLIES = [
     protocol.HaveReply(missing=[]), protocol.UploadReply(complete=True),
     protocol.AssignReply(listen={1: "tcp://10.0.0.2:9000"}),
     protocol.StatusReply(state="idle", rss=1 << 30, peak_rss=1 << 31, refused_control=2, pairing_backoff=1, step=3,
-                         result=protocol.StepResult(loss=1.5, tokens=40, compute_seconds={0: 0.1, 3: 0.2},
-                                                    wall_seconds={0: 0.5, 3: 0.5}, bytes_sent=1000),
+                         result=protocol.StepResult(loss=1.5, tokens=40, stages={
+                             0: protocol.StageTiming(0.1, 0.3, 0.05, 0.5, (protocol.Span("F", 0, 0.0, 0.05),
+                                                                         protocol.Span("B", 0, 0.4, 0.45))),
+                             3: protocol.StageTiming(0.2, 0.2, 0.0, 0.5, ())}, bytes_sent=1000),
                          refused={"replay": 1}),
     protocol.StatusReply(state="error", rss=1, peak_rss=2, refused_control=0, pairing_backoff=0, error="x", ring_broken=True),
     protocol.StagesReply(stages={0: b"\0" * 10}), protocol.FetchCheckpointReply(step=None),
