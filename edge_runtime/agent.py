@@ -32,7 +32,7 @@ from edge_runtime.backends.torch.load import torch_runners
 from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
-from edge_runtime.memory import process_memory, release_free_memory, rss
+from edge_runtime.memory import freeze_long_lived, process_memory, release_free_memory, rss, thaw
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
@@ -359,13 +359,14 @@ class Agent:
                 if previous.is_alive():
                     raise RuntimeError(f"the worker of this agent's previous run has not ended after {2 * s.timeout:.0f}"
                                        f" s (its memory is not freed yet): restart the agent {self.name}")
+            thaw()
             noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
             run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
                                      s.plan.micro_batches, s.seed, s.privacy.hide_labels)
-            release_free_memory()
+            freeze_long_lived()
             with self._lock:
                 if run.state == "loading":
                     run.state = "ready"

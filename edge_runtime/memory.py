@@ -59,6 +59,19 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def freeze_long_lived() -> None:
+    """After a run is loaded: release, then take every object alive now (the imports, the stages, the data) out
+    of the collector's view, so the collection after each step walks only what the step made. A full one over an
+    agent's ~400k objects cost 0.2 s of CPU here (more on a Pi), on every step's critical path."""
+    release_free_memory()
+    gc.freeze()
+
+
+def thaw() -> None:
+    """Before the next run loads: what the previous run froze may be collected again (no run leaks another's)."""
+    gc.unfreeze()
+
+
 def process_memory(pid: int | str = "self") -> dict[str, int]:
     """VmRSS, VmHWM (peak), RssAnon, RssFile, ... of /proc/PID/status in bytes ({} if it is gone)."""
     try:
