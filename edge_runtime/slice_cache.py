@@ -111,11 +111,11 @@ class SliceCache:
             path.unlink(missing_ok=True)
         evictable = [p for p in blobs if p.exists() and p.name not in self._pinned
                      and p.stat().st_mtime < now - IN_USE_SECONDS]
-        needed, free = total + self.reserve_bytes, self._free()
-        if free + sum(p.stat().st_size for p in evictable) < needed:
-            self._refuse(total, free + sum(p.stat().st_size for p in evictable))
+        needed, could_free = total + self.reserve_bytes, self._free() + sum(p.stat().st_size for p in evictable)
+        if could_free < needed:
+            self._refuse(total, could_free)
         while evictable and self._free() < needed:
-            evictable.pop(0).unlink()
+            evictable.pop(0).unlink(missing_ok=True)  # an agent sharing the directory may have evicted it first
         if self._free() < needed:
             self._refuse(total, self._free())
 
