@@ -1,12 +1,13 @@
 """Per-stage benchmark: ExecuTorch (XNNPACK) vs eager PyTorch for one slice of a model.
 
-Exports the stage for both runtimes, then measures each runtime in its own process (so peak RSS
-is that runtime's alone; the torch side loads only its slice via the torch export): forward time,
-forward + backward time (ExecuTorch: forward.pte then vjp.pte, which recomputes the forward),
-peak RSS. Also records export time, file sizes, and which ops of each program run outside
-XNNPACK (portable kernels), the usual reason a program is slower than eager.
+Exports the stage's slice (torch) and the model's block programs (ExecuTorch: one forward/backward
+pair per block structure, the weights as inputs), then measures each runtime in its own process (so
+peak RSS is that runtime's alone; both load only the slice): forward time, forward + backward time
+(ExecuTorch: each block's forward program keeps what its backward program needs), peak RSS, with
+--threads threads for torch and XNNPACK alike. Also records export time, file sizes, and which ops
+of each program run outside XNNPACK (portable kernels), the usual reason a program is slower.
 
-    python benchmarks/executorch_stage.py [--model smollm2-135m --layers 10 20 -B 4 -T 128]
+    python benchmarks/executorch_stage.py [--model smollm2-135m --layers 10 20 -B 4 -T 128 --threads 2]
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ringtune.run_shape import RunShape
+
 RESULTS = Path(__file__).parent / "results" / "executorch_stage.json"
 
 
@@ -33,21 +36,22 @@ def main() -> int:
     parser.add_argument("-B", "--micro-batch-size", type=int, default=4)
     parser.add_argument("-T", "--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and XNNPACK threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--measure", choices=("executorch", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.export_dir, args.repeats)))
+        print(json.dumps(measure(args.measure, args.export_dir, args.repeats, args.threads)))
         return 0
     with tempfile.TemporaryDirectory(prefix="ringtune-bench-") as tmp:
         result = {"model": args.model, "layers": list(args.layers), "micro_batch_size": args.micro_batch_size,
-                  "seq_len": args.seq_len, "torch_threads": torch.get_num_threads(),
+                  "seq_len": args.seq_len, "threads": args.threads,
                   "load_average_before": os.getloadavg()}
         result["export"] = export_both(args, Path(tmp))
         for runtime in ("torch", "executorch"):
-            command = [sys.executable, __file__, "--measure", runtime, "--export-dir", str(Path(tmp) / runtime),
-                       "--repeats", str(args.repeats)]
+            command = [sys.executable, __file__, "--measure", runtime, "--export-dir", str(Path(tmp)),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result[runtime] = json.loads(output.strip().splitlines()[-1])
         result["load_average_after"] = os.getloadavg()
@@ -60,39 +64,25 @@ def main() -> int:
 
 
 def export_both(args, root: Path) -> dict:
-    from edge_runtime.backends.executorch.export import export_executorch_stage
-    from edge_runtime.backends.torch.export import export_torch_stage
-    from edge_runtime.models.lora import LoraSpec, apply_lora
-    from edge_runtime.models.registry import load_config, load_model, weight_source
-    from edge_runtime.models.slices import skeleton
-    from edge_runtime.models.stage import build_stage
-    from ringtune.manifest import ExportManifest, toolchain_versions
-    from ringtune.plan import StageSpec
-    from ringtune.run_shape import RunShape
+    from edge_runtime.models.lora import LoraSpec
+    from exporters.export import export_manifest, export_programs, export_stages
+    from ringtune.plan import Plan, StageSpec
 
-    spec = StageSpec("bench", tuple(args.layers), "middle")
     shape = RunShape(args.micro_batch_size, args.seq_len)
-    report = {}
-    for runtime in ("torch", "executorch"):
-        started = time.perf_counter()
-        if runtime == "torch":
-            skel = skeleton(load_config(args.model), LoraSpec(), initial_lora=True)
-            stage = export_torch_stage(weight_source(args.model), skel, spec, 0, shape, root / runtime)
-        else:
-            model = load_model(args.model)
-            model.set_attn_implementation("eager")
-            started = time.perf_counter()
-            stage = export_executorch_stage(*build_stage(apply_lora(model, LoraSpec()), spec.layers, spec.role), spec,
-                                            0, shape, root / runtime)
-        seconds = time.perf_counter() - started
-        ExportManifest(args.model, runtime, shape.micro_batch_size, shape.seq_len, LoraSpec().to_dict(),
-                       toolchain_versions("torch", "executorch"), (stage,)).write(root / runtime)
-        report[runtime] = {"seconds": seconds,
-                           "file_mb": {kind: (root / runtime / path).stat().st_size / 1e6
-                                       for kind, path in stage.files.items()}}
-        if runtime == "executorch":
-            report[runtime]["non_delegated_ops"] = {
-                kind: non_delegated_ops(root / runtime / stage.files[kind]) for kind in ("forward", "vjp")}
+    plan = Plan(args.model, "bench", (StageSpec("bench", tuple(args.layers), "middle"),), "1f1b", 1)
+    started = time.perf_counter()
+    stage = export_stages(args.model, plan, [0], root / "torch", "torch", shape, LoraSpec())[0]
+    export_manifest(args.model, "torch", shape, LoraSpec(), (stage,)).write(root / "torch")
+    report = {"torch": {"seconds": time.perf_counter() - started,
+                        "file_mb": {kind: (root / "torch" / path).stat().st_size / 1e6 for kind, path in stage.files.items()}}}
+    started = time.perf_counter()
+    programs = export_programs(args.model, root / "executorch", shape, LoraSpec(), workers=2)
+    export_manifest(args.model, "executorch", shape, LoraSpec(), (), programs).write(root / "executorch")
+    report["executorch"] = {"seconds": time.perf_counter() - started,
+                            "file_mb": {path: (root / "executorch" / path).stat().st_size / 1e6
+                                        for p in programs for path in p.files.values()},
+                            "non_delegated_ops": {path: non_delegated_ops(root / "executorch" / path)
+                                                  for p in programs for path in p.files.values()}}
     return report
 
 
@@ -113,13 +103,14 @@ def non_delegated_ops(path: Path) -> dict:
     return dict(counts.most_common())
 
 
-def measure(runtime: str, export_dir: Path, repeats: int) -> dict:
+def measure(runtime: str, root: Path, repeats: int, threads: int) -> dict:
     from ringtune.manifest import ExportManifest
 
-    manifest = ExportManifest.read(export_dir)
+    torch.set_num_threads(threads)
+    manifest = ExportManifest.read(root / "torch")
     stage = manifest.stage(0)
     started = time.perf_counter()
-    runner = _runner(runtime, export_dir)
+    runner = _runner(runtime, root, threads)
     load_s = time.perf_counter() - started
     rss_loaded = _peak_rss_mb()
     x = torch.randn(stage.inputs[0].shape, generator=torch.Generator().manual_seed(0))
@@ -151,15 +142,15 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def _runner(runtime: str, export_dir: Path):
-    from ringtune.optimizer_spec import OptimizerSpec
-
-    if runtime == "executorch":
-        from edge_runtime.backends.executorch.runner import ExecuTorchStageRunner
-        return ExecuTorchStageRunner(export_dir, 0, OptimizerSpec())
+def _runner(runtime: str, root: Path, threads: int):
     from edge_runtime.backends.torch.load import load_torch_stage
     from edge_runtime.backends.torch.runner import TorchStageRunner
-    module, lora = load_torch_stage(export_dir, 0)
+    from ringtune.optimizer_spec import OptimizerSpec
+
+    module, lora = load_torch_stage(root / "torch", 0)
+    if runtime == "executorch":
+        from edge_runtime.backends.executorch.runner import ExecuTorchStageRunner, load_block_programs
+        return ExecuTorchStageRunner(module, lora, load_block_programs(root / "executorch", threads), OptimizerSpec())
     return TorchStageRunner(module, lora, OptimizerSpec())
 
 

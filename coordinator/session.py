@@ -31,7 +31,7 @@ from coordinator.planning.memory import check_fits
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
 from coordinator.slices import ModelShipment, cut_model, owner_head, tokenizer_blob_of
-from coordinator.stage_exports import AgentExport, agent_exports, needs_export, runs_torch
+from coordinator.stage_exports import AgentExport, executorch_export, needs_export, runs_torch
 from coordinator.timeline import stage_timings
 from device_profiles.profile import DeviceProfile
 from edge_runtime.backends.executorch.export import check_executorch_dtype
@@ -84,6 +84,7 @@ class RingSession:
         self._links: dict[str, float] = {}  # measured link bytes/s by agent, for the planner
         self._cost_tables: dict[str, CostTable] = {}  # the model's cost table by base dtype, built when first needed
         self._scored_share: float | None = None  # the owner's data: share of positions the loss scores
+        self._export: AgentExport | None = None  # the model's ExecuTorch programs, lowered or found when first needed
         self.privacy = settings.privacy  # with a preset's numbers computed at the prepared plan's cut
         self.wire = WireSpec.resolve(settings.wire, float("inf"))  # auto: decided by the links when planning
         self._config = load_config(settings.model)  # read once: every plan, calibration and check uses it
@@ -265,11 +266,10 @@ class RingSession:
     # --- ship, assign, connect ------------------------------------------------------------
     def assign(self, plan: Plan) -> Assigned:
         s = self.settings
-        shipment = cut_model(s.model, s.lora, plan, self.progress,
-                             [name for name in plan.devices() if runs_torch(self.members.hello(name))])
-        exports = self._exports(plan)
+        shipment = cut_model(s.model, s.lora, plan, self.progress)
+        export = self._programs(plan.devices())
         started = time.perf_counter()
-        self._ship(plan, shipment, exports)
+        self._ship(plan, shipment, export)
         ship_seconds = time.perf_counter() - started
         run_key = new_key()
         listen: dict[int, str] = {}
@@ -281,8 +281,8 @@ class RingSession:
                 micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, seed=s.seed,
                 run_key=wrap_key(self.members.client(name).session_key, run_key), timeout=s.data_timeout,
                 encrypt=s.encrypt, privacy=self.privacy if name == plan.owner else PrivacySpec(), wire=self.wire,
-                slice=shipment.slices[name].sha256 if runs_torch(hello) else None,
-                export=exports[name].manifest.sha256 if name in exports else None,
+                slice=shipment.slices[name].sha256,
+                export=export.manifest.sha256 if needs_export(hello) else None,
                 tokenizer=shipment.tokenizer.sha256 if name == plan.owner else None)
             listen.update(self.call(name, request).listen)
         for name in plan.devices():
@@ -294,25 +294,25 @@ class RingSession:
                           lambda name: task.advance(1))
         return Assigned(plan, ship_seconds)
 
-    def _exports(self, plan: Plan) -> dict[str, AgentExport]:
-        """ExecuTorch programs for the agents that run them (exported once per stage, then cached)."""
+    def _programs(self, names: list[str]) -> AgentExport | None:
+        """The model's ExecuTorch programs (lowered once per block structure, then cached) if one of the listed
+        agents runs ExecuTorch without an export directory of its own."""
         s = self.settings
-        names = [name for name in plan.devices() if needs_export(self.members.hello(name))]
-        if not names:
-            return {}
-        self.progress.event(f"ExecuTorch stages for {', '.join(names)} (exported once, then cached) ...")
-        started = time.perf_counter()
-        exports, exported = agent_exports(s.model, plan, names, RunShape(s.micro_batch_size, s.seq_len), s.lora,
-                                          progress=self.progress)
-        self.progress.event(f"exported stages {exported} in {time.perf_counter() - started:.0f} s" if exported
-                            else "ExecuTorch stages found in the export cache")
-        return exports
+        if self._export is None and any(needs_export(self.members.hello(name)) for name in names):
+            self.progress.event("ExecuTorch programs (lowered once per block structure, then cached) ...")
+            started = time.perf_counter()
+            self._export, lowered = executorch_export(s.model, RunShape(s.micro_batch_size, s.seq_len), s.lora,
+                                                      progress=self.progress)
+            self.progress.event(f"lowered the programs of block structures {lowered} in "
+                                f"{time.perf_counter() - started:.0f} s" if lowered
+                                else "ExecuTorch programs found in the export cache")
+        return self._export
 
-    def _ship(self, plan: Plan, shipment: ModelShipment, exports: dict[str, AgentExport]) -> None:
-        """Each agent gets only its own slice or programs (and the owner the tokenizer), unless cached; the agents
-        are sent to in parallel (each over its own link), from the files."""
-        own = {name: [exports[name].manifest, *exports[name].files] if name in exports
-               else [shipment.slices[name]] if runs_torch(self.members.hello(name)) else [] for name in plan.devices()}
+    def _ship(self, plan: Plan, shipment: ModelShipment, export: AgentExport | None) -> None:
+        """Each agent gets its own slice, ExecuTorch agents the programs too (and the owner the tokenizer), unless
+        cached; the agents are sent to in parallel (each over its own link), from the files."""
+        own = {name: [shipment.slices[name]] + (list(export.blobs) if needs_export(self.members.hello(name)) else [])
+               for name in plan.devices()}
         blobs = {name: own[name] + ([shipment.tokenizer] if name == plan.owner else []) for name in plan.devices()}
         missing = {name: self.call(name, protocol.Have(digests=[b.sha256 for b in blobs[name]])).missing
                    for name in plan.devices()}
@@ -327,7 +327,7 @@ class RingSession:
         with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
             list(pool.map(ship, blobs))
         sizes = ", ".join(f"{name} {amount_text(sum(blob.size for blob in own[name]), 'bytes')}"
-                          + ("" if runs_torch(self.members.hello(name)) else " of ExecuTorch programs") for name in own)
+                          + (" with ExecuTorch programs" if needs_export(self.members.hello(name)) else "") for name in own)
         self.progress.event(f"slices ready on every agent ({sizes})")
 
     # --- steps ----------------------------------------------------------------------------

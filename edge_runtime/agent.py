@@ -410,9 +410,14 @@ class Agent:
         if self.export_dir is None and s.export is None:
             raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
                              f"on the coordinator or start the agent with --export-dir DIR")
+        if s.slice is None:
+            raise ValueError(f"{self.name} runs ExecuTorch programs on the weights of its slice, but the coordinator "
+                             f"sent none: install the same ringtune version on both")
         export_dir = self.export_dir or export_from_cache(self.cache, s.export, self.state_dir / "exports")
-        return executorch_runners(export_dir, s.plan, indices, RunShape(s.micro_batch_size, s.seq_len),
-                                  s.lora, s.optimizer)
+        # XNNPACK's pool would take every core of the machine: give it the agent's threads
+        return executorch_runners(export_dir, self.cache.path(s.slice), s.config, s.lora,
+                                  {i: s.plan.stages[i] for i in indices}, RunShape(s.micro_batch_size, s.seq_len),
+                                  s.optimizer, torch.get_num_threads())
 
     def _edge_config(self, run: ActiveRun, stage: int, peer: int) -> EdgeConfig:
         s = run.settings

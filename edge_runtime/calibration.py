@@ -12,17 +12,14 @@ import time
 import warnings
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from edge_runtime.memory import release_free_memory, rss
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import TINY_CONFIGS
 from edge_runtime.models.stage import StageModule
-from edge_runtime.models.structure import find_parts
-
-# The block does not depend on the vocabulary: a tiny one keeps the embedding and head out of memory.
-CALIBRATION_VOCAB = 256
+from edge_runtime.models.structure import find_parts, sliceable_meta_model
 
 
 def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
@@ -32,8 +29,8 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
     weights stored as base_dtype (dequantizing costs time on the device itself): the mean over min_seconds,
     or over max_calls when those take less (a tiny model). clock: wall time (what a step takes), or
     time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
-    stage, hidden_size = _one_block_stage(config_dict, lora, base_dtype)
-    x = torch.randn(micro_batch_size, seq_len, hidden_size, requires_grad=True)  # [B, T, d]
+    stage, _ = one_block_stage(config_dict, lora, base_dtype=base_dtype)
+    x = torch.randn(micro_batch_size, seq_len, stage.config.hidden_size, requires_grad=True)  # [B, T, d]
 
     def forward_backward() -> None:
         out = stage(x)
@@ -54,9 +51,9 @@ def runtime_baseline() -> int:
     """Bytes this process keeps resident once the training runtime has run: a tiny LoRA block's
     forward, backward and AdamW step start autograd, the thread pool and the model, peft and optimizer
     code, then everything the block held is freed. The planner adds it to every stage's own memory."""
-    stage, hidden_size = _one_block_stage(TINY_CONFIGS["tiny-llama"]().to_dict(), LoraSpec(), "fp32")
+    stage, _ = one_block_stage(TINY_CONFIGS["tiny-llama"]().to_dict(), LoraSpec())
     trainable = [p for p in stage.parameters() if p.requires_grad]
-    out = stage(torch.randn(1, 8, hidden_size, requires_grad=True))  # [1, 8, d]
+    out = stage(torch.randn(1, 8, stage.config.hidden_size, requires_grad=True))  # [1, 8, d]
     out.backward(torch.ones_like(out))
     torch.optim.AdamW(trainable).step()
     del stage, trainable, out
@@ -64,13 +61,22 @@ def runtime_baseline() -> int:
     return rss()
 
 
-def _one_block_stage(config_dict: dict, lora: LoraSpec, base_dtype: str) -> tuple[StageModule, int]:
+def one_block_stage(config_dict: dict, lora: LoraSpec, index: int = 0, attn_implementation: str | None = None,
+                    base_dtype: str = "fp32") -> tuple[StageModule, list[str]]:
+    """Block ``index`` of the model a config describes, as a middle stage with LoRA and seeded random weights
+    (frozen ones stored as base_dtype), and its LoRA tensors' names in the stage. Only that block is allocated
+    (the model is built on the meta device), so a block of a 7B model costs what the block costs."""
     config = AutoConfig.for_model(**config_dict)
-    config.num_hidden_layers = 1
-    config.vocab_size = CALIBRATION_VOCAB
-    config.pad_token_id = None  # may lie outside the tiny vocabulary
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
-        model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32), lora)
-    compact_model(model, base_dtype)
-    return StageModule(find_parts(model), model.config, (0, 1), "middle"), config.hidden_size
+        with torch.device("meta"):
+            model = apply_lora(sliceable_meta_model(config), lora)
+    stage = StageModule(find_parts(model), model.config, (index, index + 1), "middle").to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(index)
+    with torch.no_grad():
+        for tensor in [*stage.parameters(), *stage.buffers()]:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    compact_model(stage, base_dtype)
+    return stage, [name for name, p in stage.named_parameters() if p.requires_grad]

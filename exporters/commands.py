@@ -1,4 +1,5 @@
-"""``ringtune export``: write each plan stage's artifacts for a runtime, plus the manifest."""
+"""``ringtune export``: write a plan's artifacts for a runtime (torch: each stage; ExecuTorch: the model's block
+programs, which serve any plan), plus the manifest."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ DEFAULT_LORA = LoraSpec()
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export the plan's stages (ExecuTorch .pte or torch safetensors) and a manifest",
+        "export", help="export the plan's model (ExecuTorch block programs) or stages (torch safetensors) and a "
+                       "manifest",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help="model name or local directory (default: the plan's model)")
     parser.add_argument("--plan", required=True, type=Path, help="plan JSON, as the coordinator writes it")
@@ -55,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
                                progress=progress)
     finally:
         progress.close()
-    for stage in manifest.stages:
-        sizes = ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB" for path in stage.files.values())
-        print(f"stage {stage.index} {stage.role} {list(stage.layers)} on {stage.device}: {sizes}")
-    print(f"exported {len(manifest.stages)} stages for {args.runtime} ({plan.base_dtype} base weights) in {time.perf_counter() - started:.0f} s "
-          f"to {args.out}")
+    entries = [(program.label, program.files) for program in manifest.programs] + \
+        [(f"stage {s.index} {s.role} {list(s.layers)} on {s.device}", s.files) for s in manifest.stages]
+    for label, files in entries:
+        print(f"{label}: " + ", ".join(f"{path} {(args.out / path).stat().st_size / 1e6:.1f} MB"
+                                       for path in files.values()))
+    what = "block structures" if manifest.programs else "stages"
+    print(f"exported {len(entries)} {what} for {args.runtime} ({plan.base_dtype} base weights) in "
+          f"{time.perf_counter() - started:.0f} s to {args.out}")
     return 0

@@ -1,6 +1,7 @@
-"""The export manifest: what was exported for each stage, with file hashes, as plain JSON.
+"""The export manifest: what was exported (torch: each stage; ExecuTorch: each block structure's programs),
+with file hashes, as plain JSON.
 
-Written next to the stage files by ``ringtune export`` and read by the runners, which refuse a
+Written next to the files by ``ringtune export`` and read by the runners, which refuse a
 file whose sha256 differs from the manifest. It holds no timestamps, so the same export gives the
 same manifest bytes.
 """
@@ -16,7 +17,8 @@ from ringtune.plan import Role
 from ringtune.run_shape import RunShape
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ExecuTorch exports hold one program pair per block structure (``programs``), not programs per stage."""
 
 
 class ManifestError(ValueError):
@@ -48,7 +50,7 @@ class StageManifest:
     layers: tuple[int, int]
     """Half-open block range [start, end)."""
     files: dict[str, str]
-    """Artifact kind (e.g. ``forward``, ``vjp``, ``lora``, ``weights``) -> path relative to the manifest."""
+    """Artifact kind (``weights``, ``config``) -> path relative to the manifest."""
     sha256: dict[str, str]
     """Relative path -> hex sha256 of the file's bytes."""
     inputs: tuple[TensorSpec, ...]
@@ -68,6 +70,51 @@ class StageManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockSignature:
+    """How to call a block structure's two programs."""
+    frozen: tuple[str, ...]
+    """Names, in a one-block stage module (``blocks.0.*``, ``rotary.*``), of the frozen tensors both take first."""
+    lora: tuple[str, ...]
+    """Names of the LoRA tensors the forward takes after x, in that order (the gradients' order too)."""
+    saved: int
+    """Tensors the forward returns after y (what the backward needs of the forward)."""
+    kept: tuple[int, ...]
+    """Indices into ``(x, *lora)`` of the inputs the backward takes after the saved tensors."""
+
+    def to_dict(self) -> dict:
+        return {"frozen": list(self.frozen), "lora": list(self.lora), "saved": self.saved, "kept": list(self.kept)}
+
+    @staticmethod
+    def from_dict(data: dict) -> BlockSignature:
+        return BlockSignature(tuple(data["frozen"]), tuple(data["lora"]), int(data["saved"]),
+                              tuple(int(i) for i in data["kept"]))
+
+
+@dataclass(frozen=True, slots=True)
+class BlockProgram:
+    """The ExecuTorch programs of one block structure: every block of the model that has it runs them."""
+    kind: int
+    """Index of the structure among the model's distinct blocks (LLaMA: one; Gemma-3: sliding and full)."""
+    blocks: tuple[int, ...]
+    """The model's blocks of this structure."""
+    files: dict[str, str]
+    """``forward`` and ``backward`` -> path relative to the manifest."""
+    sha256: dict[str, str]
+    """Relative path -> hex sha256 of the file's bytes."""
+    signature: dict
+    """How to call them (``BlockSignature.to_dict``)."""
+
+    @property
+    def label(self) -> str:
+        return f"block structure {self.kind} (blocks {list(self.blocks)})"
+
+    @staticmethod
+    def from_dict(data: dict) -> BlockProgram:
+        return BlockProgram(kind=int(data["kind"]), blocks=tuple(int(b) for b in data["blocks"]),
+                            files=dict(data["files"]), sha256=dict(data["sha256"]), signature=dict(data["signature"]))
+
+
+@dataclass(frozen=True, slots=True)
 class ExportManifest:
     model: str
     """Model name or path the stages were cut from."""
@@ -82,7 +129,9 @@ class ExportManifest:
     versions: dict[str, str]
     """ringtune / torch / executorch / transformers / peft versions used to export."""
     stages: tuple[StageManifest, ...]
-    """One entry per plan stage, in ring order."""
+    """torch: one entry per plan stage, in ring order (executorch: none)."""
+    programs: tuple[BlockProgram, ...] = ()
+    """executorch: the program pair of each block structure (they serve any plan of the model)."""
     format_version: int = FORMAT_VERSION
     """Bumped when the layout changes incompatibly."""
     base_dtype: str = "fp32"
@@ -94,6 +143,13 @@ class ExportManifest:
                 return stage
         raise ManifestError(f"the export has stages {[s.index for s in self.stages]}, not stage {index}; "
                             f"export again with the plan this run uses")
+
+    def program_for(self, block: int) -> BlockProgram:
+        for program in self.programs:
+            if block in program.blocks:
+                return program
+        raise ManifestError(f"the export has no program for block {block} of {self.model}: export again for "
+                            f"this model with `ringtune export --runtime executorch`")
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -120,6 +176,7 @@ class ExportManifest:
                               micro_batch_size=int(data["micro_batch_size"]), seq_len=int(data["seq_len"]),
                               lora=dict(data["lora"]), versions=dict(data["versions"]),
                               stages=tuple(StageManifest.from_dict(s) for s in data["stages"]),
+                              programs=tuple(BlockProgram.from_dict(p) for p in data.get("programs", ())),
                               base_dtype=str(data.get("base_dtype", "fp32")))
 
 
@@ -142,19 +199,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verified_path(directory: Path, stage: StageManifest, kind: str) -> Path:
-    """The stage's ``kind`` file, after checking it exists and matches the manifest hash."""
-    if kind not in stage.files:
-        raise ManifestError(f"stage {stage.index} ({stage.role}) has no {kind!r} file in the manifest; "
-                            f"export again with the runtime this agent uses")
-    relative = stage.files[kind]
+def verified_path(directory: Path, entry: StageManifest | BlockProgram, kind: str) -> Path:
+    """The entry's ``kind`` file, after checking it exists and matches the manifest hash."""
+    label = entry.label if isinstance(entry, BlockProgram) else f"stage {entry.index}"
+    if kind not in entry.files:
+        raise ManifestError(f"{label} has no {kind!r} file in the manifest; export again with the runtime this "
+                            f"agent uses")
+    relative = entry.files[kind]
     path = Path(directory) / relative
     if not path.is_file():
-        raise ManifestError(f"stage {stage.index}: file {path} is missing; export again or re-fetch it")
+        raise ManifestError(f"{label}: file {path} is missing; export again or re-fetch it")
     actual = sha256_file(path)
-    if actual != stage.sha256[relative]:
-        raise ManifestError(f"stage {stage.index}: file {path} is corrupt or from another export (sha256 "
-                            f"{actual[:12]}..., manifest says {stage.sha256[relative][:12]}...); export "
+    if actual != entry.sha256[relative]:
+        raise ManifestError(f"{label}: file {path} is corrupt or from another export (sha256 "
+                            f"{actual[:12]}..., manifest says {entry.sha256[relative][:12]}...); export "
                             f"again with `ringtune export` or re-fetch it from the coordinator")
     return path
 

@@ -68,14 +68,17 @@ class StageModule(nn.Module):
         scored = targets != IGNORE_INDEX
         return rows_loss_sum(hidden[:, :-1][scored], targets[scored], self.logits)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding (head/full): token ids [B, T] -> hidden [B, T, d]."""
+        hidden = self.embed(ids)
+        if self.position_embed is not None:
+            hidden = hidden + self.position_embed(torch.arange(ids.shape[1], device=ids.device).unsqueeze(0))
+        return hidden
+
     def _blocks_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         seq_len = inputs.shape[1]
         position_ids = torch.arange(seq_len, device=inputs.device).unsqueeze(0)  # [1, T]
-        hidden = inputs
-        if self.embed is not None:
-            hidden = self.embed(inputs)
-            if self.position_embed is not None:
-                hidden = hidden + self.position_embed(position_ids)
+        hidden = self.embed_tokens(inputs) if self.embed is not None else inputs
         per_type = {kind: self._block_inputs(kind, hidden, position_ids) for kind in set(self.attention_types)}
         for block, kind in zip(self.blocks, self.attention_types):
             out = block(hidden, **per_type[kind])

@@ -153,3 +153,22 @@ def _attention_type(block: nn.Module, config, refuse) -> str:
     if kind not in ATTENTION_MASKS:
         raise refuse(f"blocks with {kind!r} attention, where {' or '.join(map(repr, ATTENTION_MASKS))} is expected")
     return kind
+
+
+def _block_signature(block: nn.Module, attention_type: str) -> tuple:
+    return type(block).__name__, attention_type, tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                                       (*block.named_parameters(), *block.named_buffers()))
+
+
+def block_kinds(parts: DecoderParts) -> list[int]:
+    """For each block, the index (into the model's distinct structures, in order of first use) of its structure:
+    its class, attention type and tensors' names, shapes and dtypes. Blocks of one structure compute the same
+    function of their weights (LLaMA: one structure; Gemma-3: sliding and full attention)."""
+    signatures: list[tuple] = []
+    kinds = []
+    for block, attention_type in zip(parts.blocks, parts.attention_types):
+        signature = _block_signature(block, attention_type)
+        if signature not in signatures:
+            signatures.append(signature)
+        kinds.append(signatures.index(signature))
+    return kinds

@@ -1,15 +1,14 @@
-"""Which agents get exported programs, one runtime per local agent, and what the export cache keys on."""
+"""Which agents get exported programs, one runtime per local agent, and what the program cache keys on."""
 import pytest
 
 from coordinator.local import agent_runtimes
-from coordinator.stage_exports import needs_export, stage_key
+from coordinator.stage_exports import needs_export, program_key
 from edge_runtime.models.lora import LoraSpec
-from ringtune.plan import even_plan
+from edge_runtime.models.registry import load_config
 from ringtune.run_shape import RunShape
 
 from helpers import hello_reply
 
-PLAN = even_plan("tiny-llama", 4, ["owner", "node1", "node2"], "owner")
 SHAPE = RunShape(2, 24)
 
 
@@ -26,13 +25,13 @@ def test_one_runtime_for_all_or_one_per_agent():
         agent_runtimes(("torch", "executorch"), 3)
 
 
-def test_stage_key_changes_with_what_the_programs_depend_on():
-    key = stage_key("tiny-llama", PLAN, 1, SHAPE, LoraSpec())
-    assert key == stage_key("tiny-llama", PLAN, 1, SHAPE, LoraSpec())
-    renamed = even_plan("tiny-llama", 4, ["owner", "a", "b"], "owner")
-    assert key == stage_key("tiny-llama", renamed, 1, SHAPE, LoraSpec()), "device names do not matter"
-    others = [stage_key("tiny-llama", PLAN, 2, SHAPE, LoraSpec()),
-              stage_key("tiny-gpt2", PLAN, 1, SHAPE, LoraSpec()),
-              stage_key("tiny-llama", PLAN, 1, RunShape(2, 32), LoraSpec()),
-              stage_key("tiny-llama", PLAN, 1, SHAPE, LoraSpec(r=4))]
+def test_program_key_changes_with_what_the_programs_depend_on():
+    config = load_config("tiny-llama").to_dict()
+    key = program_key(config, 0, SHAPE, LoraSpec())
+    assert key == program_key(config, 0, SHAPE, LoraSpec())
+    assert key == program_key(config, 0, SHAPE, LoraSpec(seed=5)), "LoRA values are inputs: the seed does not matter"
+    others = [program_key(config, 1, SHAPE, LoraSpec()),
+              program_key(load_config("tiny-gpt2").to_dict(), 0, SHAPE, LoraSpec()),
+              program_key(config, 0, RunShape(2, 32), LoraSpec()),
+              program_key(config, 0, SHAPE, LoraSpec(r=4))]
     assert len({key, *others}) == 5

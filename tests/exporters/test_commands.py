@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
-from edge_runtime.backends.executorch.runner import ExecuTorchStageRunner
+from edge_runtime.backends.executorch.runner import load_block_programs
 from edge_runtime.backends.torch.load import load_torch_stage
 from exporters import commands
 from ringtune.manifest import ExportManifest, ManifestError
-from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import even_plan
 
 
@@ -30,7 +29,7 @@ def test_cli_writes_manifest_and_refuses_wrong_runtime(tmp_path):
     assert [s.role for s in manifest.stages] == ["head", "middle", "tail"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["versions"]["torch"].startswith("2.")
     with pytest.raises(ManifestError, match="--runtime executorch"):
-        ExecuTorchStageRunner(tmp_path / "out", 0, OptimizerSpec())
+        load_block_programs(tmp_path / "out")
 
 
 def test_compact_stages_export_for_torch_and_executorch_refuses_them_in_one_line(tmp_path, capsys):

@@ -1,136 +1,84 @@
-"""Export one stage to two ExecuTorch programs (XNNPACK), with the LoRA tensors as inputs.
+"""Export a model's decoder blocks to ExecuTorch (XNNPACK): one program pair per distinct block structure.
 
-- ``forward.pte``: head/middle ``(x, *lora) -> y``; tail/full ``(x, labels, step_tokens, *lora) -> loss``.
-- ``vjp.pte``, the joint forward-backward graph of ``torch.export.experimental._export_forward_backward``:
-  head ``(ids, dy, *lora) -> (loss, *dlora)``; middle ``(x, dy, *lora) -> (loss, dx, *dlora)``;
-  tail ``(x, labels, step_tokens, *lora) -> (loss, dx, *dlora)``; full as tail without dx.
-  On head/middle the "loss" is ``(stage(x) * dy).sum()``, whose gradients are the vector-Jacobian
-  products the pipeline needs; on tail/full it is this micro-batch's share of the step loss.
-- ``lora.safetensors``: the initial LoRA tensors, so a device needs no model weights to start.
+A decoder's blocks share one structure (LLaMA, GPT-2) or a few (Gemma-3: sliding and full
+attention). For each, one block is split (``block_split``) into
 
-Frozen base weights are baked into both programs (ExecuTorch does not share constants between
-programs), the LoRA tensors are program inputs so the Python optimizer can feed updated values.
-Shapes are fixed: micro-batch size x sequence length.
+- ``block{k}/forward.pte``: ``(*frozen, x, *lora) -> (y, *saved)``, the block's output and what its
+  backward needs (AOTAutograd's min-cut choice: matmul outputs kept, cheap elementwise work redone);
+- ``block{k}/backward.pte``: ``(*frozen, *saved, *kept, dy) -> (dx, *dlora)``, no forward inside.
 
-Lowering is slow (tens of seconds per block, all of it Python graph passes, one core) and each
-stage's ``forward`` and ``vjp`` lower independently, so with ``workers > 1`` each program is lowered
-in its own process, the biggest first.
+Frozen weights are program inputs, not constants baked in: the same two programs run every block
+of that structure, fed each block's weights from the agent's slice, so a model is lowered once per
+structure whatever its depth and whatever the plan (the programs depend on the config, the LoRA
+shape and the micro-batch shape only), and an agent holds its weights once. XNNPACK packs the
+weights of its matrix products at each call. Shapes are fixed: micro-batch size x sequence length.
+The model's ends (embedding; final norm, LM head, loss) run in eager torch on the agent.
+
+Lowering is slow (tens of seconds of one core per program, all of it Python graph passes), so with
+``workers > 1`` each program is lowered in its own process, the backward (the larger) first.
 """
 from __future__ import annotations
 
-import contextlib
+import json
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from torch import nn
-from torch.func import functional_call
 from transformers import PreTrainedConfig
 
+from edge_runtime.backends.executorch.block_split import split_block
+from edge_runtime.calibration import one_block_stage
 from edge_runtime.models.lora import LoraSpec
-from edge_runtime.models.slices import cut_slice, materialize, skeleton
-from edge_runtime.models.stage import StageModule, token_loss_sum
-from edge_runtime.models.weights import WeightSource
+from edge_runtime.models.structure import block_kinds, find_parts, sliceable_meta_model
 from ringtune.lifetime import end_with_parent
-from ringtune.manifest import (
-    StageManifest,
-    TensorSpec,
-    dtype_name,
-    sha256_file,
-    stage_io,
-)
-from ringtune.plan import Plan, StageSpec
+from ringtune.manifest import BlockProgram, sha256_file
 from ringtune.progress import Progress
 from ringtune.quiet import quiet_libraries
 from ringtune.run_shape import RunShape
 
-LOSS_ROLES = ("tail", "full")
-SCRATCH_SLICE = "slice.safetensors.tmp"
-"""A stage's fp32 slice while its ExecuTorch programs are lowered (deleted after)."""
-
-
-class ExportError(RuntimeError):
-    """The stage could not be exported; the message says what to change."""
-
-
-class _StageFunction(nn.Module):
-    """The stage as a function of its inputs and its LoRA tensors (which replace the parameters).
-
-    ``joint``: return a 1-tuple with the scalar to differentiate, as ``_export_forward_backward``
-    wants; head/middle then take ``dy`` after ``x`` and return ``(stage(x) * dy).sum()``.
-    """
-
-    def __init__(self, stage: StageModule, lora_names: list[str], joint: bool) -> None:
-        super().__init__()
-        self.stage = stage
-        self.lora_names = lora_names
-        self.joint = joint
-        self.num_inputs = 3 if stage.role in LOSS_ROLES else (2 if joint else 1)
-
-    def forward(self, *args: torch.Tensor):
-        inputs, lora = args[:self.num_inputs], args[self.num_inputs:]
-        output = functional_call(self.stage, dict(zip(self.lora_names, lora)), (inputs[0],), strict=False)
-        if self.stage.role in LOSS_ROLES:
-            labels, step_tokens = inputs[1], inputs[2]
-            result = token_loss_sum(output, labels) / step_tokens
-        elif self.joint:
-            result = (output * inputs[1]).sum()
-        else:
-            return output
-        return (result,) if self.joint else result
+METHODS = ("forward", "backward")
+SIGNATURE = "signature.json"
 
 
 def check_executorch_dtype(base_dtype: str) -> None:
-    """ExecuTorch programs keep their frozen weights in fp32 for now: refuse other dtypes in one line."""
+    """ExecuTorch programs take their frozen weights in fp32 for now: refuse other dtypes in one line."""
     if base_dtype != "fp32":
         raise ValueError(f"ExecuTorch stages take --base-dtype fp32 only (XNNPACK's int8 linears also quantize "
                          f"activations, which would break exactness): use --base-dtype fp32, or run the "
                          f"{base_dtype} stages with --runtime torch")
 
 
-def export_executorch_stages(config: PreTrainedConfig, source: WeightSource, plan: Plan, indices: list[int],
-                             out_dir: Path, shape: RunShape, lora_spec: LoraSpec, workers: int,
-                             progress: Progress) -> tuple[StageManifest, ...]:
-    """Write the programs of the plan stages at ``indices`` under out_dir/stage{i}/. Each stage is cut from the
-    model's weights into a scratch slice of its own (mapped, so no process holds the whole model)."""
-    check_executorch_dtype(plan.base_dtype)
-    skel = skeleton(config, lora_spec, initial_lora=True, attn_implementation="eager")
-    slices = {}
-    for i in indices:
-        (out_dir / f"stage{i}").mkdir(exist_ok=True)
-        slices[i] = out_dir / f"stage{i}" / SCRATCH_SLICE
-        cut_slice(source, skel, {i: plan.stages[i]}, slices[i])
-    try:
-        return _export_programs(config.to_dict(), plan, indices, slices, out_dir, shape, lora_spec, workers, progress)
-    finally:
-        for path in slices.values():
-            path.unlink(missing_ok=True)
+def structures(config: PreTrainedConfig) -> dict[int, list[int]]:
+    """The model's distinct block structures: structure index -> its blocks (the first one is exported)."""
+    kinds = block_kinds(find_parts(sliceable_meta_model(config)))
+    return {kind: [b for b, k in enumerate(kinds) if k == kind] for kind in sorted(set(kinds))}
 
 
-def _export_programs(config: dict, plan: Plan, indices: list[int], slices: dict[int, Path], out_dir: Path,
-                     shape: RunShape, lora_spec: LoraSpec, workers: int, progress) -> tuple[StageManifest, ...]:
-    stages = {i: _stage(slices[i], config, lora_spec, plan.stages[i], i) for i in indices}
-    jobs = [(i, kind) for i in indices for kind in stage_programs(plan.stages[i], bool(stages[i][1]))]
-    # Lowering time grows with the graph: blocks, and the joint graph is about twice the forward.
-    jobs.sort(key=lambda job: -(plan.stages[job[0]].num_layers + 1) * (2 if job[1] == "vjp" else 1))
-    blocks = sum(plan.stages[i].num_layers for i, _ in jobs)
-    with progress.task(f"exporting ExecuTorch programs of stages {indices}", blocks, "blocks") as task:
+def export_executorch_programs(config: PreTrainedConfig, out_dir: Path, shape: RunShape, lora_spec: LoraSpec,
+                               workers: int, progress: Progress, kinds: list[int] | None = None
+                               ) -> tuple[BlockProgram, ...]:
+    """Write the programs of the model's block structures (``kinds``: some of them) under out_dir/block{k}/.
+    The weights are not in them: only the config is read."""
+    blocks = structures(config)
+    kinds = sorted(blocks) if kinds is None else kinds
+    jobs = [(config.to_dict(), lora_spec.to_dict(), blocks[k][0], k, shape, str(out_dir), method)
+            for k in kinds for method in reversed(METHODS)]  # the backward graph is the larger: start it first
+    with progress.task(f"exporting ExecuTorch programs of {len(kinds)} block structure(s)", len(jobs),
+                       "programs") as task:
         if workers > 1 and len(jobs) > 1:
             context = multiprocessing.get_context("spawn")  # no forked torch/executorch state
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
                                      initializer=_start_worker) as pool:
-                futures = {pool.submit(_write_program_job, str(slices[i]), config, lora_spec.to_dict(),
-                                       plan.to_dict(), i, shape, str(out_dir), kind): i for i, kind in jobs}
-                for future in as_completed(futures):
+                for future in as_completed([pool.submit(_lower_job, *job) for job in jobs]):
                     future.result()
-                    task.advance(plan.stages[futures[future]].num_layers)
+                    task.advance(1)
         else:
-            for i, kind in jobs:
-                write_program(*stages[i], plan.stages[i], i, shape, out_dir, kind)
-                task.advance(plan.stages[i].num_layers)
-    return tuple(write_stage_manifest(*stages[i], plan.stages[i], i, shape, out_dir) for i in indices)
+            for job in jobs:
+                _lower_job(*job)
+                task.advance(1)
+    return tuple(block_program_entry(k, blocks[k], Path(out_dir)) for k in kinds)
 
 
 def _start_worker() -> None:
@@ -139,170 +87,88 @@ def _start_worker() -> None:
     end_with_parent()
 
 
-def _stage(slice_path: Path, config: dict, lora_spec: LoraSpec, spec, index: int):
-    """(stage module, LoRA tensors) mapped from the stage's slice, with eager attention (SDPA does not lower to
-    XNNPACK; eager attention computes the same function)."""
-    return materialize(slice_path, config, lora_spec, {index: spec}, attn_implementation="eager")[index]
-
-
-def _write_program_job(slice_path: str, config: dict, lora: dict, plan: dict, index: int, shape: RunShape,
-                       out_dir: str, kind: str) -> None:
-    """One program, in a worker process."""
+def _lower_job(config: dict, lora: dict, block: int, kind: int, shape: RunShape, out_dir: str, method: str) -> None:
     torch.set_num_threads(1)  # one lowering per core; the passes are single-threaded Python anyway
-    spec = Plan.from_dict(plan).stages[index]
-    write_program(*_stage(Path(slice_path), config, LoraSpec.from_dict(lora), spec, index), spec, index, shape,
-                  Path(out_dir), kind)
+    write_block_program(config, LoraSpec.from_dict(lora), block, kind, shape, Path(out_dir), method)
 
 
-def stage_programs(spec: StageSpec, has_lora: bool) -> tuple[str, ...]:
-    """The programs a stage needs: a head with no blocks has nothing to differentiate."""
-    return ("forward", "vjp") if has_lora or spec.role != "head" else ("forward",)
+def program_files(kind: int) -> dict[str, str]:
+    return {method: f"block{kind}/{method}.pte" for method in METHODS}
 
 
-def export_executorch_stage(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int,
-                            shape: RunShape, out_dir: Path) -> StageManifest:
-    """Write ``stage{index}/{forward,vjp}.pte`` and ``lora.safetensors`` under out_dir.
-
-    stage and lora are ``build_stage``'s (or ``materialize``'s) result for spec; the model must use eager
-    attention (``model.set_attn_implementation("eager")`` before ``apply_lora``): SDPA does not lower to
-    XNNPACK.
-    """
-    for kind in stage_programs(spec, bool(lora)):
-        write_program(stage, lora, spec, index, shape, out_dir, kind)
-    return write_stage_manifest(stage, lora, spec, index, shape, out_dir)
-
-
-def write_program(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int, shape: RunShape,
-                  out_dir: Path, kind: str) -> None:
-    """Lower one of the stage's programs (``forward`` or ``vjp``) to ``stage{index}/{kind}.pte``."""
-    if stage.config._attn_implementation != "eager":
-        raise ExportError("export for ExecuTorch needs eager attention: call "
-                          "model.set_attn_implementation('eager') before apply_lora")
-    relative = _relative_names(stage, lora)
-    inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
-    examples = _example_inputs(inputs, stage.config.vocab_size)
-    lora_values = [p.detach().clone() for p in lora.values()]
-    path = Path(out_dir) / f"stage{index}" / f"{kind}.pte"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _frozen(stage):
-        if kind == "forward":
-            program = _lower_forward(stage, relative, examples, lora_values)
-        else:
-            dy = [] if spec.role in LOSS_ROLES else _example_inputs(outputs, stage.config.vocab_size)
-            program = _lower_vjp(stage, relative, examples, dy, lora_values)
-    path.write_bytes(program)
-
-
-def write_stage_manifest(stage: StageModule, lora: dict[str, nn.Parameter], spec: StageSpec, index: int,
-                         shape: RunShape, out_dir: Path) -> StageManifest:
-    """Write the initial LoRA tensors and describe the stage (its programs must be written already)."""
-    inputs, outputs = stage_io(spec.role, stage.config.hidden_size, shape)
-    lora_specs = tuple(TensorSpec(name, tuple(p.shape), dtype_name(p.dtype)) for name, p in lora.items())
-    files = {kind: f"stage{index}/{kind}.pte" for kind in stage_programs(spec, bool(lora))}
-    files["lora"] = f"stage{index}/lora.safetensors"
-    save_file({name: p.detach().contiguous() for name, p in lora.items()}, str(Path(out_dir) / files["lora"]))
-    hashes = {path: sha256_file(Path(out_dir) / path) for path in files.values()}
-    return StageManifest(index=index, device=spec.device, role=spec.role, layers=spec.layers, files=files,
-                         sha256=hashes, inputs=inputs, outputs=outputs, lora=lora_specs)
-
-
-def _relative_names(stage: StageModule, lora: dict[str, nn.Parameter]) -> list[str]:
-    """The LoRA tensors' names inside the stage module (what functional_call replaces)."""
-    by_id = {id(p): name for name, p in stage.named_parameters()}
-    return [by_id[id(p)] for p in lora.values()]
-
-
-def _example_inputs(inputs: tuple[TensorSpec, ...], vocab_size: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    examples = []
-    for spec in inputs:
-        if spec.dtype == "int64":
-            examples.append(torch.randint(0, vocab_size, spec.shape, generator=generator))
-        elif spec.name == "step_tokens":
-            examples.append(torch.tensor(1.0))
-        else:
-            examples.append(torch.randn(spec.shape, generator=generator))
-    return examples
-
-
-@contextlib.contextmanager
-def _frozen(stage: StageModule):
-    """Stop gradients to the stage's own parameters while exporting (LoRA comes in as inputs)."""
-    flags = [(p, p.requires_grad) for p in stage.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _lower_forward(stage, names, examples, lora_values) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
-    from executorch.exir import to_edge_transform_and_lower
-
+def write_block_program(config: dict, lora: LoraSpec, block: int, kind: int, shape: RunShape, out_dir: Path,
+                        method: str) -> None:
+    """Lower ``method`` (forward or backward) of the structure of ``block`` to ``out_dir/block{kind}/``, with
+    the signature both programs share beside it."""
+    stage, names = one_block_stage(config, lora, block, attn_implementation="eager")  # SDPA does not lower
+    hidden = torch.randn(shape.micro_batch_size, shape.seq_len, stage.config.hidden_size,
+                         generator=torch.Generator().manual_seed(0))
+    split = split_block(stage, names, hidden)
+    graph, example = (split.forward, split.example_forward) if method == "forward" else \
+        (split.backward, split.example_backward)
+    _explicit_tanh_gelu(graph)
     with torch.no_grad():
-        program = torch.export.export(_StageFunction(stage, names, joint=False),
-                                      (*examples, *lora_values), strict=False).run_decompositions()
-    _mm_as_bmm(program, keep_linears=True)
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+        program = torch.export.export(graph, tuple(example), strict=False).run_decompositions()
+    _replace_empty_permuted(program)
+    _drop_noop_copies(program)
+    _mm_as_bmm(program)
+    path = Path(out_dir) / program_files(kind)[method]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_lower(program))
+    (path.parent / SIGNATURE).write_text(json.dumps(split.signature.to_dict()))
 
 
-def _lower_vjp(stage, names, examples, dy, lora_values) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
+def block_program_entry(kind: int, blocks: list[int], out_dir: Path) -> BlockProgram:
+    """Describe a structure's programs (written already by write_block_program)."""
+    files = program_files(kind)
+    signature = json.loads((Path(out_dir) / f"block{kind}" / SIGNATURE).read_text())
+    return BlockProgram(kind=kind, blocks=tuple(blocks), files=files,
+                        sha256={path: sha256_file(Path(out_dir) / path) for path in files.values()},
+                        signature=signature)
+
+
+def _explicit_tanh_gelu(graph: torch.fx.GraphModule) -> None:
+    """Write ``gelu(x, approximate="tanh")`` (Gemma's gelu_pytorch_tanh) out as the ops of its formula.
+
+    ExecuTorch 1.5.1's XNNPACK partitioner takes every ``aten.gelu`` and XNNPACK computes the exact,
+    erf-based GELU whatever ``approximate`` says: the two differ by up to ~1e-3, which gave gradients
+    of every tensor upstream of the MLP a relative error of ~1e-5 (50x float noise) and let AdamW's
+    first steps, which move each weight by about lr * sign(gradient), flip weights whose gradients are
+    near zero. The formula's ops (mul, add, tanh) lower to XNNPACK as they are."""
+    for node in graph.graph.nodes:
+        if (node.op == "call_function" and node.target == torch.ops.aten.gelu.default
+                and node.kwargs.get("approximate", "none") == "tanh"):
+            node.target, node.kwargs = _tanh_gelu, {}
+    graph.recompile()
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``gelu(x, approximate="tanh")`` as ATen computes it."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _lower(program) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from torch.export.experimental import _export_forward_backward
 
-    differentiable = [t.detach().requires_grad_(t.is_floating_point() and t.dim() > 0)
-                      for t in examples[:1]] + examples[1:] + dy
-    lora_inputs = [t.clone().requires_grad_(True) for t in lora_values]
-    program = torch.export.export(_StageFunction(stage, names, joint=True),
-                                  (*differentiable, *lora_inputs), strict=False)
-    joint = _export_forward_backward(program)
-    first_lora = len(differentiable)
-    expected = [0] * differentiable[0].requires_grad + [first_lora + i for i in range(len(lora_inputs))]
-    _check_gradient_order(joint, expected)
-    _replace_empty_permuted(joint)
-    _drop_noop_copies(joint)
-    _mm_as_bmm(joint, keep_linears=False)
     try:
-        lowered = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     except RuntimeError as error:
         if "pass through" not in str(error):
             raise
         # One delegate per op never has a pass-through output, but lowers ~5x slower.
-        lowered = to_edge_transform_and_lower(joint, partitioner=[XnnpackPartitioner(per_op_mode=True)])
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(per_op_mode=True)])
     return lowered.to_executorch().buffer
 
 
-def _check_gradient_order(joint, expected: list[int]) -> None:
-    """The runner reads (loss, grads...) positionally: the gradients must be those of the user
-    inputs at ``expected`` positions, in order. The joint graph names a gradient's target after the
-    flat placeholder it belongs to (``arg{N}_1``, parameters first)."""
-    from torch.export.graph_signature import InputKind, OutputKind
-
-    lifted = sum(s.kind != InputKind.USER_INPUT for s in joint.graph_signature.input_specs)
-    specs = joint.graph_signature.output_specs
-    targets = [s.target for s in specs if s.kind == OutputKind.GRADIENT_TO_USER_INPUT]
-    found = [int(t.removeprefix("arg").split("_")[0]) - lifted for t in targets]
-    if specs[0].kind != OutputKind.LOSS_OUTPUT or found != expected:
-        raise ExportError(f"joint graph gives gradients for inputs {found}, expected {expected}: "
-                          f"_export_forward_backward changed; use torch==2.13.0")
-
-
 def _drop_noop_copies(program) -> None:
-    """Remove alias nodes and clones of contiguous tensors from the (functional) joint graph.
+    """Remove alias nodes and clones of contiguous tensors from the (functional) graph.
 
-    The joint graph keeps forward values for the backward through alias/clone nodes. XNNPACK
-    drops them inside a delegate, which leaves a delegate returning its own input ("pass through
-    arguments") and fails the default partitioner; without them whole regions lower together.
-    """
+    AOTAutograd keeps values through alias/clone nodes. XNNPACK drops them inside a delegate, which
+    leaves a delegate returning its own input ("pass through arguments") and fails the default
+    partitioner; without them whole regions lower together. A clone that makes a layout stays."""
     graph = program.graph_module.graph
+    outputs = set(next(n for n in graph.nodes if n.op == "output").args[0])
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (torch.ops.aten.alias.default,
                                                              torch.ops.aten.clone.default):
@@ -310,28 +176,22 @@ def _drop_noop_copies(program) -> None:
         source = node.args[0]
         relayout = (not source.meta["val"].is_contiguous()
                     or node.kwargs.get("memory_format", torch.contiguous_format) != torch.contiguous_format)
-        if node.target == torch.ops.aten.clone.default and relayout:
-            continue  # this clone makes a layout a later op needs
+        if (node.target == torch.ops.aten.clone.default and relayout) or (node in outputs and source.op == "placeholder"):
+            continue  # this clone makes a layout a later op needs, or an output would alias an input
         node.replace_all_uses_with(source)
         graph.erase_node(node)
     program.graph_module.recompile()
 
 
-def _mm_as_bmm(program, keep_linears: bool) -> None:
-    """Rewrite ``mm(a, b)`` as a 1-batch ``bmm``, except (``keep_linears``) where ``b`` is a
-    transposed weight: XNNPACK takes that as a linear with packed weights. XNNPACK leaves every
-    other mm (the LoRA products, in the joint graph all of them, as the linears' weights there also
-    feed the backward) to the portable mm kernel, a naive loop that dominated both programs."""
-    signature = program.graph_signature
-    constants = {*signature.inputs_to_parameters, *signature.inputs_to_buffers,
-                 *signature.inputs_to_lifted_tensor_constants}
+def _mm_as_bmm(program) -> None:
+    """Rewrite ``mm(a, b)`` as a one-batch ``bmm``: the weights are program inputs, and XNNPACK takes a
+    product of two inputs only as a batch matrix multiply; every other mm fell to the portable (naive)
+    kernel, which dominated the programs."""
     graph = program.graph_module.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
             continue
         a, b = node.args
-        if keep_linears and _is_transposed_constant(b, constants):
-            continue
         # view, not unsqueeze/squeeze: XNNPACK takes view_copy, so the bmm joins its neighbours' delegate.
         with graph.inserting_before(node):
             a3 = graph.call_function(torch.ops.aten.view.default, (a, [1, *a.meta["val"].shape]))
@@ -344,15 +204,6 @@ def _mm_as_bmm(program, keep_linears: bool) -> None:
         node.replace_all_uses_with(result)
         graph.erase_node(node)
     program.graph_module.recompile()
-
-
-def _is_transposed_constant(node, constants: set[str]) -> bool:
-    """Whether the value is an odd number of transposes of a parameter/buffer/constant."""
-    transposes = 0
-    while node.op == "call_function" and node.target in (torch.ops.aten.permute.default, torch.ops.aten.t.default):
-        transposes += 1
-        node = node.args[0]
-    return node.op == "placeholder" and node.name in constants and transposes % 2 == 1
 
 
 def _replace_empty_permuted(program) -> None:

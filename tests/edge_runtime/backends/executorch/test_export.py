@@ -1,10 +1,10 @@
-"""An ExecuTorch stage program vs the eager reference runner, and the runner's refusals.
+"""ExecuTorch block programs vs the eager reference runner, and the runner's refusals.
 
-Lowering costs ~30 s a block, so this module exports one stage: the "full" role over one block of
-tiny-gemma3 (whose tied embedding and LM head then sit in one program, with a scaled embedding, a
-sliding-window block, q/k norms and soft-capped logits), the role the 3-device rings of
-tests/integration/test_train_executorch.py do not run. Those rings cover head, middle and tail on
-LLaMA and GPT-2, and export determinism.
+Lowering costs ~30 s of one core a program, so this module lowers one model: tiny-gemma3, whose two
+block structures (sliding and full attention) give two program pairs, run over all four blocks of a
+"full" stage (scaled embedding, q/k norms, a tied head with soft-capped logits in eager torch). The
+3-device rings of tests/integration/test_train_executorch.py run LLaMA and GPT-2 programs in the
+head, middle and tail roles. Block splitting itself (no lowering) is test_block_split.py's.
 """
 from __future__ import annotations
 
@@ -17,34 +17,29 @@ import torch
 pytest.importorskip("executorch")
 pytestmark = pytest.mark.slow
 
-from edge_runtime.backends.executorch.export import export_executorch_stage
-from edge_runtime.backends.executorch.runner import (
-    ExecuTorchNotInstalledError,
-    ExecuTorchStageRunner,
-)
-from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.stage import build_stage
-from ringtune.manifest import ExportManifest, ManifestError
+from edge_runtime.backends.executorch.runner import (
+    ExecuTorchNotInstalledError,
+    ExecuTorchStageRunner,
+    load_block_programs,
+)
+from edge_runtime.backends.torch.runner import TorchStageRunner
+from exporters.export import export_manifest, export_programs
+from ringtune.manifest import ManifestError
 from ringtune.optimizer_spec import OptimizerSpec
-from ringtune.plan import StageSpec
 from ringtune.run_shape import RunShape
 
 MODEL = "tiny-gemma3"
 SHAPE = RunShape(micro_batch_size=2, seq_len=16)  # longer than tiny-gemma3's window (8)
 LORA = LoraSpec(r=4, alpha=8, seed=3)
-# Embedding + one block + norm + LM head + loss: every part of a model in one program pair.
-FULL = StageSpec("dev", (0, 1), "full")
 TOLERANCE = 1e-4
 
 
-def lora_model(eager_attention: bool):
+def lora_model():
     """The model with LoRA, B initialised non-zero so every LoRA tensor gets a gradient at once."""
-    model = load_model(MODEL)
-    if eager_attention:
-        model.set_attn_implementation("eager")
-    peft_model = apply_lora(model, LORA)
+    peft_model = apply_lora(load_model(MODEL), LORA)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -53,12 +48,16 @@ def lora_model(eager_attention: bool):
     return peft_model
 
 
+def full_stage():
+    model = lora_model()
+    return build_stage(model, (0, model.config.num_hidden_layers), "full")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
-    stage = export_executorch_stage(*build_stage(lora_model(eager_attention=True), FULL.layers, FULL.role), FULL, 0,
-                                    SHAPE, out)
-    ExportManifest(MODEL, "executorch", SHAPE.micro_batch_size, SHAPE.seq_len, LORA.to_dict(), {}, (stage,)).write(out)
+    out = tmp_path_factory.mktemp("programs")
+    programs = export_programs(MODEL, out, SHAPE, LORA, workers=2)
+    export_manifest(MODEL, "executorch", SHAPE, LORA, (), programs).write(out)
     return out
 
 
@@ -72,10 +71,18 @@ def batches(count: int):
         yield input_ids, labels
 
 
+def test_one_program_pair_per_block_structure(exported):
+    programs = load_block_programs(exported, threads=1)
+    assert sorted(p.entry.blocks for p in programs.loaded.values()) == [(0, 2), (1, 3)]  # sliding, full
+    sizes = [(exported / path).stat().st_size for p in programs.loaded.values() for path in p.entry.files.values()]
+    weights = sum(p.numel() * 4 for p in load_model(MODEL).model.layers[0].parameters())
+    assert max(sizes) < weights, "the programs hold no weights"
+
+
 def test_matches_torch_runner(exported):
-    module, lora = build_stage(lora_model(eager_attention=False), FULL.layers, FULL.role)  # torch's default
+    module, lora = full_stage()
     reference = TorchStageRunner(module, lora, OptimizerSpec())
-    runner = ExecuTorchStageRunner(exported, 0, OptimizerSpec())
+    runner = ExecuTorchStageRunner(*full_stage(), load_block_programs(exported, threads=1), OptimizerSpec())
     assert runner.lora_state().keys() == reference.lora_state().keys()
     data = list(batches(count=2))
     step_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in data)
@@ -84,8 +91,8 @@ def test_matches_torch_runner(exported):
             expected = reference.forward(microbatch, input_ids, labels, step_tokens)
             actual = runner.forward(microbatch, input_ids, labels, step_tokens)
             torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
-            actual_dx, expected_dx = runner.backward(microbatch, None), reference.backward(microbatch, None)
-            assert actual_dx is None and expected_dx is None  # the first stage sends no gradient back
+        for microbatch in range(len(data)):  # both in flight, as a pipeline keeps them
+            assert runner.backward(microbatch, None) is None and reference.backward(microbatch, None) is None
         for name, p in lora.items():
             torch.testing.assert_close(runner._lora[name].grad, p.grad, atol=TOLERANCE, rtol=0, msg=name)
         reference.step()
@@ -97,22 +104,23 @@ def test_matches_torch_runner(exported):
 
 def test_corrupt_program_is_refused(exported, tmp_path):
     copy = shutil.copytree(exported, tmp_path / "export")
-    program = copy / "stage0" / "vjp.pte"
+    program = copy / "block1" / "backward.pte"
     data = bytearray(program.read_bytes())
     data[len(data) // 2] ^= 0xFF
     program.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match=r"stage 0: file .*stage0/vjp\.pte is corrupt"):
-        ExecuTorchStageRunner(copy, 0, OptimizerSpec())
-
-
-def test_wrong_input_shape_is_refused(exported):
-    runner = ExecuTorchStageRunner(exported, 0, OptimizerSpec())
-    input_ids = torch.zeros(3, SHAPE.seq_len, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"stage 0 \(full\): input_ids has shape \[3, 16\] .* \[2, 16\]"):
-        runner.forward(0, input_ids, input_ids, 10)
+    with pytest.raises(ManifestError, match=r"block structure 1 \(blocks \[1, 3\]\): file .*block1/backward\.pte "
+                                            r"is corrupt"):
+        load_block_programs(copy)
 
 
 def test_missing_executorch_says_how_to_install(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.runtime", None)  # makes the import fail
-    with pytest.raises(ExecuTorchNotInstalledError, match=r"stage 0 .*pip install 'ringtune\[executorch\]'"):
-        ExecuTorchStageRunner(exported, 0, OptimizerSpec())
+    with pytest.raises(ExecuTorchNotInstalledError, match=r"pip install 'ringtune\[executorch\]'"):
+        load_block_programs(exported)
+
+
+def test_wrong_input_shape_is_refused(exported):
+    runner = ExecuTorchStageRunner(*full_stage(), load_block_programs(exported, threads=1), OptimizerSpec())
+    input_ids = torch.zeros(3, SHAPE.seq_len, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"blocks \[0, 4\] \(full\): the input has shape \[3, 16\] .* 2 x 16 tokens"):
+        runner.forward(0, input_ids, input_ids, 10)
