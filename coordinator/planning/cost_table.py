@@ -29,7 +29,7 @@ from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.quantization import CompactLinear, compact_model, compact_weights
 from edge_runtime.models.registry import load_config
 from edge_runtime.models.stage import StageModule, rows_loss_sum
-from edge_runtime.models.structure import DecoderParts, find_parts, sliceable_meta_model
+from edge_runtime.models.structure import DecoderParts, block_kinds, find_parts, sliceable_meta_model
 
 # A trainable fp32 tensor costs itself, its gradient and AdamW's two moments.
 TRAINABLE_COPIES = 4
@@ -71,7 +71,7 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         compact_model(peft_model, base_dtype)
     parts = find_parts(peft_model)
     blocks = [_block_cost(parts, peft_model.config, i, seq_len) for i in _distinct_blocks(parts)]
-    per_block = [blocks[j] for j in _block_kinds(parts)]
+    per_block = [blocks[j] for j in block_kinds(parts)]
     head_modules = [parts.embed] + ([parts.position_embed] if parts.position_embed is not None else [])
     return CostTable(
         model=name, base_dtype=base_dtype, seq_len=seq_len,
@@ -88,26 +88,9 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         scored_end=_scored_cost(parts, peft_model.config, seq_len))
 
 
-def _signature(block: nn.Module, attention_type: str) -> tuple:
-    return type(block).__name__, attention_type, tuple((n, tuple(t.shape), t.dtype) for n, t in
-                                                       (*block.named_parameters(), *block.named_buffers()))
-
-
-def _block_kinds(parts: DecoderParts) -> list[int]:
-    """For each block, the index (into the distinct kinds) of its structure and attention type."""
-    signatures: list[tuple] = []
-    kinds = []
-    for block, attention_type in zip(parts.blocks, parts.attention_types):
-        signature = _signature(block, attention_type)
-        if signature not in signatures:
-            signatures.append(signature)
-        kinds.append(signatures.index(signature))
-    return kinds
-
-
 def _distinct_blocks(parts: DecoderParts) -> list[int]:
     """Index of the first block of each distinct kind (usually just block 0; Gemma-3: one per attention type)."""
-    kinds = _block_kinds(parts)
+    kinds = block_kinds(parts)
     return [kinds.index(k) for k in range(max(kinds) + 1)]
 
 
