@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -38,6 +39,9 @@ class SliceCache:
         (root / "parts").mkdir(parents=True, exist_ok=True)
         self._hashing: dict[str, "hashlib._Hash"] = {}  # uploads in progress: the hash of their bytes so far
         self._pinned: set[str] = set()  # blobs the paired coordinator named for its run: never evicted
+        # Agents sharing a state directory (--local) may receive the same blob at once (the ExecuTorch programs
+        # every agent gets): each writes its own part file, and publishing it is one atomic rename of equal bytes.
+        self._parts = f"{uuid.uuid4().hex[:12]}"
 
     def has(self, digest: str) -> bool:
         path = self._path(digest)
@@ -69,7 +73,7 @@ class SliceCache:
 
     def append(self, digest: str, offset: int, total: int, chunk: bytes) -> bool:
         """Add a chunk; True once the blob is complete and verified."""
-        part = self.root / "parts" / self._path(digest).name  # _path validates the name
+        part = self.root / "parts" / f"{self._path(digest).name}.{self._parts}"  # _path validates the name
         if not 0 < total <= self.max_blob_bytes:
             raise UploadError(f"blob of {total} bytes is over the limit of {self.max_blob_bytes}")
         size = part.stat().st_size if part.exists() and digest in self._hashing else 0

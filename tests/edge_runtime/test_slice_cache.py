@@ -98,6 +98,17 @@ def test_an_upload_in_progress_of_another_agent_sharing_the_directory_is_left_al
     assert theirs.append(digest(blob), 32, len(blob), blob[32:]) and ours.has(digest(blob))
 
 
+def test_agents_sharing_the_directory_may_receive_the_same_blob_at_once(tmp_path):
+    first, second = SliceCache(tmp_path), SliceCache(tmp_path)  # the ExecuTorch programs go to every agent
+    blob = b"p" * 64
+    assert not first.append(digest(blob), 0, len(blob), blob[:32])
+    assert not second.append(digest(blob), 0, len(blob), blob[:32])
+    assert first.append(digest(blob), 32, len(blob), blob[32:])
+    assert second.append(digest(blob), 32, len(blob), blob[32:])
+    assert first.read(digest(blob)) == second.read(digest(blob)) == blob
+    assert not list((tmp_path / "parts").iterdir())
+
+
 def test_blobs_unused_for_two_weeks_go_when_an_upload_starts_unless_the_run_needs_them(tmp_path):
     cache = SliceCache(tmp_path)
     stale, pinned = upload(cache, b"s" * 64), upload(cache, b"q" * 64)
