@@ -20,8 +20,8 @@ identical devices, and for each micro-batch count runs, on the same model, batch
 - the planner's predicted step time (the bound; efficiency = predicted / measured);
 - with --executorch, ringtune 1F1B again on the same plan with every agent on the ExecuTorch runtime
   (`ringtune agent --runtime executorch`, a second cluster of the same devices): the coordinator
-  exports the slices once (cached in $RINGTUNE_CACHE/exports; `setup_seconds` is the run's wall time
-  outside its steps, the export included on the first run only).
+  lowers the model's block programs once (cached in $RINGTUNE_CACHE/exports; `setup_seconds` is the
+  run's wall time outside its steps, the export included on the first run only).
 
 Step 1 of every run is warm-up; the others are the repetitions (median, min and max). Tokens are
 the non-pad tokens of a step. Bytes on the wire: ringtune's data-plane frames (from its metrics);
