@@ -31,10 +31,12 @@ def adapter_key(param_name: str) -> str:
     return param_name.replace(f".{ADAPTER_NAME}.", ".")
 
 
-def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads."""
+def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor],
+                  blocks: list[int] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads. blocks: the
+    only blocks that were trained (tensors holds theirs), None for all: peft then adapts only those."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec.to_peft(base_model).save_pretrained(str(out_dir))
+    spec.to_peft(base_model, blocks).save_pretrained(str(out_dir))
     state = {adapter_key(name): t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
