@@ -76,11 +76,9 @@ class Plan:
         (--grad-privacy withhold, --privacy strong) only its tail does and the others run forward only."""
         return PrivacySpec.from_dict(self.privacy).trains(self.stages[index].role)
 
-    def trained_blocks(self) -> list[int] | None:
-        """The blocks whose LoRA trains, None when every block's does (what the adapter holds)."""
-        if all(self.trains(i) for i in range(len(self.stages))):
-            return None
-        return [b for i, s in enumerate(self.stages) if self.trains(i) for b in range(*s.layers)]
+    def trains_every_stage(self) -> bool:
+        """False when some stage runs forward only (then the adapter holds only the trained stages' LoRA)."""
+        return all(self.trains(i) for i in range(len(self.stages)))
 
     def to_dict(self) -> dict:
         """Plain data (lists, not tuples), as it travels in control messages and JSON."""

@@ -143,7 +143,7 @@ def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[s
     only where the plan's stage does not train)."""
     model = MemoryModel(table, shape)
     num_stages = len(plan.stages)
-    runs_ahead = not all(plan.trains(i) for i in range(num_stages))  # a forward-only stage may send all M at once
+    runs_ahead = not plan.trains_every_stage()  # a forward-only stage may send all M at once
     stages: dict[str, list[Footprint]] = {}
     for index, spec in enumerate(plan.stages):
         count = in_flight(shape.schedule, num_stages, index, shape.micro_batches)
