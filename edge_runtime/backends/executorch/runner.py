@@ -141,6 +141,10 @@ class ExecuTorchStageRunner(StageRunner):
         self._saved[microbatch] = (per_block, last.grad)
         return loss.detach()
 
+    def infer(self, inputs):
+        assert self.role in ("head", "middle"), f"a {self.role} stage has no forward-only program"
+        return self._run(self._forward, [self._checked(inputs, self.stage.inputs[0])])[0]
+
     def backward(self, microbatch, grad_output=None):
         per_block, dy = self._saved.pop(microbatch)
         dy = grad_output if dy is None else dy
