@@ -118,6 +118,22 @@ class ExecuTorchStageRunner(StageRunner):
         assert microbatch not in self._saved, f"micro-batch {microbatch} forwarded twice"
         if self.role in ("tail", "full") and (labels is None or not step_tokens):
             raise ValueError("the tail stage needs labels and the step's scored-token count")
+        hidden, per_block = self._blocks_forward(inputs)
+        if self.role in ("head", "middle"):
+            self._saved[microbatch] = (per_block, None)
+            return hidden
+        last = hidden.detach().requires_grad_(True)
+        loss = self.module.scored_loss_sum(self.module.final_norm(last), labels) / step_tokens
+        loss.backward()  # the ends are frozen: only the last hidden state gets a gradient
+        self._saved[microbatch] = (per_block, last.grad)
+        return loss.detach()
+
+    def infer(self, inputs):
+        assert self.role in ("head", "middle"), f"a {self.role} stage has no forward-only use"
+        return self._blocks_forward(inputs)[0]  # what the backward would need is dropped
+
+    def _blocks_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The hidden state after the stage's blocks [B, T, d], and per block what its backward needs."""
         if tuple(inputs.shape[:2]) != self._shape:
             raise ValueError(f"blocks {list(self.module.layers)} ({self.role}): the input has shape "
                              f"{list(inputs.shape)} but the ExecuTorch programs were exported for micro-batches of "
@@ -132,18 +148,7 @@ class ExecuTorchStageRunner(StageRunner):
         for program, frozen, lora in self._blocks:
             hidden, saved, kept = program.forward(frozen, hidden.contiguous(), [p.detach() for p in lora])
             per_block.append((saved, kept))
-        if self.role in ("head", "middle"):
-            self._saved[microbatch] = (per_block, None)
-            return hidden
-        last = hidden.detach().requires_grad_(True)
-        loss = self.module.scored_loss_sum(self.module.final_norm(last), labels) / step_tokens
-        loss.backward()  # the ends are frozen: only the last hidden state gets a gradient
-        self._saved[microbatch] = (per_block, last.grad)
-        return loss.detach()
-
-    def infer(self, inputs):
-        assert self.role in ("head", "middle"), f"a {self.role} stage has no forward-only program"
-        return self._run(self._forward, [self._checked(inputs, self.stage.inputs[0])])[0]
+        return hidden, per_block
 
     def backward(self, microbatch, grad_output=None):
         per_block, dy = self._saved.pop(microbatch)
