@@ -31,6 +31,7 @@ from edge_runtime.privacy.base import HiddenMechanism, NoiseStream
 from edge_runtime.privacy.calibration import calibrated, head_states
 from edge_runtime.privacy.public_text import public_token_batches
 from edge_runtime.privacy.runner import gradient_mechanism, hidden_mechanism
+from ringtune.adapter_metadata import ADAPTER_METADATA_FILE
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan, StageSpec, validate_plan
 from ringtune.privacy_spec import PRESETS, PrivacySpec
@@ -246,7 +247,8 @@ def _attack_row(settings: AuditSettings, k: int, spec: PrivacySpec, view: CutVie
     inverters = [LinearInverter(p.flatten(0, 1), view.public_tokens.flatten(), embeddings) for p in attacker_public]
     aucs = {}
     if view.gradients is not None:
-        aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled.positive)
+        if spec.gradient != "withhold":  # withheld: the neighbour receives no gradient to attack
+            aucs = label_auc(_privatized_gradients(view.gradients, spec, settings, noise), labelled.positive)
         at_label = label_states[torch.arange(len(label_states)), labelled.positions]  # [r, d]
         if labelled.candidates is not None:
             scores = [i.scores(at_label, labelled.candidates) for i in inverters]  # [r, C] per inverter
@@ -453,8 +455,10 @@ def _fine_tuned(settings: AuditSettings, spec: PrivacySpec, k: int, name: str, n
     folder = settings.adapters / f"k{k}-{''.join(c if c.isalnum() or c in '.-' else '-' for c in name).strip('-')}"
     tuned = fine_tune(settings, spec, k, num_blocks, report)
     tensors = {adapter_key(n): t for n, t in lora_parameters(tuned.model).items()}
-    write_adapter(folder, settings.lora, settings.model, tensors,
-                  {"run": run, "train_losses": tuned.train_losses, "learning_curve": tuned.curve})
+    write_adapter(folder, settings.lora, settings.model, tensors)
+    (folder / ADAPTER_METADATA_FILE).write_text(json.dumps({  # settings.privacy: ringtune evaluate scores it as trained
+        "run": run, "settings": {"privacy": spec.public_dict()}, "train_losses": tuned.train_losses,
+        "learning_curve": tuned.curve}, indent=1))
     return tuned
 
 
@@ -486,9 +490,10 @@ def _privatize_output(output, mechanism: HiddenMechanism, generator: torch.Gener
 def format_row(row: AuditRow) -> str:
     pct = lambda v: "-" if v is None else f"{v:.1%}"
     num = lambda v, f=".3f": "-" if v is None else format(v, f)
+    sent = num if row.privacy.gradient != "withhold" else lambda v: "no gradient sent"
     return (f"| {row.owner_blocks} | {row.privacy.describe()} | {num(row.noise_to_signal, '.2f')} | "
-            f"{pct(row.nn_recovery)} | {pct(row.learned_recovery)} | {num(row.norm_auc)} | {num(row.direction_auc)} | "
-            f"{num(row.aligned_direction_auc)} | {num(row.forward_label_auc)} | {pct(row.forward_label_accuracy)} | "
+            f"{pct(row.nn_recovery)} | {pct(row.learned_recovery)} | {sent(row.norm_auc)} | {sent(row.direction_auc)} | "
+            f"{sent(row.aligned_direction_auc)} | {num(row.forward_label_auc)} | {pct(row.forward_label_accuracy)} | "
             f"{num(row.eval_loss)} | {pct(row.accuracy)} |")
 
 

@@ -12,7 +12,8 @@ Each setting is one `ringtune audit` process with one torch thread (--parallel a
 every --eval-every steps (with the same privatization at the cut, one noise draw per tweet), writes the
 adapter, then attacks the fine-tuned model: token recovery from the hidden states its head sends (the
 learned inverter trained on public text through the base model's and through the fine-tuned head's
-blocks, the better counting), label AUC from the gradients its tail sends (max-norm noise). Settings:
+blocks, the better counting), label AUC from the gradients its tail sends (max-norm noise; a preset that
+withholds them sends none) and from the hidden state at the label's position. Settings:
   off            no privatization (trains the same at every K): attacked at every --owner-blocks K
   K:R            d_chi at K, calibrated: mean noise norm R x the median token norm of public text there,
                  clip at that median

@@ -80,7 +80,7 @@ class RunStore:
 
         metadata = {"plan": plan.to_dict(), "losses": losses, "steps": settings.steps,
                     "settings": settings_record(settings)}
-        write_adapter(self.out, settings.lora, settings.model, tensors)
+        write_adapter(self.out, settings.lora, settings.model, tensors, partial=not plan.trains_every_stage())
         (self.out / ADAPTER_METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         return self.out
 

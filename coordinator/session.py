@@ -403,10 +403,12 @@ class RingSession:
         return None if reply.step is None else Checkpoint(reply.step, reply.state)
 
     def adapter_tensors(self, plan: Plan) -> dict:
+        """The LoRA tensors of the stages that train (all of them unless the owner withholds gradients)."""
         tensors = {}
         for name in plan.devices():
-            for blob in self.call(name, protocol.Lora()).stages.values():
-                tensors.update(load_tensors(blob))
+            for index, blob in self.call(name, protocol.Lora()).stages.items():
+                if plan.trains(int(index)):
+                    tensors.update(load_tensors(blob))
         return tensors
 
     def stop(self, names: list[str], timeout: float | None = None) -> None:

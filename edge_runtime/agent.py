@@ -36,7 +36,7 @@ from edge_runtime.memory import freeze_long_lived, process_memory, release_free_
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
-from edge_runtime.privacy.runner import privatize
+from edge_runtime.privacy.runner import ring_runner
 from edge_runtime.slice_cache import SliceCache
 from edge_runtime.training_state import unpack_state
 from edge_runtime.transport.base import EdgeClosed, EdgeConfig, EdgeTimeout
@@ -361,7 +361,8 @@ class Agent:
                                        f" s (its memory is not freed yet): restart the agent {self.name}")
             thaw()
             noise = NoiseStream(self._noise_seed(s) if s.privacy.active else None)
-            run.runners = {i: privatize(runner, s.privacy, noise) for i, runner in self._runners(s, indices).items()}
+            run.runners = {i: ring_runner(runner, s.plan, i, s.privacy, noise)
+                           for i, runner in self._runners(s, indices).items()}
             if self.name == s.plan.owner:
                 tokenizer = tokenizer_from_blob(self.cache.read(s.tokenizer))
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,

@@ -3,7 +3,7 @@ agents use, for simulations (``ringtune audit``) and exactness tests."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,7 +12,7 @@ from edge_runtime.data.dataset import OwnerData
 from edge_runtime.models.lora import adapter_key
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
-from edge_runtime.privacy.runner import privatize
+from edge_runtime.privacy.runner import ring_runner
 from edge_runtime.transport.base import EdgeConfig
 from edge_runtime.transport.memory import InMemoryEdge
 from edge_runtime.worker import LocalStage, run_stages_step
@@ -42,10 +42,12 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
     """Train peft_model's LoRA in place over plan's stages for ``steps`` (a count, or the step indices to run,
     e.g. a replay from a checkpoint); ``restore`` is a training state to start from; ``wire`` the frames'
     codecs. ``after_step(step)`` runs between steps, when peft_model holds the weights after that step (e.g.
-    to evaluate a learning curve)."""
+    to evaluate a learning curve). ``privacy`` is the owner's (its public part replaces the plan's): under
+    --grad-privacy withhold the stages before the tail run forward only and the adapter holds the tail's LoRA."""
     noise = NoiseStream(privacy.seed)
-    runners = [privatize(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), privacy, noise)
-               for s in plan.stages]
+    plan = replace(plan, privacy=privacy.public_dict())
+    runners = [ring_runner(TorchStageRunner(*build_stage(peft_model, s.layers, s.role), optimizer), plan, i, privacy,
+                           noise) for i, s in enumerate(plan.stages)]
     for runner in runners if restore is not None else []:
         runner.load_training_state(restore)
     shape = (data.micro_batch_size, data.seq_len, peft_model.config.hidden_size)
@@ -61,8 +63,9 @@ def train_ring_in_process(peft_model: torch.nn.Module, plan: Plan, data: OwnerDa
         if after_step is not None:
             after_step(step)
     adapter, training_state = {}, {}
-    for runner in runners:
-        adapter.update({adapter_key(n): t for n, t in runner.lora_state().items()})
+    for index, runner in enumerate(runners):
+        if plan.trains(index):
+            adapter.update({adapter_key(n): t for n, t in runner.lora_state().items()})
         training_state.update(runner.training_state())
     return RingResult(adapter, losses, training_state, sum(e.bytes_sent for pair in edges for e in pair))
 

@@ -62,6 +62,12 @@ def schedule_for(name: str, num_stages: int, stage: int, micro_batches: int) -> 
     return _BUILDERS[name](num_stages, stage, micro_batches)
 
 
+def forward_only(actions: list[Action]) -> list[Action]:
+    """A schedule's forwards, in order: what a stage that does not train runs (no gradient comes back to it, so
+    it waits for none and keeps nothing)."""
+    return [action for action in actions if action.kind == "F"]
+
+
 def max_in_flight(actions: list[Action]) -> int:
     """Largest number of micro-batches forwarded but not yet backpropagated."""
     live = peak = 0

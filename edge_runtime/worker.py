@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from edge_runtime.data.dataset import StepBatch
 from edge_runtime.memory import rss, trim_heap
 from edge_runtime.backends.base import StageRunner
-from edge_runtime.schedules import Action, schedule_for
+from edge_runtime.schedules import Action, forward_only, schedule_for
 from edge_runtime.transport.base import Edge
 from ringtune.protocol import Span, StageTiming
 
@@ -63,7 +63,7 @@ def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: S
             computing = time.perf_counter()
             grad_input = runner.backward(mb, grad)
             sending = time.perf_counter()
-            if stage.prev is not None:
+            if stage.prev is not None and grad_input is not None:  # None: the owner's tail withholds it
                 stage.prev.send("gradient", step, mb, grad_input)
         sent = time.perf_counter()
         wait, compute, send = wait + computing - waiting, compute + sending - computing, send + sent - sending
@@ -87,6 +87,7 @@ def run_stages_step(stages: list[LocalStage], step: int, batch: StepBatch | None
 
     def work(stage: LocalStage) -> None:
         actions = schedule_for(schedule, num_stages, stage.index, micro_batches)
+        actions = actions if stage.runner.trains else forward_only(actions)
         try:
             results[stage.index] = run_stage_step(stage, step, actions, batch, started)
         except BaseException as error:

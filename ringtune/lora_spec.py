@@ -15,12 +15,14 @@ class LoraSpec:
     seed: int = 0
     """Seed of the LoRA A initialisation (B starts at zero)."""
 
-    def to_peft(self, base_model_name: str | None = None):
-        """peft's LoraConfig (peft is imported only here: this module stays light for the CLI)."""
+    def to_peft(self, base_model_name: str | None = None, modules: list[str] | None = None):
+        """peft's LoraConfig (peft is imported only here: this module stays light for the CLI); modules: adapt
+        exactly these (full names in the base model: an adapter whose other blocks were not trained), None: the
+        spec's target_modules."""
         from peft import LoraConfig
 
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=targets, lora_dropout=0.0,
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=modules or targets, lora_dropout=0.0,
                           bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name)
 
     def to_dict(self) -> dict:

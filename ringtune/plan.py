@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
+from ringtune.privacy_spec import PrivacySpec
+
 Role = Literal["head", "middle", "tail", "full"]
 Schedule = Literal["1f1b", "gpipe", "sequential"]
 SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
@@ -68,6 +70,15 @@ class Plan:
 
     def stage_indices(self, device: str) -> list[int]:
         return [i for i, s in enumerate(self.stages) if s.device == device]
+
+    def trains(self, index: int) -> bool:
+        """Whether stage index trains its LoRA: every stage, except that when the owner withholds gradients
+        (--grad-privacy withhold, --privacy strong) only its tail does and the others run forward only."""
+        return PrivacySpec.from_dict(self.privacy).trains(self.stages[index].role)
+
+    def trains_every_stage(self) -> bool:
+        """False when some stage runs forward only (then the adapter holds only the trained stages' LoRA)."""
+        return all(self.trains(i) for i in range(len(self.stages)))
 
     def to_dict(self) -> dict:
         """Plain data (lists, not tuples), as it travels in control messages and JSON."""

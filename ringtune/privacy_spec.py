@@ -2,7 +2,7 @@
 
 ``--privacy dchi:epsilon=E,clip=C`` | ``gaussian:sigma=S,clip=C[,delta=D]`` | ``off`` (add ``seed=N`` for
 reproducible noise, ``public=N`` to send the first N positions, a fixed public prompt template, as they are)
-and ``--grad-privacy maxnorm|off`` parse into a ``PrivacySpec``. A preset (``--privacy strong[,public=N]``)
+and ``--grad-privacy maxnorm|withhold|off`` parse into a ``PrivacySpec``. A preset (``--privacy strong[,public=N]``)
 names a d_chi setting whose numbers are calibrated on public text at the run's cut
 (``edge_runtime.privacy.calibration``) before anything is sent.
 """
@@ -13,7 +13,12 @@ import re
 from dataclasses import asdict, dataclass
 
 HIDDEN_MECHANISMS = ("off", "dchi", "gaussian")
-GRADIENT_MECHANISMS = ("off", "maxnorm")
+GRADIENT_MECHANISMS = ("off", "maxnorm", "withhold")
+GRADIENT_HELP = {"off": "gradients sent back as they are",
+                 "maxnorm": "gradients sent back with max-norm noise (equalizes their norms in a micro-batch)",
+                 "withhold": "no gradient leaves the owner: only its tail blocks' LoRA trains, the helpers and its "
+                             "head run forward only"}
+GRADIENT_PRIVACY_HELP = "what leaves the owner's tail: " + "; ".join(f"{k}: {v}" for k, v in GRADIENT_HELP.items())
 _KEYS = {"off": set(), "dchi": {"epsilon", "clip", "seed", "public", "hide_labels"},
          "gaussian": {"sigma", "clip", "delta", "seed", "public", "hide_labels"}}
 _INTEGER_KEYS = {"seed", "public", "hide_labels"}
@@ -38,16 +43,18 @@ class PrivacyPreset:
 
 
 PRESETS = {p.name: p for p in (
-    PrivacyPreset("strong", owner_blocks=4, noise_ratio=0.4, clip_quantile=0.5, gradient="maxnorm",
-                  measured="on smollm2-135m its cut and noise lower a learned inverter's token recovery on the base "
-                           "model by 61-68% against the default split and its hidden labels bring the label read from "
-                           "hidden states to chance, but the gradients it sends back still reveal labels (AUC 0.90-0.94) "
-                           "and its accuracy cost after a full fine-tune is not yet measured (benchmarks/README.md)"),
+    PrivacyPreset("strong", owner_blocks=4, noise_ratio=0.4, clip_quantile=0.5, gradient="withhold",
+                  measured="on smollm2-135m its cut and noise lower a learned inverter's token recovery to 29% of the "
+                           "private tokens against 82% for the default split (-64%; its head never trains, so the "
+                           "helpers see the base model's states and this holds after any fine-tune), its hidden labels "
+                           "bring the label read from hidden states to chance (AUC 0.53) and it sends no gradient to "
+                           "read labels from; its accuracy after a 300-step fine-tune is not yet measured "
+                           "(benchmarks/README.md)"),
 )}
 PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
                 "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off | a preset: "
                 + "; ".join(f"{p.name} (at least {p.owner_blocks} owner blocks at each end, d_chi noise "
-                            f"{p.noise_ratio:g}x the median hidden-state norm at the cut, gradients {p.gradient}; "
+                            f"{p.noise_ratio:g}x the median hidden-state norm at the cut, {GRADIENT_HELP[p.gradient]}; "
                             f"{p.measured})" for p in PRESETS.values())
                 + ". Add seed=N for reproducible noise, public=N when the first N tokens of every sequence are a "
                 "fixed public prompt template (sent unprivatized; checked to be identical in every sequence), "
@@ -69,7 +76,8 @@ class PrivacySpec:
     delta: float = 1e-5
     """gaussian: the delta of the stated (epsilon, delta) per token."""
     gradient: str = "off"
-    """Mechanism on gradients leaving the owner's tail stage: off or maxnorm."""
+    """Mechanism on gradients leaving the owner's tail stage: off, maxnorm, or withhold (none leaves: the stages
+    before the tail run forward only and only the tail trains)."""
     seed: int | None = None
     """Noise seed for reproducible runs (tests, audits); None: the owner draws one from its CSPRNG."""
     public: int = 0
@@ -110,6 +118,11 @@ class PrivacySpec:
     def active(self) -> bool:
         return self.hidden != "off" or self.gradient != "off"
 
+    def trains(self, role: str) -> bool:
+        """Whether a stage of this role trains its LoRA: every stage, except that when gradients are withheld only
+        the tail does (and a one-stage run's full stage, which sends nothing)."""
+        return self.gradient != "withhold" or role in ("tail", "full")
+
     @property
     def calibrated(self) -> bool:
         """False for a preset whose clip and epsilon are not computed yet (see privacy.calibration)."""
@@ -141,7 +154,8 @@ class PrivacySpec:
         if self.hidden != "off" and self.calibrated:
             delta = f", delta={self.delta:g}" if self.hidden == "gaussian" else ""
             parts += f" (per token epsilon={self.token_epsilon():.3g}{delta})"
-        return parts + f"; gradients {self.gradient}"
+        return parts + ("; gradients withheld (only the owner's tail trains)" if self.gradient == "withhold"
+                        else f"; gradients {self.gradient}")
 
     def check_seq_len(self, seq_len: int) -> None:
         """ValueError when sequences of seq_len tokens would have no privatized position left."""

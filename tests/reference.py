@@ -9,10 +9,13 @@ from ringtune.optimizer_spec import OptimizerSpec
 
 def reference_adapter(model_name: str, lora: LoraSpec, optimizer: OptimizerSpec, data: OwnerData,
                       steps: int, privacy=None, plan=None, base_dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """privacy (a PrivacySpec) is applied where plan cuts: the end of the owner's head, the start of its tail.
+    """privacy (a PrivacySpec) is applied where plan cuts: the end of the owner's head, the start of its tail;
+    when it withholds gradients only the LoRA of the tail's blocks is trainable (and returned).
     base_dtype: the frozen weights hold the values a compact model of that dtype computes with (plain fp32
     modules)."""
     model = apply_lora(dequantized_model(load_model(model_name), base_dtype), lora)
+    if privacy is not None and privacy.gradient == "withhold":
+        freeze_all_but_blocks(model, range(*plan.stages[-1].layers))
     position = [0, 0]
     if privacy is not None:
         from edge_runtime.privacy.base import NoiseStream
@@ -92,3 +95,36 @@ def privatize_reference_cuts(model, plan, hidden, gradient, noise, position, pub
     if gradient is not None:
         handles.append(blocks[tail_start].register_forward_pre_hook(on_tail_input, with_kwargs=True))
     return handles
+
+
+def freeze_all_but_blocks(model, blocks) -> None:
+    """Only the LoRA tensors of these blocks stay trainable (peft model)."""
+    from edge_runtime.models.structure import find_parts
+
+    keep = {id(p) for b in blocks for p in find_parts(model).blocks[b].parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+
+
+def assert_peft_reproduces_the_trained_model(name: str, out, lora: LoraSpec = LoraSpec(4, 8, seed=11)) -> None:
+    """The adapter a run wrote loads in plain peft and gives the trained model's logits (blocks the adapter leaves
+    out keep their initial LoRA, whose B is zero: they change nothing)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    trained = apply_lora(load_model(name), lora)
+    names = {param_name.replace(".default.", "."): param for param_name, param in trained.named_parameters()
+             if param.requires_grad}
+    assert tensors.keys() <= names.keys()
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            names[key].copy_(tensor)
+    loaded = PeftModel.from_pretrained(load_model(name), str(out))
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        expected, actual = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
+        base = load_model(name)(input_ids=ids).logits
+    assert torch.allclose(actual, expected, atol=1e-6)
+    assert not torch.allclose(actual, base, atol=1e-4), "the adapter changed nothing"

@@ -9,7 +9,7 @@ from pathlib import Path
 from coordinator.timeline import draw_timeline, require_matplotlib, typical_step
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRESETS, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRESETS, PRIVACY_HELP, PrivacySpec
 from ringtune.wire import WIRE_HELP, WireSpec
 
 
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
                              "to its own)")
     parser.add_argument("--privacy", default="off", help="noise on hidden states leaving the owner: " + PRIVACY_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
-                        help="noise on gradients leaving the owner's tail (maxnorm: equalize norms in a micro-batch)")
+                        help=GRADIENT_PRIVACY_HELP)
     parser.add_argument("--link-mbit", type=float,
                         help="link bandwidth the planner assumes for every agent (default: measured to each "
                              "agent before planning, a short timed transfer)")

@@ -9,11 +9,14 @@ Measured on real agents (benchmarks/agent_memory.py), an agent's peak RSS is
   + trainable     LoRA gradients, AdamW's two moments and its update's temporaries
   + activations   per stage, what its blocks keep for backward plus the output it holds until the
                   gradient comes back, times the micro-batches its schedule keeps in flight
-                  (1F1B: S - s on stage s of S; GPipe: all M)
+                  (1F1B: S - s on stage s of S; GPipe: all M); none on a stage that runs forward only
+                  (the owner withholds gradients: every stage before its tail), which also has no
+                  LoRA gradients or AdamW state
   + workspace     per stage, the transient peak of one forward + backward beyond what it keeps (the
                   owner's head and tail run in two threads at once, so theirs add up)
   + buffers       per ring edge, frames received and waiting for the schedule, plus the copies a
-                  send and a receive make (pack, seal, socket)
+                  send and a receive make (pack, seal, socket); behind a forward-only stage, which
+                  runs ahead, all M may wait
 
 or, before its slice arrives, baseline + the calibration block (one block, one micro-batch), if
 that is larger. Every term is linear in prefix sums over blocks, so the partitioner evaluates the
@@ -106,9 +109,13 @@ class MemoryModel:
             table.block_param_bytes[first] + table.block_trainable_bytes[first]
             + (table.block_activation_bytes[first] + table.block_workspace_bytes[first]) * tokens + 2 * self.frame)
 
-    def stage(self, start, end, role: Role, in_flight: int) -> Footprint:
+    def stage(self, start, end, role: Role, in_flight: int, trains: bool = True, waiting: int | None = None
+              ) -> Footprint:
         """Blocks [start, end) in a stage with this role; start and end may be numpy arrays (then
-        every term is an array over them, broadcast)."""
+        every term is an array over them, broadcast). A stage that does not train keeps nothing for a
+        backward; waiting: frames that may wait on each of its edges (default in_flight). The workspace
+        stays that of a forward and a backward (an upper bound for a forward)."""
+        kept = in_flight if trains else 0
         ends = ([self.head] if role in ("head", "full") else []) + ([self.tail] if role in ("tail", "full") else [])
         edges = {"head": 1, "middle": 2, "tail": 1, "full": 0}[role]
         held_output = self.frame if role in ("head", "middle") else 0.0  # the tail's output is the loss
@@ -117,11 +124,11 @@ class MemoryModel:
             workspace = np.maximum(workspace, part.workspace_bytes * self.tokens)
         return Footprint(
             weights=self.weights[end] - self.weights[start] + sum(e.param_bytes for e in ends),
-            trainable=self.trainable[end] - self.trainable[start] + sum(e.trainable_bytes for e in ends),
+            trainable=(self.trainable[end] - self.trainable[start] + sum(e.trainable_bytes for e in ends)) * trains,
             activations=(self.kept[end] - self.kept[start] + sum(e.activation_bytes for e in ends) * self.tokens
-                         + held_output) * in_flight,
+                         + held_output) * kept,
             workspace=workspace,
-            buffers=edges * (in_flight + FRAME_COPIES) * self.frame)
+            buffers=edges * ((in_flight if waiting is None else waiting) + FRAME_COPIES) * self.frame)
 
     def device(self, baseline: float, stages: list[Footprint]) -> Footprint:
         """A device running these stages (one thread each, at once)."""
@@ -132,13 +139,17 @@ class MemoryModel:
 
 
 def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[str, float]) -> dict[str, Footprint]:
-    """Each device's predicted footprint under this plan (its stages, the schedule's in-flight counts)."""
+    """Each device's predicted footprint under this plan (its stages, the schedule's in-flight counts, forward
+    only where the plan's stage does not train)."""
     model = MemoryModel(table, shape)
     num_stages = len(plan.stages)
+    runs_ahead = not plan.trains_every_stage()  # a forward-only stage may send all M at once
     stages: dict[str, list[Footprint]] = {}
     for index, spec in enumerate(plan.stages):
         count = in_flight(shape.schedule, num_stages, index, shape.micro_batches)
-        stages.setdefault(spec.device, []).append(model.stage(spec.layers[0], spec.layers[1], spec.role, count))
+        stages.setdefault(spec.device, []).append(model.stage(
+            spec.layers[0], spec.layers[1], spec.role, count, plan.trains(index),
+            shape.micro_batches if runs_ahead else None))
     return {device: model.device(baselines[device], held) for device, held in stages.items()}
 
 

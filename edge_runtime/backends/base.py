@@ -19,6 +19,8 @@ class StageRunner(ABC):
     """
 
     role: Role
+    trains: bool = True
+    """False for a stage that runs forward only (ForwardOnlyRunner): its schedule has no backward."""
 
     def __init__(self, lora: dict[str, torch.nn.Parameter], optimizer: OptimizerSpec) -> None:
         self._lora = lora
@@ -34,8 +36,13 @@ class StageRunner(ABC):
         """Output hidden [B, T, d] (head/middle), or this micro-batch's share of the loss (tail/full)."""
 
     @abstractmethod
+    def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Output hidden [B, T, d] of a head/middle stage without autograd: nothing is kept for a backward."""
+
+    @abstractmethod
     def backward(self, microbatch: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Accumulate LoRA grads; return the gradient w.r.t. the stage input (None on head/full)."""
+        """Accumulate LoRA grads; return the gradient w.r.t. the stage input, None when nothing goes back (a
+        head/full stage, or a tail whose owner withholds gradients)."""
 
     def begin_step(self, step: int) -> None:
         """Called before the first micro-batch of global step ``step`` (a runner whose randomness is keyed
@@ -87,3 +94,55 @@ class StageRunner(ABC):
         with torch.no_grad():
             for name, p in self._lora.items():
                 p.copy_(state[name])
+
+
+class RunnerWrapper(StageRunner):
+    """A runner around another (any runtime) that changes what a micro-batch does; the LoRA, its AdamW and the
+    training state stay the inner runner's."""
+
+    def __init__(self, inner: StageRunner) -> None:
+        super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
+        self.inner = inner
+        self.role = inner.role
+
+    @property
+    def trains(self) -> bool:
+        return self.inner.trains
+
+    def begin_step(self, step):
+        self.inner.begin_step(step)
+
+    def step(self):
+        self.inner.step()
+
+    def lora_state(self):
+        return self.inner.lora_state()
+
+    def load_lora_state(self, state):
+        self.inner.load_lora_state(state)
+
+    def training_state(self):
+        return self.inner.training_state()
+
+    def load_training_state(self, state):
+        self.inner.load_training_state(state)
+
+
+class ForwardOnlyRunner(RunnerWrapper):
+    """A stage that does not train, because no gradient comes back to it (the owner withholds its tail's
+    gradients): every micro-batch runs forward without autograd, nothing is kept between micro-batches, its
+    schedule has no backward (schedules.forward_only), and its LoRA stays as it was loaded."""
+
+    trains = False
+
+    def forward(self, microbatch, inputs, labels=None, step_tokens=None):
+        return self.inner.infer(inputs)
+
+    def infer(self, inputs):
+        return self.inner.infer(inputs)
+
+    def backward(self, microbatch, grad_output=None):
+        raise AssertionError(f"stage {self.role} runs forward only: its schedule has no backward")
+
+    def step(self):
+        """Nothing to apply: no gradient reached this stage."""

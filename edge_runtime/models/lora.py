@@ -31,10 +31,18 @@ def adapter_key(param_name: str) -> str:
     return param_name.replace(f".{ADAPTER_NAME}.", ".")
 
 
-def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads."""
+def write_adapter(out_dir: Path, spec: LoraSpec, base_model: str, tensors: dict[str, torch.Tensor],
+                  partial: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads. partial: tensors
+    holds the LoRA of only the blocks that trained; peft then adapts exactly the modules they belong to."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec.to_peft(base_model).save_pretrained(str(out_dir))
     state = {adapter_key(name): t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
+    spec.to_peft(base_model, adapted_modules(state) if partial else None).save_pretrained(str(out_dir))
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def adapted_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The base model's modules an adapter state's LoRA tensors belong to ("base_model.model.NAME.lora_A.weight")."""
+    prefix = "base_model.model."
+    return sorted({key[len(prefix):].rsplit(".lora_", 1)[0] for key in state})

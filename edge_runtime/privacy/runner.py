@@ -7,8 +7,8 @@ from edge_runtime.privacy.base import GradientMechanism, HiddenMechanism, NoiseS
 from edge_runtime.privacy.dchi import DChiMechanism
 from edge_runtime.privacy.gaussian import GaussianMechanism
 from edge_runtime.privacy.maxnorm import MaxNormMechanism
-from edge_runtime.backends.base import StageRunner
-from ringtune.optimizer_spec import OptimizerSpec
+from edge_runtime.backends.base import ForwardOnlyRunner, RunnerWrapper, StageRunner
+from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
 
@@ -40,10 +40,11 @@ def check_public_prefix(expected: torch.Tensor, ids: torch.Tensor, step: int, mi
             f"(a prompt longer than --seq-len is cut from the left, which also causes this)")
 
 
-class PrivateStageRunner(StageRunner):
+class PrivateStageRunner(RunnerWrapper):
     """Wraps the owner's head or tail runner (any runtime). The head's output z = clip(y) + noise is what
-    travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip.
-    The tail's gradient w.r.t. its input is privatized before it is returned (and sent). With spec.public
+    travels and what the next stage computes on; its backward turns dL/dz into dL/dy through the clip (a head
+    that runs forward only keeps no graph). The tail's gradient w.r.t. its input is privatized before it is
+    returned (and sent), or withheld: then the tail returns none and sends none. With spec.public
     = N the head sends positions < N as they are, after checking that every sequence starts with the N
     token ids of the run's first micro-batch. Noise is keyed by (seed, global step, micro-batch, stage), the
     stage being the owner's role (head or tail: its ring index changes when a re-plan adds or drops
@@ -51,20 +52,19 @@ class PrivateStageRunner(StageRunner):
     the inner runner's."""
 
     def __init__(self, inner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> None:
-        super().__init__({}, OptimizerSpec())  # no LoRA of its own: the inner runner trains
-        self.inner = inner
-        self.role = inner.role
+        super().__init__(inner)
         self.noise = noise
         self.spec = spec
         self._prefix: torch.Tensor | None = None  # [N] token ids of the run's first sequence, with public=N
         self.hidden = hidden_mechanism(spec) if inner.role == "head" else None
         self.gradient = gradient_mechanism(spec) if inner.role == "tail" else None
+        self.withholds = inner.role == "tail" and spec.gradient == "withhold"
         self._clip_graph: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step = 0  # the global step being run (begin_step)
 
     def begin_step(self, step):
         self._step = step
-        self.inner.begin_step(step)
+        super().begin_step(step)
 
     def forward(self, microbatch, inputs, labels=None, step_tokens=None):
         if self.hidden is not None and self.spec.public:
@@ -72,12 +72,19 @@ class PrivateStageRunner(StageRunner):
         output = self.inner.forward(microbatch, inputs, labels, step_tokens)
         if self.hidden is None:
             return output
+        generator = self.noise.generator(self._step, microbatch, self.role, "hidden")
+        if not self.trains:  # no backward will come through the clip
+            with torch.no_grad():
+                return self.hidden.apply(output, generator, self.spec.public)
         plain = output.detach().requires_grad_(True)  # [B, T, d]
         with torch.enable_grad():
-            private = self.hidden.apply(plain, self.noise.generator(self._step, microbatch, self.role, "hidden"),
-                                        self.spec.public)
+            private = self.hidden.apply(plain, generator, self.spec.public)
         self._clip_graph[microbatch] = (plain, private)
         return private.detach()
+
+    def infer(self, inputs):
+        raise AssertionError("a private stage runs forward only around its inner runner (ring_runner): its output "
+                             "is privatized per micro-batch")
 
     def _check_prefix(self, microbatch: int, ids: torch.Tensor) -> None:
         self.spec.check_seq_len(ids.shape[1])
@@ -90,25 +97,21 @@ class PrivateStageRunner(StageRunner):
             plain, private = self._clip_graph.pop(microbatch)
             grad_output = torch.autograd.grad(private, plain, grad_output)[0]
         grad_input = self.inner.backward(microbatch, grad_output)
+        if self.withholds:
+            return None
         if self.gradient is None or grad_input is None:
             return grad_input
         return self.gradient.apply(grad_input, self.noise.generator(self._step, microbatch, self.role, "gradient"))
 
     def step(self):
         assert not self._clip_graph, f"micro-batches {sorted(self._clip_graph)} were never backpropagated"
-        self.inner.step()
+        super().step()
 
-    def lora_state(self):
-        return self.inner.lora_state()
 
-    def load_lora_state(self, state):
-        self.inner.load_lora_state(state)
-
-    def training_state(self):
-        return self.inner.training_state()
-
-    def load_training_state(self, state):
-        self.inner.load_training_state(state)
+def ring_runner(runner: StageRunner, plan: Plan, index: int, spec: PrivacySpec, noise: NoiseStream) -> StageRunner:
+    """Stage index's runner as the ring runs it: forward only where the plan's stage does not train (the owner
+    withholds gradients), privatized where the owner's spec says; privacy off leaves the runner as it is."""
+    return privatize(runner if plan.trains(index) else ForwardOnlyRunner(runner), spec, noise)
 
 
 def privatize(runner: StageRunner, spec: PrivacySpec, noise: NoiseStream) -> StageRunner:

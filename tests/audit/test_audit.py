@@ -39,6 +39,26 @@ def test_audit_reports_recovery_falling_with_noise_and_utility(sentiment_files, 
     assert (out / "audit.png").stat().st_size > 0 and "| 1 |" in (out / "audit.md").read_text()
 
 
+def test_withheld_gradients_leave_no_gradient_to_attack_and_the_adapter_is_kept_for_evaluate(sentiment_files, tmp_path,
+                                                                                             capsys):
+    """--grad-privacy withhold: the gradient attacks have nothing to attack; the fine-tuned adapter is written with the settings ringtune evaluate scores it under, and a second audit of the same
+    run reuses it."""
+    args = ["audit", "--model", "tiny-llama", "--data", str(sentiment_files / "train.jsonl"), "--test",
+            str(sentiment_files / "test.jsonl"), "--owner-blocks", "1", "--steps", "2", "--micro-batch-size", "2",
+            "--seq-len", "32", "--dchi-ratios", "4", "--grad-privacy", "withhold", "--no-baseline", "--threads", "1",
+            "--adapters", str(tmp_path / "adapters")]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    (row,) = json.loads((tmp_path / "first" / "audit.json").read_text())["rows"]
+    assert row["privacy"]["gradient"] == "withhold" and row["accuracy"] is not None and len(row["train_losses"]) == 2
+    assert (row["norm_auc"], row["direction_auc"], row["aligned_direction_auc"]) == (None, None, None)
+    assert "| no gradient sent | no gradient sent | no gradient sent |" in (tmp_path / "first" / "audit.md").read_text()
+    (adapter,) = (tmp_path / "adapters").iterdir()
+    assert json.loads((adapter / "ringtune.json").read_text())["settings"]["privacy"]["gradient"] == "withhold"
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    assert f"reusing the adapter fine-tuned in {adapter}" in capsys.readouterr().out
+
+
 def test_label_auc_sees_separable_norms_and_not_equalized_ones():
     generator = torch.Generator().manual_seed(0)
     positive = torch.tensor([True, False] * 8)

@@ -1,6 +1,6 @@
 import pytest
 
-from edge_runtime.schedules import Action, SCHEDULES, max_in_flight, one_f_one_b, schedule_for
+from edge_runtime.schedules import Action, SCHEDULES, forward_only, max_in_flight, one_f_one_b, schedule_for
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -12,6 +12,11 @@ def test_every_microbatch_forwarded_then_backpropagated_once(name, stages, micro
         assert sorted(a for a in actions if a.kind == "B") == [Action("B", m) for m in range(micro_batches)]
         for m in range(micro_batches):
             assert actions.index(Action("F", m)) < actions.index(Action("B", m))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_a_stage_that_does_not_train_forwards_every_microbatch_in_order(name):
+    assert forward_only(schedule_for(name, 3, 0, 4)) == [Action("F", m) for m in range(4)]
 
 
 @pytest.mark.parametrize("stages, micro_batches", [(3, 8), (4, 4), (4, 2)])

@@ -6,18 +6,17 @@ import time
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from helpers import ARCHITECTURES, ringtune_command, write_text_data
 from coordinator.run_store import step_records
 from coordinator.timeline import lanes
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
-from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.wire import payload_bytes
-from reference import dequantized_tolerance, max_difference, reference_adapter
+from reference import assert_peft_reproduces_the_trained_model, dequantized_tolerance, max_difference, reference_adapter
 
 pytestmark = pytest.mark.slow
 SHAPE = ["--steps", "3", "--micro-batches", "4", "--micro-batch-size", "2", "--seq-len", "24",
@@ -112,25 +111,6 @@ def test_int8_base_weights_on_three_agents_train_like_plain_peft_and_load_in_pef
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["base_dtype"] == "int8"
     loaded = PeftModel.from_pretrained(load_model(name), str(tmp_path / "run"))
     assert any(float(t.abs().max()) > 0 for n, t in loaded.state_dict().items() if "lora_B" in n)
-
-
-def assert_peft_reproduces_the_trained_model(name, out):
-    """The adapter a run wrote loads in plain peft and gives the trained model's logits."""
-    from peft import PeftModel
-
-    tensors = load_file(out / "adapter_model.safetensors")
-    trained = apply_lora(load_model(name), LoraSpec(4, 8, seed=11))
-    with torch.no_grad():
-        for param_name, param in trained.named_parameters():
-            if param.requires_grad:
-                param.copy_(tensors[param_name.replace(".default.", ".")])
-    loaded = PeftModel.from_pretrained(load_model(name), str(out))
-    ids = torch.randint(0, 256, (2, 20))
-    with torch.no_grad():
-        expected, actual = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
-        base = load_model(name)(input_ids=ids).logits
-    assert torch.allclose(actual, expected, atol=1e-6)
-    assert not torch.allclose(actual, base, atol=1e-4), "the adapter changed nothing"
 
 
 def assert_clean_failure(result, *fragments):

@@ -13,7 +13,7 @@ from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model, load_tokenizer
 from edge_runtime.privacy.calibration import calibrate, head_stage
 from ringtune.optimizer_spec import OptimizerSpec
-from reference import max_difference
+from reference import assert_peft_reproduces_the_trained_model, max_difference
 from ringtune.plan import Plan
 from ringtune.privacy_spec import PrivacySpec
 
@@ -35,7 +35,8 @@ def test_private_run_over_agents_equals_the_in_process_ring_and_is_recorded(tmp_
     assert result.returncode == 0, result.stderr
     plan = Plan.from_json((out / "plan.json").read_text())
     assert plan.privacy["hidden"] == "dchi" and "seed" not in plan.privacy
-    assert json.loads((out / "ringtune.json").read_text())["settings"]["privacy"]["gradient"] == "maxnorm"
+    gradient = "withhold" if "strong" in privacy else "maxnorm"  # a preset brings its own
+    assert json.loads((out / "ringtune.json").read_text())["settings"]["privacy"]["gradient"] == gradient
     spec = replace(PrivacySpec.from_dict(plan.privacy), seed=5)
     if spec.preset:
         head_blocks = plan.stages[0].layers[1]
@@ -50,3 +51,16 @@ def test_private_run_over_agents_equals_the_in_process_ring_and_is_recorded(tmp_
     expected = train_ring_in_process(apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=11)), plan,
                                      owner_data, OptimizerSpec(lr=0.01), 2, spec).adapter
     assert max_difference(load_file(out / "adapter_model.safetensors"), expected) < 1e-5
+    if gradient == "withhold":  # the adapter holds the tail's blocks only, and peft adapts only those
+        tail = set(range(*plan.stages[-1].layers))
+        block = lambda name: int(name.split(".layers.")[1].split(".")[0])
+        assert {block(key) for key in expected} == tail
+        adapted = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+        assert {block(name) for name in adapted} == tail and len(adapted) == len(expected) // 2  # lora_A and B
+        assert_peft_reproduces_the_trained_model("tiny-llama", out)
+        scored = subprocess.run(ringtune_command("evaluate", "--model", "tiny-llama", "--adapter", str(out), "--data",
+                                                 str(data), "--seq-len", "24", "--json"),
+                                capture_output=True, text=True, timeout=120)
+        assert scored.returncode == 0, scored.stderr
+        evaluated = json.loads(scored.stdout)
+        assert evaluated["hide_labels"] and evaluated["loss_after"] != evaluated["loss_before"]

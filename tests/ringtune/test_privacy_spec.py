@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 
 from ringtune.cli import main
+from ringtune.plan import Plan, even_plan
 from ringtune.privacy_spec import PRESETS, PrivacySpec, gaussian_epsilon
 
 
@@ -116,3 +117,16 @@ def test_hide_labels_is_opt_in_for_a_mechanism_and_serializes_only_when_on():
         PrivacySpec.parse("dchi:epsilon=1,clip=1,hide_labels=2")
     with pytest.raises(ValueError, match="'hide_labels=1' is not one of"):
         PrivacySpec.parse("strong,hide_labels=1")  # a preset always hides them
+
+
+def test_withheld_gradients_train_only_the_tail_and_the_plan_says_which_blocks():
+    spec = PrivacySpec.parse("off", "withhold")
+    assert spec.active and spec.gradient == "withhold" and PRESETS["strong"].gradient == "withhold"
+    assert [spec.trains(role) for role in ("head", "middle", "tail", "full")] == [False, False, True, True]
+    assert all(PrivacySpec(gradient="maxnorm").trains(role) for role in ("head", "middle", "tail"))
+    assert "gradients withheld (only the owner's tail trains)" in spec.describe()
+    assert PrivacySpec.from_dict(spec.public_dict()) == spec
+    plan = even_plan("m", 6, ["a", "b"], "a")  # head, middle, tail
+    withheld = replace(plan, privacy=spec.public_dict())
+    assert [withheld.trains(i) for i in range(3)] == [False, False, True] and plan.trains_every_stage()
+    assert not Plan.from_json(withheld.to_json()).trains_every_stage()

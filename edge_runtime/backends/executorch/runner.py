@@ -61,6 +61,10 @@ class ExecuTorchStageRunner(StageRunner):
         self._accumulate(grads)
         return loss
 
+    def infer(self, inputs):
+        assert self.role in ("head", "middle"), f"a {self.role} stage has no forward-only program"
+        return self._run(self._forward, [self._checked(inputs, self.stage.inputs[0])])[0]
+
     def backward(self, microbatch, grad_output=None):
         saved = self._saved.pop(microbatch)
         if self.role in ("tail", "full"):

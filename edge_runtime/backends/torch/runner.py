@@ -30,6 +30,10 @@ class TorchStageRunner(StageRunner):
         self._saved[microbatch] = (stage_input, output)
         return output.detach()
 
+    def infer(self, inputs):
+        with torch.inference_mode():
+            return self.module(inputs)
+
     def backward(self, microbatch, grad_output=None):
         stage_input, output = self._saved.pop(microbatch)
         if not output.requires_grad:

@@ -1,6 +1,8 @@
 """The memory model: each device's predicted peak from a plan, worked out by hand, and the refusals."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
@@ -50,6 +52,21 @@ def test_footprints_by_hand_1f1b():
     assert (pi.weights, pi.trainable, pi.activations, pi.workspace) == (20, 4, (12 + 2) * 2, 10)
     assert pi.buffers == 2 * (2 + 3) * 2
     assert pi.total == BASELINE + 20 + 4 + 28 + 10 + 20
+
+
+def test_withheld_gradients_keep_nothing_before_the_tail_and_every_frame_may_wait():
+    """The owner withholds its tail's gradients: head and middle run forward only (no activations kept, no
+    LoRA gradients or AdamW), and every edge may hold all 4 micro-batches' frames (the forward-only stages run
+    ahead)."""
+    withheld = replace(RING, privacy={"gradient": "withhold"})
+    memory = plan_memory(TABLE, shape("1f1b"), withheld, {"owner": BASELINE, "pi": BASELINE})
+    owner, pi = memory["owner"], memory["pi"]
+    assert owner.weights == 10 + 7 + 10 + 11 and owner.trainable == 2  # the tail's
+    assert owner.activations == 14 * 1  # the tail's one micro-batch in flight
+    assert owner.workspace == 2 * 5 + 2 * 20
+    assert owner.buffers == (4 + 3) * 2 + (4 + 3) * 2
+    assert (pi.weights, pi.trainable, pi.activations, pi.workspace) == (20, 0, 0, 10)
+    assert pi.buffers == 2 * (4 + 3) * 2
 
 
 def test_the_lm_head_is_priced_on_every_position_whatever_the_scored_share():

@@ -11,11 +11,11 @@ from helpers import ARCHITECTURES, write_text_data
 from edge_runtime.backends.torch.runner import TorchStageRunner
 from edge_runtime.data.dataset import OwnerData, read_records
 from edge_runtime.local_ring import train_ring_in_process
-from edge_runtime.models.lora import LoraSpec, apply_lora
+from edge_runtime.models.lora import LoraSpec, adapter_key, apply_lora, lora_parameters
 from edge_runtime.models.registry import load_config, load_model, load_tokenizer
 from edge_runtime.models.stage import build_stage
 from edge_runtime.privacy.base import NoiseStream
-from edge_runtime.privacy.runner import check_public_prefix, privatize
+from edge_runtime.privacy.runner import check_public_prefix, privatize, ring_runner
 from ringtune.optimizer_spec import OptimizerSpec
 from reference import max_difference, reference_adapter
 from ringtune.plan import even_plan
@@ -62,6 +62,8 @@ def test_privacy_off_leaves_the_runners_as_they_were(data_for):
     runner = TorchStageRunner(*build_stage(apply_lora(load_model("tiny-llama"), LORA), (0, 2), "head"), OPTIMIZER)
     assert privatize(runner, PrivacySpec(), NoiseStream(0)) is runner  # not a single operation added
     assert privatize(runner, PrivacySpec(gradient="maxnorm"), NoiseStream(0)) is runner  # the head sends no gradient
+    plan = even_plan("tiny-llama", 4, ["a", "b"], "a")
+    assert ring_runner(runner, plan, 0, PrivacySpec(), NoiseStream(0)) is runner
     data = data_for("tiny-llama")
     adapter = ring("tiny-llama", ["a", "b"], "1f1b", data, PrivacySpec())[1].adapter
     assert max_difference(adapter, reference_adapter("tiny-llama", LORA, OPTIMIZER, data, STEPS)) < 1e-5
@@ -189,3 +191,32 @@ def test_a_ring_with_hidden_labels_trains_exactly(labelled):
     reference = reference_adapter("tiny-llama", LORA, optimizer, data, STEPS, HIDDEN, plan)
     assert max_difference(result.adapter, reference) < 1e-5 and all(map(math.isfinite, result.losses))
     assert all(batch.scored_tokens == B * M for batch in map(data.step_batch, range(STEPS)))  # one label a tweet
+
+
+WITHHELD = [PrivacySpec(gradient="withhold", seed=11), replace(PRIVACY[0], gradient="withhold")]
+
+
+@pytest.mark.parametrize("model_name", ARCHITECTURES)
+@pytest.mark.parametrize("privacy", WITHHELD, ids=["withhold", "dchi+withhold"])
+def test_a_ring_that_withholds_gradients_trains_only_the_tail_exactly(model_name, privacy, data_for):
+    """No gradient leaves the owner: the adapter is the tail's LoRA trained as one process trains it with only
+    those blocks' LoRA trainable; the head's and the helpers' LoRA stay as initialized, with no AdamW state;
+    only hidden states travel (half the frames of a ring that trains every stage)."""
+    data = data_for(model_name)
+    plan, result = ring(model_name, ["a", "b", "c"], "1f1b", data, privacy)
+    reference = reference_adapter(model_name, LORA, OPTIMIZER, data, STEPS, privacy, plan)
+    assert max_difference(result.adapter, reference) < 1e-5
+    initial = {name: p.detach() for name, p in lora_parameters(apply_lora(load_model(model_name), LORA)).items()}
+    frozen = {name for name in initial if adapter_key(name) not in result.adapter}
+    assert frozen and len(frozen) + len(result.adapter) == len(initial)
+    assert all(torch.equal(result.training_state[f"lora/{name}"], initial[name]) for name in frozen)
+    assert not [key for key in result.training_state if key.split("/", 1)[1] in frozen and key.startswith("exp_avg")]
+    plain = ring(model_name, ["a", "b", "c"], "1f1b", data, replace(privacy, gradient="off"))[1]
+    assert abs(result.bytes_sent / plain.bytes_sent - 0.5) < 0.01
+
+
+def test_a_ring_that_withholds_gradients_repeats_under_any_schedule(data_for):
+    data = data_for("tiny-llama")
+    first = ring("tiny-llama", ["a", "b", "c"], "1f1b", data, WITHHELD[1])[1].adapter
+    for schedule in ("gpipe", "sequential"):
+        assert max_difference(first, ring("tiny-llama", ["a", "b", "c"], schedule, data, WITHHELD[1])[1].adapter) < 1e-6
