@@ -29,12 +29,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse_candidate(text: str, steps: int, seed: int) -> DemoRun:
     """KEY=VALUE,... over DemoRun's fields (hide_labels=1 for true)."""
-    fields = {f.name: f.type for f in dataclasses.fields(DemoRun)}
+    fields = {f.name for f in dataclasses.fields(DemoRun)}
     changes: dict = {"steps": steps, "seed": seed}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in fields or key in ("steps", "seed"):
-            sys.exit(f"candidate {text!r}: {key!r} is not one of {sorted(set(fields) - {'steps', 'seed'})}")
+            sys.exit(f"candidate {text!r}: {key!r} is not one of {sorted(fields - {'steps', 'seed'})}")
         kind = type(getattr(DemoRun(), key))
         changes[key] = bool(int(value)) if kind is bool else kind(value)
     return DemoRun(**changes)
@@ -85,13 +85,16 @@ def main() -> None:
             result.update(date=time.strftime("%Y-%m-%d %H:%M"), wall_seconds=round(time.time() - started))
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    print("| run | step | test accuracy | validation accuracy | validation loss | last training loss |")
-    print("|---|---|---|---|---|---|")
+    print("| run | mean training loss, steps 1-10 / 11-20 / 21-30 / 31- | step | test accuracy | validation accuracy |")
+    print("|---|---|---|---|---|")
     for run in result["runs"]:
-        for step in sorted({point["step"] for point in run["curve"]}):
-            at = {p["set"]: p for p in run["curve"] if p["step"] == step}
-            print(f"| {run['run']} | {step} | {at['test']['accuracy']:.1%} | {at['validation']['accuracy']:.1%} | "
-                  f"{at['validation']['loss']:.3f} | {run['losses'][step - 1]:.4f} |")
+        windows = [run["losses"][i:i + 10] for i in range(0, min(len(run["losses"]), 30), 10)] + [run["losses"][30:]]
+        means = " / ".join(f"{sum(w) / len(w):.3f}" for w in windows if w)
+        at = {(p["step"], p["set"]): p["accuracy"] for p in run["curve"]}
+        for step in sorted({step for step, _ in at}) or [None]:
+            test, validation = at.get((step, "test")), at.get((step, "validation"))
+            print(f"| {run['run']} | {means} | {step or '-'} | {f'{test:.1%}' if test is not None else '-'} | "
+                  f"{f'{validation:.1%}' if validation is not None else '-'} |")
 
 
 if __name__ == "__main__":
