@@ -2,7 +2,8 @@
 
     sudo .venv/bin/python benchmarks/cluster_peers.py [--devices 2,3,4] [--micro-batches 4,8]
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
-        [--executorch] [--systems 1f1b,gpipe,sequential,tdp_1f1b,whole_model] [--prefix rtb]
+        [--executorch] [--systems 1f1b,gpipe,sequential,tdp_1f1b,tdp_line_1f1b,tdp_interleaved_zb,whole_model]
+        [--prefix rtb]
 
 For each device count it brings up an emulated cluster (cluster: a network namespace
 per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit per device) of
@@ -12,6 +13,9 @@ identical devices, and for each micro-batch count runs, on the same model, batch
   and sequential split learning (one micro-batch in flight in the whole ring);
 - torch.distributed.pipelining over gloo (benchmarks/tdp_ring.py), one rank per device, inside
   the same namespaces and cgroups, with the same per-stage 1F1B order;
+- tdp on its own natural split (tdp_ring.line_plan): a line over the same devices, the last one holding
+  the LM head and loss (so the labels leave the owner), with tdp's Schedule1F1B (one stage per device)
+  and ScheduleInterleavedZeroBubble (two per device);
 - the whole model in one process on the owner's device (benchmarks/whole_model.py);
 - the planner's predicted step time (the bound; efficiency = predicted / measured);
 - with --executorch, ringtune 1F1B again on the same plan with every agent on the ExecuTorch runtime
@@ -43,7 +47,7 @@ from coordinator.run_store import step_records
 from device_profiles import resolve_device
 from ringtune.plan import Plan
 from edge_runtime.memory import peak_rss, reset_peak_rss
-from tdp_ring import TdpRun, launch, prepare
+from tdp_ring import TdpRun, launch, natural_plan, prepare, tdp_result
 
 RESULTS = Path(__file__).parent / "results"
 WHOLE_MODEL = Path(__file__).parent / "whole_model.py"
@@ -118,18 +122,23 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     return result
 
 
-def run_tdp(args, state: ClusterState, data: Path, plan: Plan, workdir: Path) -> dict:
-    run = TdpRun(args.model, str(data), plan.micro_batches, args.micro_batch_size, args.seq_len, args.steps, "1f1b")
+def run_tdp(args, state: ClusterState, data: Path, plan: Plan, workdir: Path, layout: str) -> dict:
+    """tdp on ringtune's plan (layout ring), or on its own natural split over the plan's devices (line,
+    interleaved: tdp_ring.line_plan)."""
+    run = TdpRun(args.model, str(data), plan.micro_batches, args.micro_batch_size, args.seq_len, args.steps, "1f1b",
+                 layout)
+    if layout != "ring":
+        plan = natural_plan(args.model, str(data), plan.devices(), layout, args.micro_batch_size, args.seq_len,
+                            plan.micro_batches)
     prepare(workdir, run, plan)
     ranks = [state.device(name) for name in plan.devices()]
-    results = launch(workdir, len(ranks), f"{ranks[0].ip}:{GLOO_PORT}",
-                     spawn=lambda rank, argv, env, **options: ranks[rank].spawn(argv, env=env, **options),
-                     threads=lambda rank: ranks[rank].threads, interface="eth0", timeout=900.0)
-    owner = results[0]
-    result = summarize(owner["step_seconds"], owner["tokens"])
-    wire = statistics.median(sum(r["sent_bytes"][step] for r in results) for step in range(1, args.steps))
-    result.update(losses=owner["losses"], wire_bytes_per_step=wire, wire_bytes_per_token=wire / result["tokens_per_step"],
-                  peak_rss={r["device"]: r["peak_rss"] for r in results})
+    tdp = tdp_result(launch(workdir, len(ranks), f"{ranks[0].ip}:{GLOO_PORT}",
+                            spawn=lambda rank, argv, env, **options: ranks[rank].spawn(argv, env=env, **options),
+                            threads=lambda rank: ranks[rank].threads, interface="eth0", timeout=900.0))
+    result = summarize(tdp["step_seconds"], tdp["tokens"])
+    wire = statistics.median(tdp["sent_bytes"][1:])
+    result.update(losses=tdp["losses"], wire_bytes_per_step=wire, wire_bytes_per_token=wire / result["tokens_per_step"],
+                  peak_rss=tdp["peak_rss"], stages=[[s.device, list(s.layers), s.role] for s in plan.stages])
     return result
 
 
@@ -172,13 +181,13 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         systems[schedule] = measured(state, lambda: run_ringtune(args, state, schedule, micro_batches, plan_file, out))
         plan = plan or Plan.from_json((out / "plan.json").read_text())
         print(f"  ringtune {schedule}: {systems[schedule]['tokens_per_s']:.1f} tokens/s", flush=True)
-    if "tdp_1f1b" in args.systems:
+    for name in [name for name in TDP_LAYOUTS if name in args.systems]:
         try:
-            systems["tdp_1f1b"] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / "tdp"))
-            print(f"  tdp 1f1b: {systems['tdp_1f1b']['tokens_per_s']:.1f} tokens/s", flush=True)
+            systems[name] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / name, TDP_LAYOUTS[name]))
+            print(f"  {name}: {systems[name]['tokens_per_s']:.1f} tokens/s", flush=True)
         except RuntimeError as error:  # recorded, not fatal: the harness stays for a re-run
-            systems["tdp_1f1b"] = {"error": str(error)}
-            print(f"  tdp 1f1b failed: {error}", flush=True)
+            systems[name] = {"error": str(error)}
+            print(f"  {name} failed: {error}", flush=True)
     if "whole_model" in args.systems:
         systems["whole_model"] = measured(state, lambda: run_whole(args, state, data, micro_batches, scratch / "whole.json"))
         print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
@@ -220,7 +229,11 @@ def losses_match(systems: dict[str, dict]) -> bool:
 
 def ratios(systems: dict[str, dict]) -> dict[str, float]:
     rate = {name: s["tokens_per_s"] for name, s in systems.items() if "tokens_per_s" in s}
+    natural = [rate[name] for name in TDP_NATURAL if name in rate]
+    if natural:
+        rate["tdp_natural_best"] = max(natural)
     pairs = {"1f1b_over_tdp": ("1f1b", "tdp_1f1b"), "1f1b_over_sequential": ("1f1b", "sequential"),
+             "1f1b_over_tdp_natural_best": ("1f1b", "tdp_natural_best"),
              "1f1b_over_whole_model": ("1f1b", "whole_model"), "gpipe_over_tdp": ("gpipe", "tdp_1f1b"),
              "1f1b_executorch_over_tdp": ("1f1b_executorch", "tdp_1f1b"),
              "1f1b_executorch_over_sequential": ("1f1b_executorch", "sequential")}
@@ -312,7 +325,13 @@ def main() -> None:
 
 SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
                 "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
-                "tdp_1f1b": "torch.distributed.pipelining 1F1B", "whole_model": "whole model, one device"}
+                "tdp_1f1b": "torch.distributed.pipelining 1F1B",
+                "tdp_line_1f1b": "tdp Schedule1F1B, its natural split (labels leave the owner)",
+                "tdp_interleaved_zb": "tdp ScheduleInterleavedZeroBubble, its natural split (labels leave the owner)",
+                "whole_model": "whole model, one device"}
+TDP_LAYOUTS = {"tdp_1f1b": "ring", "tdp_line_1f1b": "line", "tdp_interleaved_zb": "interleaved"}
+"""tdp's systems and their tdp_ring layout: ringtune's plan, or tdp's natural split."""
+TDP_NATURAL = ("tdp_line_1f1b", "tdp_interleaved_zb")
 
 
 def markdown_table(result: dict) -> str:

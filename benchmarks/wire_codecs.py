@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("part", choices=["accuracy", "cluster"])
     parser.add_argument("--codecs", default="fp32,bf16,fp16,int8,int8/int8",
                         help="ACT or ACT/GRAD codecs, comma-separated (fp32 is the reference)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: accuracy 30, the demo's; "
+                                                  "cluster 4, the first of them warm-up)")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (accuracy)")
     parser.add_argument("--workers", type=int, default=2, help="codecs trained at once (accuracy)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per codec (accuracy)")
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--name", help="results/NAME.json")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ringtune-wire-codecs"))
     args = parser.parse_args()
+    args.steps = args.steps or (30 if args.part == "accuracy" else 4)
     args.scratch.mkdir(parents=True, exist_ok=True)
     accuracy(args) if args.part == "accuracy" else cluster(args)
 
