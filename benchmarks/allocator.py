@@ -31,19 +31,17 @@ SETTINGS = {
 
 def measure(setting: str, steps: int, blocks: int, batch: int, seq_len: int) -> dict:
     """In this process: apply the setting, then time forward + backward of the blocks."""
-    import ctypes
-
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from edge_runtime.memory import configure_allocator, trim_heap
+    from edge_runtime.memory import configure_allocator, set_mmap_threshold, trim_heap
 
     spec = SETTINGS[setting]
     if spec["threshold"] == "agent":
         configure_allocator()
     elif spec["threshold"] is not None:
-        ctypes.CDLL("libc.so.6").mallopt(-3, spec["threshold"])  # M_MMAP_THRESHOLD
+        set_mmap_threshold(spec["threshold"])
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

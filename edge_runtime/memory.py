@@ -9,8 +9,8 @@ the first micro-batch the activations of later ones come from the heap, where fr
 resident and fragment; every extra thread may get its own heap. Measured on a middle agent holding
 13 SmolLM2 blocks (1F1B, 3 micro-batches of 4 x 64 in flight): RSS grew 0.25 GB per step and peaked
 at 2.56 GB. A threshold fixed at 256 KB kept the peak at what is live, but made every activation a
-fresh mapping whose pages fault in: forward + backward of a block cost 1.46x glibc's default (SmolLM2
-blocks, 4 x 64 tokens; benchmarks/README.md, "3 against 1"). So the threshold is fixed at 4 MB (a
+fresh mapping whose pages fault in: forward + backward of a block cost 1.34x glibc's default (SmolLM2
+blocks, 4 x 64 tokens; benchmarks/allocator.py). So the threshold is fixed at 4 MB (a
 micro-batch's activations reuse the heap within a forward or backward) and the worker trims the heap
 after each forward and backward: middle agents then peak at 1.06-1.08x their prediction, as with 256 KB.
 """
@@ -52,15 +52,20 @@ def configure_allocator() -> None:
     if _LIBC is None:
         log.info("not glibc: allocator left at its defaults")
         return
-    _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    set_mmap_threshold(MMAP_THRESHOLD)
     _LIBC.mallopt(M_ARENA_MAX, ARENA_MAX)
+
+
+def set_mmap_threshold(size: int) -> None:
+    """Blocks of ``size`` bytes or more get their own mapping (glibc only; before the allocations it governs)."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, size)
 
 
 def release_free_memory() -> None:
     """Collect garbage and hand the heaps' free pages back to the OS (after loading, after a step)."""
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim_heap()
 
 
 def trim_heap() -> None:
