@@ -86,13 +86,17 @@ def _costs(table: CostTable, shape: RunShape) -> _Costs:
         trains=trains,
         runs_ahead=not all(trains[role] for role in ("head", "middle", "tail")),
         flops={role: np.concatenate([[0.0], np.cumsum(table.block_flops(tokens, trains[role]))]) for role in ROLES},
-        link_bytes={role: tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size)
-                                       for kind in ("activation", "gradient")[:1 + trains[role]])
-                    for role in ("head", "middle")},
+        link_bytes={role: _cut_bytes(table, shape, trains[role]) for role in ("head", "middle")},
         head_flops={role: table.end_flops(table.head_end, tokens, trains[role]) for role in ("head", "full")},
         tail_flops={role: table.end_flops(table.tail_end, tokens, trains[role])
                     + table.end_flops(table.scored_end, tokens * shape.scored_share, trains[role])
                     for role in ("tail", "full")})
+
+
+def _cut_bytes(table: CostTable, shape: RunShape, sender_trains: bool) -> float:
+    """Bytes a cut carries per micro-batch: the hidden state forward, and its gradient back to a sender that trains."""
+    kinds = ("activation", "gradient") if sender_trains else ("activation",)
+    return shape.tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size) for kind in kinds)
 
 
 def _in_flight(shape: RunShape, stages_to_end: int) -> int:
