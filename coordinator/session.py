@@ -113,7 +113,7 @@ class RingSession:
         links = self._link_bytes_per_s(devices)
         shape = RunShape(s.micro_batch_size, s.seq_len, s.micro_batches,
                          "gpipe" if s.schedule == "gpipe" else "1f1b", s.min_owner_blocks,
-                         wire=self._wire(devices, links))
+                         wire=self._wire(devices, links), privacy=s.privacy)
         measured = {p.name: p for p in self._profiles(devices, links)}
         # Whether a dtype fits is a question of memory: decided before calibrating at the chosen dtype.
         dtype, why = choose_base_dtype(requested, self._table, list(measured.values()), s.owner, shape, dtypes)

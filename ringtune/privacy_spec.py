@@ -123,6 +123,10 @@ class PrivacySpec:
         the tail does (and a one-stage run's full stage, which sends nothing)."""
         return self.gradient != "withhold" or role in ("tail", "full")
 
+    def owner_blocks(self, requested: int) -> int:
+        """Blocks the owner keeps at each end: requested (--min-owner-blocks), raised to a preset's own."""
+        return max(requested, PRESETS[self.preset].owner_blocks if self.preset else 0)
+
     @property
     def calibrated(self) -> bool:
         """False for a preset whose clip and epsilon are not computed yet (see privacy.calibration)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ringtune.plan import Schedule
+from ringtune.privacy_spec import PrivacySpec
 from ringtune.wire import WireSpec
 
 
@@ -30,6 +31,10 @@ class RunShape:
     percent for short labels). The tail runs the LM head and the loss only there."""
     wire: WireSpec = WireSpec()
     """Codecs of the frames: a link carries the hidden state's and the gradient's encoded bytes."""
+    privacy: PrivacySpec = PrivacySpec()
+    """The owner's privatization. The planner reads which stages train (PrivacySpec.trains): when the owner
+    withholds gradients (--grad-privacy withhold, --privacy strong) the stages before its tail run forward only,
+    keep nothing for a backward and get no gradient back; the plan records it (Plan.privacy)."""
 
     @property
     def tokens(self) -> int:

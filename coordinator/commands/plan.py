@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import PLANNED_SCHEDULES
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_HELP, PrivacySpec
 from ringtune.wire import WIRE_HELP
 
 
@@ -33,7 +34,12 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--schedule", choices=PLANNED_SCHEDULES, default="1f1b", help="pipeline schedule")
     parser.add_argument("--min-owner-blocks", type=int, default=1,
-                        help="blocks the owner keeps at each end of the model")
+                        help="blocks the owner keeps at each end of the model (a --privacy preset raises it "
+                             "to its own)")
+    parser.add_argument("--privacy", default="off", help="the run's privacy, as for ringtune train: " + PRIVACY_HELP)
+    parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
+                        help=GRADIENT_PRIVACY_HELP + " (planned as they run: forward-only stages cost their forward, "
+                             "keep no activations and get no gradient back)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-targets", default="all-linear",
                         help="comma-separated module names to adapt, or all-linear")
@@ -82,8 +88,9 @@ def run(args) -> int:
     devices = devices_from_args(args)
     owner = args.owner or devices[0].name
     wire = WireSpec.resolve(args.wire, min(d.link_bytes_per_s for d in devices))  # auto: by the slowest link
+    privacy = PrivacySpec.parse(args.privacy, args.grad_privacy)
     shape = RunShape(args.micro_batch_size, args.seq_len, args.micro_batches, args.schedule,
-                     args.min_owner_blocks, args.scored_share, wire)
+                     privacy.owner_blocks(args.min_owner_blocks), args.scored_share, wire, privacy)
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     model = args.model_config if args.model_config is not None else args.model
     plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets),
@@ -117,6 +124,8 @@ def print_plan(plan, devices: list) -> None:
           f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "
           f"{p['tokens_per_second']:.1f} tokens/s; bottleneck: {p['bottleneck']}")
     print(f"base weights: {plan.base_dtype} ({plan.base_dtype_reason})")
+    if plan.privacy:
+        print(f"privacy: {PrivacySpec.from_dict(plan.privacy).describe()}")
     if plan.base_dtype in DEQUANTIZE_FLOPS and DEQUANTIZE_FLOPS[plan.base_dtype]:
         print(f"time at {plan.base_dtype}: fp32 matmuls + dequantizing every frozen weight on each forward and "
               f"backward, priced at {DEQUANTIZE_FLOPS[plan.base_dtype]:g} FLOPs per weight per pass (measured on x86 "

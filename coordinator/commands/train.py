@@ -9,7 +9,7 @@ from pathlib import Path
 from coordinator.timeline import draw_timeline, require_matplotlib, typical_step
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRESETS, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_HELP, PrivacySpec
 from ringtune.wire import WIRE_HELP, WireSpec
 
 
@@ -102,8 +102,8 @@ def settings_from_args(args, owner: str):
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
                          optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
-                         encrypt=args.encrypt, split=args.split, min_owner_blocks=max(args.min_owner_blocks, (
-                             PRESETS[privacy.preset].owner_blocks if privacy.preset else 0)),
+                         encrypt=args.encrypt, split=args.split,
+                         min_owner_blocks=privacy.owner_blocks(args.min_owner_blocks),
                          link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
                          privacy=privacy, wire=args.wire, base_dtype=args.base_dtype)
 

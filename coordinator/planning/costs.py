@@ -22,9 +22,10 @@ which Raspberry Pis lack), so no x86 bf16 speed-up enters any device's price. De
 blocks are timed at the chosen dtype (agents calibrate) are priced by that measurement instead."""
 
 
-def dequantize_flops(base_dtype: str, compact_weights: int) -> float:
-    """FLOP equivalent of dequantizing compact_weights elements for one forward and one backward."""
-    return 2 * DEQUANTIZE_FLOPS[base_dtype] * compact_weights
+def dequantize_flops(base_dtype: str, compact_weights: int, trains: bool = True) -> float:
+    """FLOP equivalent of dequantizing compact_weights elements for one forward and one backward (for one
+    forward when the stage does not train)."""
+    return (1 + trains) * DEQUANTIZE_FLOPS[base_dtype] * compact_weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +92,15 @@ class CostTable:
     def num_blocks(self) -> int:
         return len(self.block_param_bytes)
 
-    def block_flops(self, tokens: int) -> list[float]:
-        """Priced FLOPs of each block's forward + backward of a micro-batch of tokens (matmuls + dequantization)."""
+    def block_flops(self, tokens: int, trains: bool = True) -> list[float]:
+        """Priced FLOPs of each block's forward + backward of a micro-batch of tokens (matmuls + dequantization);
+        its forward only in a stage that does not train (PrivacySpec.trains)."""
         compact = self.block_compact_weights or (0,) * self.num_blocks
-        return [(f + b) * tokens + dequantize_flops(self.base_dtype, w)
+        return [(f + b * trains) * tokens + dequantize_flops(self.base_dtype, w, trains)
                 for f, b, w in zip(self.block_forward_flops, self.block_backward_flops, compact)]
 
-    def end_flops(self, end: EndCost, tokens: float) -> float:
+    def end_flops(self, end: EndCost, tokens: float, trains: bool = True) -> float:
         """Priced FLOPs of one of the owner's ends (head_end, tail_end, or scored_end for the scored positions)
-        for a micro-batch of tokens."""
-        return (end.forward_flops + end.backward_flops) * tokens + dequantize_flops(self.base_dtype, end.compact_weights)
+        for a micro-batch of tokens; its forward only in a stage that does not train."""
+        return ((end.forward_flops + end.backward_flops * trains) * tokens
+                + dequantize_flops(self.base_dtype, end.compact_weights, trains))

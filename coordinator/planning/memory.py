@@ -109,12 +109,13 @@ class MemoryModel:
             table.block_param_bytes[first] + table.block_trainable_bytes[first]
             + (table.block_activation_bytes[first] + table.block_workspace_bytes[first]) * tokens + 2 * self.frame)
 
-    def stage(self, start, end, role: Role, in_flight: int, trains: bool = True, waiting: int | None = None
+    def stage(self, start, end, role: Role, in_flight: int, trains: bool = True, runs_ahead: bool = False
               ) -> Footprint:
         """Blocks [start, end) in a stage with this role; start and end may be numpy arrays (then
         every term is an array over them, broadcast). A stage that does not train keeps nothing for a
-        backward; waiting: frames that may wait on each of its edges (default in_flight). The workspace
-        stays that of a forward and a backward (an upper bound for a forward)."""
+        backward and has no LoRA gradients or AdamW state; runs_ahead: some stage of the ring runs forward
+        only and sends every micro-batch at once, so all M frames may wait on each edge instead of
+        in_flight. The workspace stays that of a forward and a backward (an upper bound for a forward)."""
         kept = in_flight if trains else 0
         ends = ([self.head] if role in ("head", "full") else []) + ([self.tail] if role in ("tail", "full") else [])
         edges = {"head": 1, "middle": 2, "tail": 1, "full": 0}[role]
@@ -128,7 +129,7 @@ class MemoryModel:
             activations=(self.kept[end] - self.kept[start] + sum(e.activation_bytes for e in ends) * self.tokens
                          + held_output) * kept,
             workspace=workspace,
-            buffers=edges * ((in_flight if waiting is None else waiting) + FRAME_COPIES) * self.frame)
+            buffers=edges * ((self.shape.micro_batches if runs_ahead else in_flight) + FRAME_COPIES) * self.frame)
 
     def device(self, baseline: float, stages: list[Footprint]) -> Footprint:
         """A device running these stages (one thread each, at once)."""
@@ -143,13 +144,12 @@ def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[s
     only where the plan's stage does not train)."""
     model = MemoryModel(table, shape)
     num_stages = len(plan.stages)
-    runs_ahead = not plan.trains_every_stage()  # a forward-only stage may send all M at once
+    runs_ahead = not plan.trains_every_stage()
     stages: dict[str, list[Footprint]] = {}
     for index, spec in enumerate(plan.stages):
         count = in_flight(shape.schedule, num_stages, index, shape.micro_batches)
         stages.setdefault(spec.device, []).append(model.stage(
-            spec.layers[0], spec.layers[1], spec.role, count, plan.trains(index),
-            shape.micro_batches if runs_ahead else None))
+            spec.layers[0], spec.layers[1], spec.role, count, plan.trains(index), runs_ahead))
     return {device: model.device(baselines[device], held) for device, held in stages.items()}
 
 

@@ -2,17 +2,22 @@
 
 Cost model (design.md, "Planner and step time"). Stage s costs a_s = t_s + c_s per micro-batch:
 t_s its forward + backward compute (FLOPs / sustained GFLOP/s), c_s sending its output hidden
-state and receiving the gradient back over the slower of its two links (0 on the tail). The
-owner runs the head and the tail on the same cores, so its busy time per micro-batch is
-a_head + a_tail; a middle device's busy time is its a_s. One optimizer step takes
+state and receiving the gradient back over the slower of its two links (0 on the tail). A stage
+that does not train (the owner withholds gradients, RunShape.privacy: every stage before its tail)
+costs its forward alone (CostTable.block_flops) and receives no gradient. The owner runs the head
+and the tail on the same cores, so its busy time per micro-batch is a_head + a_tail; a middle
+device's busy time is its a_s. One optimizer step takes
 
     sum_s a_s  +  (M - 1) * max over devices of busy time
 
-(pipeline fill and drain, then the steady-state bottleneck). Memory per device is
+(pipeline fill and drain, then the steady-state bottleneck). With forward-only stages the ring is a
+forward pipeline into the training tail, and the same holds: the first micro-batch's forwards and
+the tail's forward + backward, then one micro-batch per bottleneck busy time. Memory per device is
 ``coordinator.planning.memory``'s model of an agent's peak (its runtime, weights, LoRA + AdamW,
-the activations its stages keep in flight: 1F1B S - s micro-batches on stage s of S, GPipe all M,
-workspace and frame buffers), evaluated on whole block-range matrices with the same formula that
-checks a finished plan.
+the activations its stages keep in flight: 1F1B S - s micro-batches on stage s of S, GPipe all M;
+none, and no LoRA gradients or AdamW, on a forward-only stage; workspace and frame buffers),
+evaluated on whole block-range matrices with the same formula and the same arguments
+(MemoryModel.stage's trains and runs_ahead) that check a finished plan (plan_memory).
 
 Search, exact. Devices with equal RAM, GFLOP/s and link are interchangeable, so a chain of middle
 stages is a multiset of device types ("state"). A DP runs over (state, first type, first block)
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import get_args
 
 import numpy as np
 
@@ -39,9 +45,10 @@ from coordinator.planning.memory import (DoesNotFitError, Footprint, MemoryModel
                                          plan_memory)
 from ringtune.run_shape import RunShape
 from device_profiles.profile import DeviceProfile
-from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, StageSpec, validate_plan
+from ringtune.plan import PLANNED_SCHEDULES, Plan, PlanError, Role, StageSpec, validate_plan
 
 INF = float("inf")
+ROLES: tuple[Role, ...] = get_args(Role)
 __all__ = ["DoesNotFitError", "partition"]
 
 
@@ -52,26 +59,44 @@ class _Costs:
     """L."""
     memory: MemoryModel
     """Memory terms (prefix sums and range matrices over blocks)."""
-    flops: np.ndarray
-    """[L + 1] prefix sums of forward + backward FLOPs per micro-batch (with dequantization's, CostTable.block_flops)."""
-    link_bytes: float
-    """Bytes one cut sends per micro-batch: the encoded hidden state forward and its gradient back."""
-    head_flops: float
-    """FLOPs per micro-batch of the embedding end."""
-    tail_flops: float
-    """FLOPs per micro-batch of the norm + LM head + loss end (the head and loss on scored positions)."""
+    trains: dict[Role, bool]
+    """Whether a stage of each role trains (RunShape.privacy: under withheld gradients only the tail and a
+    one-stage run's full stage); the others run forward only."""
+    runs_ahead: bool
+    """A split ring has a forward-only stage, which sends every micro-batch at once (MemoryModel.stage)."""
+    flops: dict[Role, np.ndarray]
+    """[L + 1] prefix sums, by role, of the FLOPs per micro-batch of a stage's blocks: forward + backward, or
+    forward only in a stage that does not train (with dequantization's, CostTable.block_flops)."""
+    link_bytes: dict[Role, float]
+    """Bytes one cut sends per micro-batch, by the role of the stage before it: the encoded hidden state
+    forward, and its gradient back when that stage trains."""
+    head_flops: dict[Role, float]
+    """FLOPs per micro-batch of the embedding end, in a head or a full stage."""
+    tail_flops: dict[Role, float]
+    """FLOPs per micro-batch of the norm + LM head + loss end (the head and loss on scored positions), in a
+    tail or a full stage."""
 
 
 def _costs(table: CostTable, shape: RunShape) -> _Costs:
     tokens = shape.tokens
+    trains = {role: shape.privacy.trains(role) for role in ROLES}
     return _Costs(
         num_blocks=table.num_blocks,
         memory=MemoryModel(table, shape),
-        flops=np.concatenate([[0.0], np.cumsum(table.block_flops(tokens))]),
-        link_bytes=tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size) for kind in ("activation", "gradient")),
-        head_flops=table.end_flops(table.head_end, tokens),
-        tail_flops=table.end_flops(table.tail_end, tokens) + table.end_flops(table.scored_end,
-                                                                             tokens * shape.scored_share))
+        trains=trains,
+        runs_ahead=not all(trains[role] for role in ("head", "middle", "tail")),
+        flops={role: np.concatenate([[0.0], np.cumsum(table.block_flops(tokens, trains[role]))]) for role in ROLES},
+        link_bytes={role: _cut_bytes(table, shape, trains[role]) for role in ("head", "middle")},
+        head_flops={role: table.end_flops(table.head_end, tokens, trains[role]) for role in ("head", "full")},
+        tail_flops={role: table.end_flops(table.tail_end, tokens, trains[role])
+                    + table.end_flops(table.scored_end, tokens * shape.scored_share, trains[role])
+                    for role in ("tail", "full")})
+
+
+def _cut_bytes(table: CostTable, shape: RunShape, sender_trains: bool) -> float:
+    """Bytes a cut carries per micro-batch: the hidden state forward, and its gradient back to a sender that trains."""
+    kinds = ("activation", "gradient") if sender_trains else ("activation",)
+    return shape.tokens * sum(shape.wire.bytes_per_token(kind, table.hidden_size) for kind in kinds)
 
 
 def _in_flight(shape: RunShape, stages_to_end: int) -> int:
@@ -80,9 +105,17 @@ def _in_flight(shape: RunShape, stages_to_end: int) -> int:
     return in_flight(shape.schedule, stages_to_end, 0, shape.micro_batches)
 
 
-def _link_seconds(costs: _Costs, sender: DeviceProfile, receiver: DeviceProfile) -> float:
-    """Hidden state forward plus its gradient back, over the slower of the two links."""
-    return costs.link_bytes / min(sender.link_bytes_per_s, receiver.link_bytes_per_s)
+def _footprint(costs: _Costs, shape: RunShape, start, end, role: Role, stages_to_end: int) -> Footprint:
+    """plan_memory's footprint of a stage of this role (on [start, end) matrices): forward only if it does not
+    train, every frame waiting on a split ring with a forward-only stage."""
+    return costs.memory.stage(start, end, role, _in_flight(shape, stages_to_end), costs.trains[role],
+                              costs.runs_ahead and role != "full")
+
+
+def _link_seconds(costs: _Costs, sender: DeviceProfile, receiver: DeviceProfile, role: Role) -> float:
+    """Hidden state forward (plus its gradient back if the sending stage, of this role, trains), over the
+    slower of the two links."""
+    return costs.link_bytes[role] / min(sender.link_bytes_per_s, receiver.link_bytes_per_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +135,8 @@ class _Search:
     """[L + 1] owner compute of the head stage ending at block h."""
     tail_seconds: np.ndarray
     """[L + 1] owner compute of the tail stage starting at block t."""
+    full_seconds: float
+    """Owner compute of the whole model alone."""
     stage_matrices: dict
     """(type, next type or -1 for the owner, stages to the tail) -> [b, e] busy seconds, inf if it
     does not fit in memory or e <= b."""
@@ -121,11 +156,11 @@ def _device_types(devices: list[DeviceProfile]) -> tuple[tuple[DeviceProfile, ..
 
 def _stage_matrix(costs: _Costs, shape: RunShape, device: DeviceProfile, receiver: DeviceProfile,
                   stages_to_end: int) -> np.ndarray:
-    f = costs.flops
-    seconds = (f[None, :] - f[:, None]) / (device.gflops * 1e9) + _link_seconds(costs, device, receiver)
+    f = costs.flops["middle"]
+    seconds = (f[None, :] - f[:, None]) / (device.gflops * 1e9) + _link_seconds(costs, device, receiver, "middle")
     blocks = np.arange(costs.num_blocks + 1)
     start, end = blocks[:, None], blocks[None, :]
-    stage = costs.memory.stage(start, end, "middle", _in_flight(shape, stages_to_end))
+    stage = _footprint(costs, shape, start, end, "middle", stages_to_end)
     memory = costs.memory.device(device.baseline_bytes, [stage]).total  # [b, e]
     usable = (end > start) & (memory <= device.ram_bytes)
     return np.where(usable, seconds, INF)
@@ -133,25 +168,26 @@ def _stage_matrix(costs: _Costs, shape: RunShape, device: DeviceProfile, receive
 
 def _search(costs: _Costs, shape: RunShape, owner: DeviceProfile, others: list[DeviceProfile]) -> _Search:
     types, counts = _device_types(others)
-    f, speed = costs.flops, owner.gflops * 1e9
+    head, tail, full, speed = costs.flops["head"], costs.flops["tail"], costs.flops["full"], owner.gflops * 1e9
     matrices = {}
     for stages_to_end in range(2, sum(counts) + 2):
         for k, device in enumerate(types):
             for k2, receiver in [(-1, owner), *enumerate(types)]:
                 matrices[k, k2, stages_to_end] = _stage_matrix(costs, shape, device, receiver, stages_to_end)
     return _Search(costs, shape, owner, types, counts,
-                   head_seconds=(costs.head_flops + f) / speed,
-                   tail_seconds=(f[-1] - f + costs.tail_flops) / speed,
+                   head_seconds=(costs.head_flops["head"] + head) / speed,
+                   tail_seconds=(tail[-1] - tail + costs.tail_flops["tail"]) / speed,
+                   full_seconds=float((costs.head_flops["full"] + full[-1]) / speed + costs.tail_flops["full"] / speed),
                    stage_matrices=matrices)
 
 
 def _owner_footprint(search: _Search, num_stages: int) -> Footprint:
     """[h, t] owner footprint with head [0, h) and tail [t, L) in a ring of num_stages stages."""
-    model, shape, L = search.costs.memory, search.shape, search.costs.num_blocks
+    costs, shape, L = search.costs, search.shape, search.costs.num_blocks
     blocks = np.arange(L + 1)
-    head = model.stage(0, blocks[:, None], "head", _in_flight(shape, num_stages))
-    tail = model.stage(blocks[None, :], L, "tail", _in_flight(shape, 1))
-    return model.device(search.owner.baseline_bytes, [head, tail])
+    head = _footprint(costs, shape, 0, blocks[:, None], "head", num_stages)
+    tail = _footprint(costs, shape, blocks[None, :], L, "tail", 1)
+    return costs.memory.device(search.owner.baseline_bytes, [head, tail])
 
 
 def _owner_memory(search: _Search, num_stages: int) -> np.ndarray:
@@ -219,7 +255,7 @@ def _close_ring(search: _Search, table: dict, cap: float, combine) -> _Candidate
     ends_ok = (blocks[:, None] >= K) & (blocks[None, :] <= L - K)  # [h, t]
     best: _Candidate | None = None
     for (state, k), (value, _, _) in table.items():
-        link = _link_seconds(search.costs, search.owner, search.types[k])
+        link = _link_seconds(search.costs, search.owner, search.types[k], "head")
         busy = (search.head_seconds + link)[:, None] + search.tail_seconds[None, :]  # [h, t]
         fits = _owner_memory(search, sum(state) + 2) <= search.owner.ram_bytes
         total = np.where(ends_ok & fits & (busy < cap), combine(busy, value.T), INF)
@@ -249,7 +285,7 @@ def _busy_times(search: _Search, candidate: _Candidate) -> tuple[list[float], fl
     stage_busy = [float(search.stage_matrices[k, k2, len(middles) - i + 1][b, e])
                   for i, ((k, b, e), k2) in enumerate(zip(middles, receivers))]
     head = search.head_seconds[candidate.head_end] + _link_seconds(search.costs, search.owner,
-                                                                   search.types[middles[0][0]])
+                                                                   search.types[middles[0][0]], "head")
     tail = search.tail_seconds[candidate.tail_start]
     owner_busy = head + tail
     return [float(head), *stage_busy, float(tail)], float(max([owner_busy, *stage_busy]))
@@ -311,20 +347,19 @@ def _full_plan_seconds(search: _Search) -> float | None:
     """Step seconds of the owner alone, or None if the whole model does not fit on it."""
     if _full_memory(search) > search.owner.ram_bytes:
         return None
-    return float(search.head_seconds[-1] + search.tail_seconds[-1]) * search.shape.micro_batches
+    return search.full_seconds * search.shape.micro_batches
 
 
 def _full_plan(table: CostTable, search: _Search, step: float) -> Plan:
     L, owner = table.num_blocks, search.owner.name
-    busy = float(search.head_seconds[-1] + search.tail_seconds[-1])
     stages = (StageSpec(owner, (0, L), "full"),)
-    return _plan(table, search, stages, step, owner, [busy], [0.0])
+    return _plan(table, search, stages, step, owner, [search.full_seconds], [0.0])
 
 
 def _full_footprint(search: _Search) -> Footprint:
-    model = search.costs.memory
-    return model.device(search.owner.baseline_bytes,
-                        [model.stage(0, model.num_blocks, "full", _in_flight(search.shape, 1))])
+    costs = search.costs
+    return costs.memory.device(search.owner.baseline_bytes,
+                               [_footprint(costs, search.shape, 0, costs.num_blocks, "full", 1)])
 
 
 def _full_memory(search: _Search) -> float:
@@ -340,7 +375,8 @@ def _split_plan(table: CostTable, search: _Search, best: _Candidate, others: lis
               StageSpec(owner.name, (best.tail_start, table.num_blocks), "tail"))
     stage_busy, peak = _busy_times(search, best)
     ring = [owner, *devices, owner]
-    links = [_link_seconds(search.costs, a, b) for a, b in zip(ring, ring[1:])] + [0.0]
+    roles = ["head", *["middle"] * len(devices)]
+    links = [_link_seconds(search.costs, a, b, role) for a, b, role in zip(ring, ring[1:], roles)] + [0.0]
     owner_busy = stage_busy[0] + stage_busy[-1]
     busiest = max([(owner_busy, owner.name), *zip(stage_busy[1:-1], (d.name for d in devices))])[1]
     step = _step_seconds(stage_busy, peak, search.shape.micro_batches)
@@ -352,7 +388,8 @@ def _plan(table: CostTable, search: _Search, stages: tuple[StageSpec, ...], step
           compute: list[float], links: list[float], devices: list[DeviceProfile] = ()) -> Plan:
     """The plan, its predictions, and each device's memory from the one model that checks any plan."""
     shape = search.shape
-    plan = Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches)
+    plan = Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches,
+                privacy=shape.privacy.public_dict())
     validate_plan(plan, table.num_blocks)
     baselines = {d.name: d.baseline_bytes for d in [search.owner, *devices]}
     memory = plan_memory(table, shape, plan, baselines)
@@ -369,7 +406,7 @@ def _plan(table: CostTable, search: _Search, stages: tuple[StageSpec, ...], step
         "micro_batch_size": shape.micro_batch_size,
         "seq_len": shape.seq_len,
     }
-    return Plan(table.model, search.owner.name, stages, shape.schedule, shape.micro_batches, predicted)
+    return replace(plan, predicted=predicted)
 
 
 def _check_input(table: CostTable, profiles: list[DeviceProfile], owner: str, shape: RunShape) -> None:
@@ -395,9 +432,12 @@ def _does_not_fit_message(table: CostTable, search: _Search, others: list[Device
     shape, owner = search.shape, search.owner
     devices = [owner, *others]
     available = sum(d.ram_bytes for d in devices)
-    # Every byte the model needs at least once (one micro-batch in flight), plus every device's runtime:
-    # a device that is left out takes its RAM away with its runtime, which is smaller.
-    whole = replace(_full_footprint(search), baseline=sum(d.baseline_bytes for d in devices))
+    # Every byte the model needs at least once (one micro-batch in flight; none kept for a backward when a split
+    # may run its blocks forward only), plus every device's runtime: a device that is left out takes its RAM
+    # away with its runtime, which is smaller.
+    costs = search.costs
+    least = costs.memory.stage(0, costs.num_blocks, "full", _in_flight(shape, 1), not (others and costs.runs_ahead))
+    whole = costs.memory.device(sum(d.baseline_bytes for d in devices), [least])
     fix = (f"add devices, or lower --micro-batch-size (now {shape.micro_batch_size}) or --seq-len "
            f"(now {shape.seq_len})" + (", or use --schedule 1f1b" if shape.schedule == "gpipe" else ""))
     listing = ", ".join(f"{d.name} {gb(d.ram_bytes, 1)}" for d in devices)

@@ -1,4 +1,5 @@
-"""Pricing time by base dtype: a compact weight's dequantization is priced on every forward and backward."""
+"""Pricing time by base dtype: a compact weight's dequantization is priced on every forward and backward (on the
+forward alone in a stage that does not train)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,6 +33,8 @@ def test_a_compact_block_costs_its_matmuls_plus_one_dequantization_per_pass(dtyp
     tokens = SHAPE.tokens
     assert table("fp32").block_flops(tokens) == [6.0 * WEIGHTS * tokens] * 4
     assert table(dtype).block_flops(tokens) == [6.0 * WEIGHTS * tokens + 2 * DEQUANTIZE_FLOPS[dtype] * WEIGHTS] * 4
+    # a stage that does not train (the owner withholds gradients) runs one pass: the forward
+    assert table(dtype).block_flops(tokens, trains=False) == [2.0 * WEIGHTS * tokens + DEQUANTIZE_FLOPS[dtype] * WEIGHTS] * 4
     head = table(dtype).scored_end  # dequantized once per pass however few positions are scored
     assert table(dtype).end_flops(head, 3) == 4.0 * WEIGHTS * 3 + 2 * DEQUANTIZE_FLOPS[dtype] * WEIGHTS
     assert table(dtype).end_flops(table(dtype).head_end, tokens) == 0.0  # a lookup dequantizes only its rows

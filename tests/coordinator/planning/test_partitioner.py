@@ -1,4 +1,5 @@
-"""The partitioner against an independent brute force over every ring order, subset and split."""
+"""The partitioner against an independent brute force over every ring order, subset and split, with every
+stage training and with the owner withholding gradients (only its tail trains, the other stages run forward)."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +11,11 @@ import pytest
 
 from coordinator.planning.cost_table import CostTable, EndCost
 from coordinator.planning.costs import DEQUANTIZE_FLOPS
-from coordinator.planning.memory import plan_memory
+from coordinator.planning.memory import check_fits, plan_memory
 from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles import DeviceProfile
 from ringtune.plan import Plan, PlanError, StageSpec, validate_plan
+from ringtune.privacy_spec import PrivacySpec
 from ringtune.run_shape import RunShape
 from ringtune.wire import WireSpec, payload_bytes
 
@@ -54,38 +56,43 @@ def random_instance(rng: random.Random) -> tuple[CostTable, list[DeviceProfile],
 def evaluate(table: CostTable, devices: dict[str, DeviceProfile], owner: str, shape: RunShape,
              ranges: list[tuple[str, int, int]]) -> tuple[float, dict[str, float]]:
     """(step seconds, memory bytes per device) of a ring written as (device, start, end) stages,
-    head first and tail last on the owner; one stage is the owner alone. Memory is the model that
-    checks any finished plan (coordinator.planning.memory, tested on its own in test_memory.py)."""
+    head first and tail last on the owner; one stage is the owner alone. A stage that does not train
+    (shape.privacy) costs its forward and sends no gradient back. Memory is the model that checks any
+    finished plan (coordinator.planning.memory, tested on its own in test_memory.py)."""
     tokens = shape.micro_batch_size * shape.seq_len
     num_stages = len(ranges)
+    roles = ["full"] if num_stages == 1 else ["head", *["middle"] * (num_stages - 2), "tail"]
     costs, busy = [], {}
-    for index, (name, start, end) in enumerate(ranges):
+    for index, ((name, start, end), role) in enumerate(zip(ranges, roles)):
         device = devices[name]
+        trains = shape.privacy.trains(role)
         blocks = range(start, end)
-        flops = sum(table.block_forward_flops[b] + table.block_backward_flops[b] for b in blocks)
         ends = []
         if index == 0:
             ends.append(table.head_end)
         if index == num_stages - 1:
             ends.append(table.tail_end)
-            # the LM head and the loss run on the scored positions only
-            flops += (table.scored_end.forward_flops + table.scored_end.backward_flops) * shape.scored_share
-        flops += sum(e.forward_flops + e.backward_flops for e in ends)
+        passes = [e.forward_flops for e in ends] + [table.block_forward_flops[b] for b in blocks]
+        if trains:
+            passes += [e.backward_flops for e in ends] + [table.block_backward_flops[b] for b in blocks]
+        flops = sum(passes)
+        if index == num_stages - 1:  # the LM head and the loss run on the scored positions only
+            flops += (table.scored_end.forward_flops + trains * table.scored_end.backward_flops) * shape.scored_share
         compact = sum(table.block_compact_weights[b] for b in blocks) + sum(e.compact_weights for e in ends)
         compact += table.scored_end.compact_weights if index == num_stages - 1 else 0  # however many are scored
-        dequantize = 2 * DEQUANTIZE_FLOPS[table.base_dtype] * compact  # once forward, once backward
+        dequantize = (2 if trains else 1) * DEQUANTIZE_FLOPS[table.base_dtype] * compact  # once forward, once backward
         seconds = (flops * tokens + dequantize) / (device.gflops * 1e9)
         if index < num_stages - 1:
             receiver = devices[ranges[index + 1][0]]
-            # hidden state forward, gradient back, each in its codec's bytes
-            sent = sum(payload_bytes(shape.wire.codec(kind), tokens, table.hidden_size) for kind in ("activation", "gradient"))
+            # hidden state forward, gradient back if this stage trains, each in its codec's bytes
+            kinds = ("activation", "gradient") if trains else ("activation",)
+            sent = sum(payload_bytes(shape.wire.codec(kind), tokens, table.hidden_size) for kind in kinds)
             seconds += sent / min(device.link_bytes_per_s, receiver.link_bytes_per_s)
         costs.append(seconds)
         busy[name] = busy.get(name, 0.0) + seconds
-    roles = ["full"] if num_stages == 1 else ["head", *["middle"] * (num_stages - 2), "tail"]
     plan = Plan(table.model, owner, tuple(StageSpec(name, (start, end), role)
                                           for (name, start, end), role in zip(ranges, roles)),
-                shape.schedule, shape.micro_batches)
+                shape.schedule, shape.micro_batches, privacy=shape.privacy.public_dict())
     footprints = plan_memory(table, shape, plan, {name: d.baseline_bytes for name, d in devices.items()})
     memory = {name: float(f.total) for name, f in footprints.items()}
     return sum(costs) + (shape.micro_batches - 1) * max(busy.values()), memory
@@ -118,11 +125,13 @@ def plan_ranges(plan: Plan) -> list[tuple[str, int, int]]:
     return [(s.device, s.layers[0], s.layers[1]) for s in plan.stages]
 
 
-def test_partitioner_equals_brute_force_on_random_instances():
+@pytest.mark.parametrize("gradient", ["off", "withhold"])
+def test_partitioner_equals_brute_force_on_random_instances(gradient):
     rng = random.Random(20240601)
     fitted = failed = split = 0
     for _ in range(400):
         table, devices, shape = random_instance(rng)
+        shape = replace(shape, privacy=PrivacySpec(gradient=gradient))
         owner = devices[0].name
         expected = brute_force(table, devices, owner, shape)
         if math.isinf(expected):
@@ -132,6 +141,7 @@ def test_partitioner_equals_brute_force_on_random_instances():
             continue
         plan = partition(table, devices, owner, shape)
         validate_plan(plan, table.num_blocks)
+        assert PrivacySpec.from_dict(plan.privacy).gradient == gradient  # what check_fits prices it by
         step, memory = evaluate(table, {d.name: d for d in devices}, owner, shape, plan_ranges(plan))
         assert step == pytest.approx(expected, rel=1e-9)
         assert plan.predicted["step_seconds"] == pytest.approx(step, rel=1e-9)
@@ -181,3 +191,41 @@ def test_the_tail_is_priced_by_the_scored_share():
     assert owner_blocks(1.0) == 2 and owner_blocks(1 / 16) >= 4
     with pytest.raises(PlanError, match="share of scored positions"):
         partition(table, devices, "d0", RunShape(1, 1, 8, "1f1b", 1, scored_share=0.0))
+
+
+# Three blocks of 40 bytes keeping 30 bytes per token for a backward; 1 FLOP per token forward, 2 backward;
+# hidden size 1 (4 bytes per token in fp32). 2 tokens a micro-batch, 4 micro-batches, 1F1B, one owner block at
+# each end: the only split is owner [0, 1), pi [1, 2), owner [2, 3).
+THREE = CostTable("m", 1, (40,) * 3, (2,) * 3, (30.0,) * 3, (5.0,) * 3, (1.0,) * 3, (2.0,) * 3, 4.0,
+                  EndCost(7, 0, 0.0, 0.0, 0.0), EndCost(11, 0, 1.0, 1.0, 1.0, workspace_bytes=8.0),
+                  EndCost(0, 0, 3.0, 9.0, 9.0, workspace_bytes=12.0))
+
+
+def test_withheld_gradients_price_forward_only_stages_and_fit_what_training_does_not():
+    """Training, the owner needs 604 bytes on the split (472 alone) and the pi 368: neither fits in 450 and 300.
+    Withholding gradients, the head and the pi run forward only: they keep nothing for a backward and hold no
+    LoRA gradients or AdamW state (frames may wait for all 4 micro-batches instead): 430 and 262 fit. Their time
+    is their forward alone and their links carry no gradient back."""
+    owner = DeviceProfile("owner", 450, 4, 1e-9, 4.0, baseline_bytes=100)  # 1 FLOP/s, 4 bytes/s
+    pi = DeviceProfile("pi", 300, 4, 1e-9, 4.0, baseline_bytes=100)
+    training = RunShape(2, 1, 4, "1f1b", 1)
+    withheld = replace(training, privacy=PrivacySpec(gradient="withhold"))
+    with pytest.raises(DoesNotFitError):
+        partition(THREE, [owner, pi], "owner", training)
+    plan = partition(THREE, [owner, pi], "owner", withheld)
+    assert plan_ranges(plan) == [("owner", 0, 1), ("pi", 1, 2), ("owner", 2, 3)]
+    baselines = {"owner": 100, "pi": 100}
+    as_training = plan_memory(THREE, training, replace(plan, privacy={}), baselines)
+    assert {name: f.total for name, f in as_training.items()} == {"owner": 604, "pi": 368}
+    predicted = plan.predicted
+    assert predicted["memory_bytes"] == {"owner": 430, "pi": 262}
+    # the pre-run check (session.prepare: the plan's own privacy, a shape without it) agrees to the byte
+    checked = check_fits(THREE, RunShape(2, 1, 4, "1f1b"), plan, [owner, pi])
+    assert {name: int(f.total) for name, f in checked.items()} == predicted["memory_bytes"]
+    assert checked["pi"].trainable == checked["pi"].activations == 0 and checked["owner"].trainable == 2
+    # head: block 0 forward, 2 FLOPs; pi: block 1 forward; tail: block 2 (6) + norm (4) + LM head and loss (36),
+    # forward and backward. Each link: the 8-byte hidden state at 4 bytes/s, no gradient back (it would be 4 s).
+    assert predicted["stage_compute_seconds"] == pytest.approx([2.0, 2.0, 46.0])
+    assert predicted["stage_link_seconds"] == pytest.approx([2.0, 2.0, 0.0])
+    # fill and drain (4 + 4 + 46), then 3 more micro-batches at the owner's pace (head 4 + tail 46)
+    assert predicted["step_seconds"] == pytest.approx(54 + 3 * 50) and predicted["bottleneck"] == "owner"

@@ -109,3 +109,22 @@ def test_plan_prices_the_wire_codec_and_the_scored_share_as_train_does():
     assert "wire: bf16; the loss scores 100% of positions" in table.stdout, table.stdout  # auto: a link under 1 Gbit/s
     refused = ringtune("plan", "--model", "smollm2-135m", *phones, "--scored-share", "0")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "in (0, 1]" in refused.stderr
+
+
+def test_plan_with_withheld_gradients_prices_forward_only_stages():
+    """--grad-privacy withhold: the stages before the owner's tail run forward only, so the helpers hold no LoRA
+    gradients, AdamW state or activations and the step is predicted faster (a forward is about half of a forward
+    and a backward); the plan records it, and --privacy strong (which withholds) keeps its owner blocks."""
+    def plan(*extra: str) -> subprocess.CompletedProcess:
+        result = ringtune("plan", "--model-config", str(LLAMA_7B), *EIGHT_PI5, "--owner", "pi-0", *extra)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    training, withheld = (Plan.from_json(plan("--json", *extra).stdout) for extra in ((), ("--grad-privacy", "withhold")))
+    assert withheld.privacy["gradient"] == "withhold" and not training.privacy
+    helpers = [s.device for s in withheld.stages[1:-1]]
+    assert helpers and all(withheld.predicted["memory"][name]["trainable"] == 0 and
+                           withheld.predicted["memory"][name]["activations"] == 0 for name in helpers)
+    assert withheld.predicted["step_seconds"] < 0.6 * training.predicted["step_seconds"]
+    strong = plan("--privacy", "strong").stdout
+    assert "pi-0    head    [0, 4)" in strong and "gradients withheld (only the owner's tail trains)" in strong
