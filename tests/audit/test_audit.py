@@ -6,7 +6,7 @@ import torch
 
 from audit.attacks import label_auc
 from ringtune.cli import main
-from ringtune.privacy_spec import PrivacySpec
+from ringtune.privacy_spec import PRESETS, PrivacySpec
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,9 @@ def test_the_aligned_direction_attack_finds_a_label_signal_at_sequence_ends_of_a
     (["--owner-blocks", "a"], "comma-separated numbers"),
     (["--privacy", "dchi:epsilon=1"], "needs clip=C > 0"),
     (["--privacy", "laplace:b=1"], "expected dchi:epsilon=E,clip=C"),
-    (["--privacy", "strong"], "--privacy strong keeps 4 blocks at each end and a neighbour needs one: this model "
-                              "has 4; audit it with --owner-blocks and --dchi-ratios instead"),
+    (["--privacy", "strong"], f"--privacy strong keeps {PRESETS['strong'].owner_blocks} blocks at each end and a "
+                              "neighbour needs one: this model has 4; audit it with --owner-blocks and --dchi-ratios "
+                              "instead"),
     (["--public-prefix", "8"], "the training records share only their first 7 token(s), so later positions may "
                                "be private: use --public-prefix auto or at most 7"),
     (["--public-prefix", "two"], "expected a whole number of leading positions, or auto"),

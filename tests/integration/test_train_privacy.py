@@ -15,7 +15,7 @@ from edge_runtime.privacy.calibration import calibrate, head_stage
 from ringtune.optimizer_spec import OptimizerSpec
 from reference import assert_peft_reproduces_the_trained_model, max_difference
 from ringtune.plan import Plan
-from ringtune.privacy_spec import PrivacySpec
+from ringtune.privacy_spec import PRESETS, PrivacySpec
 
 pytestmark = pytest.mark.slow
 PRIVACY = "dchi:epsilon=30,clip=4,seed=5"
@@ -45,7 +45,8 @@ def test_private_run_over_agents_equals_the_in_process_ring_and_is_recorded(tmp_
     else:
         assert spec == PrivacySpec.parse(PRIVACY, "maxnorm")
     assert f"privacy: {spec.describe()}" in result.stdout
-    assert ("preset strong was measured with the owner keeping 4 blocks at each end; this plan keeps 1"
+    assert (f"preset strong was measured with the owner keeping {PRESETS['strong'].owner_blocks} blocks at each end; "
+            "this plan keeps 1"
             in result.stdout) == bool(spec.preset)  # the even split of tiny-llama's 4 blocks
     owner_data = OwnerData(read_records(data), load_tokenizer("tiny-llama"), 2, 24, 2, seed=11)
     expected = train_ring_in_process(apply_lora(load_model("tiny-llama"), LoraSpec(4, 8, seed=11)), plan,

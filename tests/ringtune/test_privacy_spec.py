@@ -100,7 +100,8 @@ def test_a_preset_parses_uncalibrated_round_trips_and_takes_only_seed_and_public
     assert "preset" not in PrivacySpec.parse("dchi:epsilon=1,clip=1").to_dict()
     assert spec.hide_labels and "labels never sent" in spec.describe()  # a preset always hides labels
     # the owner keeps at least the preset's blocks at each end (train and plan raise --min-owner-blocks to it)
-    assert (spec.owner_blocks(1), spec.owner_blocks(6), PrivacySpec().owner_blocks(1)) == (preset.owner_blocks, 6, 1)
+    more = preset.owner_blocks + 2
+    assert (spec.owner_blocks(1), spec.owner_blocks(more), PrivacySpec().owner_blocks(1)) == (preset.owner_blocks, more, 1)
     with pytest.raises(ValueError, match="the preset strong takes only public=N and seed=N"):
         PrivacySpec.parse("strong,epsilon=3")
     with pytest.raises(ValueError, match="unknown privacy preset 'loose'"):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ringtune.plan import Plan, validate_plan
+from ringtune.privacy_spec import PRESETS
 
 LLAMA_7B = Path(__file__).parent / "data" / "llama-2-7b" / "config.json"
 EIGHT_PI5 = [arg for i in range(8) for arg in ("--device", f"rpi5-8gb:pi-{i}")]
@@ -127,4 +128,4 @@ def test_plan_with_withheld_gradients_prices_forward_only_stages():
                            withheld.predicted["memory"][name]["activations"] == 0 for name in helpers)
     assert withheld.predicted["step_seconds"] < 0.6 * training.predicted["step_seconds"]
     strong = plan("--privacy", "strong").stdout
-    assert "pi-0    head    [0, 4)" in strong and "gradients withheld (only the owner's tail trains)" in strong
+    assert f"pi-0    head    [0, {PRESETS['strong'].owner_blocks})" in strong and "gradients withheld (only the owner's tail trains)" in strong
