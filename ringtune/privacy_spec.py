@@ -43,13 +43,13 @@ class PrivacyPreset:
 
 
 PRESETS = {p.name: p for p in (
-    PrivacyPreset("strong", owner_blocks=8, noise_ratio=0.1, clip_quantile=0.5, gradient="withhold",
-                  measured="on smollm2-135m its cut and noise lower a learned inverter's token recovery to 30% of the "
+    PrivacyPreset("strong", owner_blocks=8, noise_ratio=0.01, clip_quantile=0.5, gradient="withhold",
+                  measured="on smollm2-135m its cut and noise lower a learned inverter's token recovery to 31% of the "
                            "private tokens against 82% for the default split (-63%; its head never trains, so the "
                            "helpers see the base model's states and this holds after any fine-tune), its hidden labels "
-                           "bring the label read from hidden states to chance (AUC 0.56) and it sends no gradient to "
-                           "read labels from; after a 300-step fine-tune held-out accuracy is 62.4% against 68.3% "
-                           "without privacy (-5.9 points; benchmarks/README.md)"),
+                           "bring the label read from hidden states to chance (AUC 0.53) and it sends no gradient to "
+                           "read labels from; after a 300-step fine-tune held-out accuracy is 65.5% against 68.3% "
+                           "without privacy (-2.8 points; benchmarks/README.md)"),
 )}
 PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
                 "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off | a preset: "
