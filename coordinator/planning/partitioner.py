@@ -177,7 +177,7 @@ def _search(costs: _Costs, shape: RunShape, owner: DeviceProfile, others: list[D
     return _Search(costs, shape, owner, types, counts,
                    head_seconds=(costs.head_flops["head"] + head) / speed,
                    tail_seconds=(tail[-1] - tail + costs.tail_flops["tail"]) / speed,
-                   full_seconds=float((costs.head_flops["full"] + full[-1]) / speed + costs.tail_flops["full"] / speed),
+                   full_seconds=float((costs.head_flops["full"] + full[-1] + costs.tail_flops["full"]) / speed),
                    stage_matrices=matrices)
 
 
