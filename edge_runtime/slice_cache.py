@@ -107,15 +107,18 @@ class SliceCache:
     def _make_room(self, total: int) -> None:
         """Evict until the disk holds total more bytes and the reserve, or refuse the upload saying why."""
         now = time.time()
-        blobs = sorted((p for p in self.root.iterdir() if p.is_file() and DIGEST.match(p.name)),
-                       key=lambda p: p.stat().st_mtime)  # least recently used first
-        torn = [p for p in (self.root / "parts").iterdir() if p.stat().st_mtime < now - IN_USE_SECONDS]
-        stale = [p for p in blobs if p.stat().st_mtime < now - KEEP_DAYS * 86400 and p.name not in self._pinned]
+        blobs = _stats(p for p in self.root.iterdir() if DIGEST.match(p.name))
+        torn = [p for p, stat in _stats((self.root / "parts").iterdir()).items()
+                if stat.st_mtime < now - IN_USE_SECONDS]
+        stale = [p for p, stat in blobs.items()
+                 if stat.st_mtime < now - KEEP_DAYS * 86400 and p.name not in self._pinned]
         for path in torn + stale:
             path.unlink(missing_ok=True)
-        evictable = [p for p in blobs if p.exists() and p.name not in self._pinned
-                     and p.stat().st_mtime < now - IN_USE_SECONDS]
-        needed, could_free = total + self.reserve_bytes, self._free() + sum(p.stat().st_size for p in evictable)
+        evictable = sorted((p for p, stat in blobs.items() if p not in stale and p.name not in self._pinned
+                            and stat.st_mtime < now - IN_USE_SECONDS),
+                           key=lambda p: blobs[p].st_mtime)  # least recently used first
+        needed = total + self.reserve_bytes
+        could_free = self._free() + sum(blobs[p].st_size for p in evictable)
         if could_free < needed:
             self._refuse(total, could_free)
         while evictable and self._free() < needed:
@@ -136,6 +139,18 @@ class SliceCache:
         if not DIGEST.match(digest):
             raise UploadError(f"{digest!r} is not a sha256 hex digest")
         return self.root / digest
+
+
+def _stats(paths) -> dict[Path, os.stat_result]:
+    """Each file's stat, leaving out the ones gone by the time they are looked at: agents sharing the directory
+    publish (rename) their part files and evict blobs at any moment."""
+    stats = {}
+    for path in paths:
+        try:
+            stats[path] = path.stat()
+        except FileNotFoundError:
+            continue
+    return stats
 
 
 def _size(num_bytes: int) -> str:

@@ -2,6 +2,7 @@ import hashlib
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -120,3 +121,17 @@ def test_blobs_unused_for_two_weeks_go_when_an_upload_starts_unless_the_run_need
     cache.pin([pinned])
     upload(cache, b"fresh")
     assert not cache.has(stale) and cache.has(pinned) and not list((tmp_path / "parts").iterdir())
+
+
+def test_agents_sharing_the_directory_upload_at_once_while_the_other_publishes(tmp_path):
+    """Starting an upload looks over the directory while the other agent renames its part files into blobs: a file
+    gone between the listing and its stat is not an error (it failed a CI run as FileNotFoundError)."""
+    def upload_many(name: str) -> None:
+        cache = SliceCache(tmp_path)
+        for index in range(250):
+            upload(cache, f"{name} {index}".encode() * 64)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(upload_many, name) for name in ("node1", "node2")]:
+            done.result()  # raises what the upload raised
+    assert len([p for p in tmp_path.iterdir() if p.is_file()]) == 500 and not list((tmp_path / "parts").iterdir())
