@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, PRIVACY_ARG_HELP, PrivacySpec
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--test", help="held-out JSONL: fine-tune under each setting and report its utility")
     parser.add_argument("--owner-blocks", default="1,2,4", help="comma-separated K: blocks the owner keeps at each end")
     parser.add_argument("--privacy", action="append", default=[], help="a setting to audit (repeatable; no "
-                        "privatization is included unless --no-baseline): " + PRIVACY_HELP)
+                        "privatization is included unless --no-baseline): " + PRIVACY_ARG_HELP)
     parser.add_argument("--dchi-ratios", default="",
                         help="comma-separated r: also audit d_chi calibrated per K with clip = median hidden-state "
                              "norm at the cut and mean noise norm = r * clip")

@@ -62,6 +62,9 @@ PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||)
                 "is sent: only each completion's first token is trained, predicted from the prompt, and no "
                 "completion token is fed to the model (completions must be one token)")
 
+PRIVACY_ARG_HELP = PRIVACY_HELP.replace("%", "%%")
+"""PRIVACY_HELP as an argparse help= (which formats it with %: the presets' numbers carry percent signs)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PrivacySpec:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import PLANNED_SCHEDULES
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_ARG_HELP, PrivacySpec
 from ringtune.wire import WIRE_HELP
 
 
@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end of the model (a --privacy preset raises it "
                              "to its own)")
-    parser.add_argument("--privacy", default="off", help="the run's privacy, as for ringtune train: " + PRIVACY_HELP)
+    parser.add_argument("--privacy", default="off",
+                        help="the run's privacy, as for ringtune train: " + PRIVACY_ARG_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help=GRADIENT_PRIVACY_HELP + " (planned as they run: forward-only stages cost their forward, "
                              "keep no activations and get no gradient back)")

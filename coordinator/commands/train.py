@@ -9,7 +9,7 @@ from pathlib import Path
 from coordinator.timeline import draw_timeline, require_matplotlib, typical_step
 from ringtune.base_dtype import BASE_DTYPE_CHOICES
 from ringtune.plan import SCHEDULES
-from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_HELP, PrivacySpec
+from ringtune.privacy_spec import GRADIENT_MECHANISMS, GRADIENT_PRIVACY_HELP, PRIVACY_ARG_HELP, PrivacySpec
 from ringtune.wire import WIRE_HELP, WireSpec
 
 
@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end with --split planned (a --privacy preset raises it "
                              "to its own)")
-    parser.add_argument("--privacy", default="off", help="noise on hidden states leaving the owner: " + PRIVACY_HELP)
+    parser.add_argument("--privacy", default="off",
+                        help="noise on hidden states leaving the owner: " + PRIVACY_ARG_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
                         help=GRADIENT_PRIVACY_HELP)
     parser.add_argument("--link-mbit", type=float,
