@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from edge_runtime.discovery.advert import RUNTIMES
 from ringtune.base_dtype import BASE_DTYPES
 from ringtune.lora_spec import LoraSpec
 from ringtune.plan import Plan
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="model name or local directory (default: the plan's model)")
     parser.add_argument("--plan", required=True, type=Path, help="plan JSON, as the coordinator writes it")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--runtime", choices=("executorch", "torch"), default="executorch")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="executorch")
     parser.add_argument("--micro-batch-size", type=int, default=1,
                         help="sequences per micro-batch (ExecuTorch programs have fixed shapes)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (padded to it)")

@@ -20,7 +20,6 @@ from ringtune.manifest import BlockProgram, ExportManifest, StageManifest, toolc
 from ringtune.plan import Plan, validate_plan
 from ringtune.run_shape import RunShape
 
-RUNTIMES = ("executorch", "torch")
 DEFAULT_SHAPE = RunShape(micro_batch_size=1, seq_len=128)
 DEFAULT_LORA = LoraSpec()
 

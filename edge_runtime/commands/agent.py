@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from edge_runtime.discovery.advert import RUNTIMES
+
 DEFAULT_STATE = Path(os.environ.get("RINGTUNE_STATE", Path.home() / ".local" / "state" / "ringtune"))
 READY = re.compile(r"ringtune agent (\S+) listening on (\S+)")
 """The line an agent prints once it listens (its name, its control URL): what starters of agents wait for."""
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--token", default=os.environ.get("RINGTUNE_AGENT_TOKEN"),
                         help="pairing token (default: generated once, printed, kept in the state directory)")
-    parser.add_argument("--runtime", choices=("torch", "executorch"), default="torch",
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="run stages in eager PyTorch, or through ExecuTorch programs (pip install "
                              "'ringtune[executorch]'); the coordinator exports and ships them")
     parser.add_argument("--export-dir", type=Path,
