@@ -221,6 +221,7 @@ class RingSession:
             raise PlanError(f"this run trains on {self.base_dtype} base weights but the plan has {plan.base_dtype}: "
                             f"make the plan with --base-dtype {self.base_dtype}")
         validate_plan(plan, self._config.num_hidden_layers)
+        planned_gradient = PrivacySpec.from_dict(plan.privacy).gradient  # what its step prediction assumed
         self.privacy = self._calibrated_privacy(plan)
         plan = replace(plan, privacy=self.privacy.public_dict())
         unknown = sorted(set(plan.devices()) - set(self.members.present()))
@@ -233,6 +234,10 @@ class RingSession:
         profiles = self._profiles(plan.devices(), self._link_bytes_per_s(plan.devices()))
         memory = check_fits(self._table(plan.base_dtype), shape, plan, profiles)
         step = f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if "step_seconds" in plan.predicted else ""
+        if step and planned_gradient != self.privacy.gradient:  # forward-only stages cost less than training ones
+            step = (f"; no step prediction: the plan's assumed gradients {planned_gradient}, this run's are "
+                    f"{self.privacy.gradient} (make the plan with --grad-privacy {self.privacy.gradient} for one)")
+            plan = replace(plan, predicted={k: v for k, v in plan.predicted.items() if k != "step_seconds"})
         plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},
                                         "memory": {n: f.to_dict() for n, f in memory.items()}})
         self.progress.event("plan: " + ", ".join(f"{st.device} {st.role} [{st.layers[0]}, {st.layers[1]})"

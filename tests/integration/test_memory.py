@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from dataclasses import replace
 
 import pytest
 from transformers import LlamaConfig
@@ -93,6 +94,22 @@ def test_a_plan_file_that_does_not_fit_is_refused_before_any_slice_is_shipped(ag
     assert "activations" in error[0] and "--schedule 1f1b" in error[0]
     assert "slices ready" not in stdout
     assert all(blobs(agent) == [] for agent in ring.values())  # nothing was shipped
+
+
+def test_a_plan_file_made_for_other_gradients_shows_no_stale_step_prediction(agents, tmp_path):
+    """A plan's step time assumed its gradient mechanism: withheld gradients make the stages before the tail
+    forward-only, so a plan made for training every stage predicts nothing for them (its memory is checked)."""
+    plan = even_plan("tiny-llama", 4, ["owner", "node1", "node2"], "owner", "1f1b", 2)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(replace(plan, predicted={"step_seconds": 1.5}).to_json())  # as `ringtune plan` writes
+    ring = agents(["owner", "node1", "node2"])
+    run = train([a.url for a in ring.values()], tmp_path / "out", "--model", "tiny-llama", "--plan", str(plan_file),
+                "--grad-privacy", "withhold", "--steps", "1", "--micro-batch-size", "1", "--seq-len", "16")
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert ("no step prediction: the plan's assumed gradients off, this run's are withhold "
+            "(make the plan with --grad-privacy withhold for one)") in stdout
+    assert "step_seconds" not in json.loads((tmp_path / "out" / "plan.json").read_text())["predicted"]
 
 
 def test_a_replan_that_does_not_fit_after_a_device_leaves_pauses_without_shipping(model, agents, tmp_path):
