@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate of every fine-tune; when not given: 1e-3, or "
+                                                 "a preset's own for its setting, as ringtune train runs it")
     parser.add_argument("--test-limit", type=int, default=60, help="held-out records evaluated (0: all)")
     parser.add_argument("--attack-records", type=int, default=64,
                         help="private records whose hidden states the token attacks invert")

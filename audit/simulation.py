@@ -68,8 +68,9 @@ class AuditSettings:
     """Sequences per micro-batch (also the label attack's group for max-norm)."""
     seq_len: int = 64
     """Tokens per sequence."""
-    lr: float = 1e-3
-    """AdamW learning rate."""
+    lr: float | None = None
+    """AdamW learning rate of every fine-tune; None: each setting's, as ringtune train runs it
+    (PrivacySpec.learning_rate)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """LoRA shape."""
     seed: int = 0
@@ -422,8 +423,9 @@ def fine_tune(settings: AuditSettings, spec: PrivacySpec, k: int, num_blocks: in
                    f"{time.perf_counter() - began:.0f} s to evaluate)")
             peft_model.train()
 
-    losses = train_ring_in_process(peft_model, plan, data, OptimizerSpec(lr=settings.lr), settings.steps,
-                                   replace(spec, seed=settings.seed), after_step=checkpoint).losses
+    optimizer = OptimizerSpec(lr=spec.learning_rate(settings.lr))
+    losses = train_ring_in_process(peft_model, plan, data, optimizer, settings.steps, replace(spec, seed=settings.seed),
+                                   after_step=checkpoint).losses
     return FineTuned(peft_model, losses, curve)
 
 
@@ -440,7 +442,8 @@ def _fine_tuned(settings: AuditSettings, spec: PrivacySpec, k: int, name: str, n
         return fine_tune(settings, spec, k, num_blocks, report)
     run = {"model": settings.model, "owner_blocks": k, "privacy": replace(spec, preset="").to_dict(),
            "steps": settings.steps, "micro_batches": settings.micro_batches,
-           "micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len, "lr": settings.lr,
+           "micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len,
+           "lr": spec.learning_rate(settings.lr),
            "lora": settings.lora.to_dict(), "seed": settings.seed, "train": len(settings.train),
            "test": len(settings.test), "eval_every": settings.eval_every}
     for saved_file in sorted(settings.adapters.glob("*/ringtune.json")):

@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, help="every setting's (default: 1e-3, a preset's own for it)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--train", type=int, default=3000, help="training tweets written")
     parser.add_argument("--test", type=int, default=900, help="held-out tweets written")
@@ -123,8 +123,8 @@ def audit_command(data: Path, work: Path, args, setting: str | None) -> list[str
     if setting is None:
         return command + ["--owner-blocks", args.owner_blocks, "--dchi-ratios", args.dchi_ratios]
     command += ["--test", str(data / "test.jsonl"), "--test-limit", "0", "--steps", str(args.steps),
-                "--micro-batches", str(args.micro_batches), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
-                "--adapters", str(work / "adapters")]
+                "--micro-batches", str(args.micro_batches), "--eval-every", str(args.eval_every),
+                "--adapters", str(work / "adapters")] + (["--lr", str(args.lr)] if args.lr is not None else [])
     k, _, rest = setting.strip().partition(":")
     if k == "off":  # fine-tuned once, attacked at every --owner-blocks K
         return command + ["--owner-blocks", args.owner_blocks]

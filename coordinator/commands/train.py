@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate; when not given: 1e-3, or a --privacy preset's own")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
@@ -101,7 +101,7 @@ def settings_from_args(args, owner: str):
     return TrainSettings(model=args.model, owner=owner, steps=args.steps, micro_batches=args.micro_batches,
                          micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, out=args.out,
                          schedule=args.schedule, lora=LoraSpec(args.lora_r, args.lora_alpha, targets, args.seed),
-                         optimizer=OptimizerSpec(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
+                         optimizer=OptimizerSpec(lr=privacy.learning_rate(args.lr), weight_decay=args.weight_decay), seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split,
                          min_owner_blocks=privacy.owner_blocks(args.min_owner_blocks),

@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from ringtune.cli import main
+from ringtune.cli import build_parser, main
+from ringtune.optimizer_spec import OptimizerSpec
 from ringtune.plan import Plan, even_plan
 from ringtune.privacy_spec import PRESETS, PrivacySpec, gaussian_epsilon
 
@@ -108,6 +109,26 @@ def test_a_preset_parses_uncalibrated_round_trips_and_takes_only_seed_and_public
         PrivacySpec.from_dict({"hidden": "dchi", "preset": "loose"})
     with pytest.raises(ValueError, match="calibrated with both clip and epsilon, or neither"):
         replace(spec, clip=4.0)
+
+
+def test_a_preset_trains_at_its_own_learning_rate_unless_lr_is_given():
+    """Only the owner's tail trains under withheld gradients: the preset's runs default to its measured lr."""
+    strong = PrivacySpec.parse("strong")
+    assert strong.learning_rate(None) == PRESETS["strong"].lr > OptimizerSpec().lr
+    assert strong.learning_rate(1e-4) == 1e-4  # --lr wins
+    assert PrivacySpec().learning_rate(None) == PrivacySpec.parse("dchi:epsilon=1,clip=1").learning_rate(None) \
+        == OptimizerSpec().lr
+
+
+def test_train_takes_the_presets_learning_rate_when_lr_is_not_given():
+    from coordinator.commands.train import settings_from_args
+
+    def lr(*flags):
+        args = build_parser().parse_args(["train", "--local", "2", "--model", "tiny-llama", "--out", "out", *flags])
+        return settings_from_args(args, "owner").optimizer.lr
+
+    assert (lr("--privacy", "strong"), lr("--privacy", "strong", "--lr", "2e-4"), lr()) == \
+        (PRESETS["strong"].lr, 2e-4, OptimizerSpec().lr)
 
 
 def test_hide_labels_is_opt_in_for_a_mechanism_and_serializes_only_when_on():
