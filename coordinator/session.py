@@ -235,7 +235,7 @@ class RingSession:
         memory = check_fits(self._table(plan.base_dtype), shape, plan, profiles)
         step = f"; predicted {plan.predicted['step_seconds']:.3g} s/step" if "step_seconds" in plan.predicted else ""
         if step and planned_gradient != self.privacy.gradient:  # forward-only stages cost less than training ones
-            step = (f"; no step prediction: the plan's assumed gradients {planned_gradient}, this run's are "
+            step = (f"; no step prediction: the plan was made for gradients {planned_gradient}, this run's are "
                     f"{self.privacy.gradient} (make the plan with --grad-privacy {self.privacy.gradient} for one)")
             plan = replace(plan, predicted={k: v for k, v in plan.predicted.items() if k != "step_seconds"})
         plan = replace(plan, predicted={**plan.predicted, "memory_bytes": {n: int(f.total) for n, f in memory.items()},

@@ -107,7 +107,7 @@ def test_a_plan_file_made_for_other_gradients_shows_no_stale_step_prediction(age
                 "--grad-privacy", "withhold", "--steps", "1", "--micro-batch-size", "1", "--seq-len", "16")
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
-    assert ("no step prediction: the plan's assumed gradients off, this run's are withhold "
+    assert ("no step prediction: the plan was made for gradients off, this run's are withhold "
             "(make the plan with --grad-privacy withhold for one)") in stdout
     assert "step_seconds" not in json.loads((tmp_path / "out" / "plan.json").read_text())["predicted"]
 
