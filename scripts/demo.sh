@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/demo}
-STEPS=${STEPS:-35}  # what the budget (10-15 min here, setup included) affords at ~15 s a step
+STEPS=${STEPS:-30}  # what the budget (10-15 min here, setup included) affords at 16-22 s a step
 LR=${LR:-3e-3}  # a short LoRA run: 3e-3 reached a lower loss than 1e-3 (benchmarks/README.md, demo_accuracy.py)
 PREFIX=${PREFIX:-rtdemo}
 DEVICES=${DEVICES:-"rpi5-8gb:pi-a rpi5-8gb:pi-b rpi5-8gb:pi-c"}  # the first one owns the data
