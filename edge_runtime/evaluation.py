@@ -44,9 +44,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, records: list[Record]
         # One forward for every (record, candidate) row: right padding keeps each row's causal logits exact.
         ids, targets, _ = pad_records([Record(r.prompt, c) for r, cs in zip(chunk, candidates) for c in cs], tokenizer,
                                       seq_len, to_longest=True, hide_labels=hide_labels)
-        # Rows with the same ids (every candidate of a record, with hidden labels) are computed once.
-        unique_ids, row_of = torch.unique(ids, dim=0, return_inverse=True)  # [u, T], [rows]
-        logits = model(input_ids=unique_ids).logits[row_of]  # [rows, T, V]
+        logits = model(input_ids=ids).logits  # [rows, T, V]
         row = 0
         for record, options in zip(chunk, candidates):
             per_option = torch.stack([token_loss_sum(logits[i:i + 1], targets[i:i + 1])
