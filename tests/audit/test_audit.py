@@ -59,6 +59,24 @@ def test_withheld_gradients_leave_no_gradient_to_attack_and_the_adapter_is_kept_
     assert f"reusing the adapter fine-tuned in {adapter}" in capsys.readouterr().out
 
 
+def test_held_out_evaluation_with_hidden_labels_is_privatized_as_trained(sentiment_files, tmp_path):
+    """Noise at the cut and hidden labels: the held-out records are scored through the same noise hook (one draw per
+    record, its labels' rows together), as `ringtune audit --privacy strong` evaluates."""
+    one_token = {" positive": "+", " negative": "-", " neutral": "0"}  # hidden labels: one token each (bytes here)
+    records = [json.loads(line) for line in (sentiment_files / "train.jsonl").read_text().splitlines()]
+    for name, chosen in (("train", records), ("test", records[:8])):  # 8: a whole batch of evaluate()'s
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({**r, "completion": one_token[r["completion"]]})
+                                                        + "\n" for r in chosen))
+    out = tmp_path / "audit"
+    code = main(["audit", "--model", "tiny-llama", "--data", str(tmp_path / "train.jsonl"),
+                 "--test", str(tmp_path / "test.jsonl"), "--owner-blocks", "1", "--steps", "2",
+                 "--micro-batch-size", "2", "--seq-len", "32", "--privacy", "dchi:epsilon=5,clip=10,hide_labels=1",
+                 "--grad-privacy", "withhold", "--no-baseline", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    (row,) = json.loads((out / "audit.json").read_text())["rows"]
+    assert row["privacy"]["hide_labels"] and row["accuracy"] is not None and row["eval_loss"] > 0
+
+
 def test_label_auc_sees_separable_norms_and_not_equalized_ones():
     generator = torch.Generator().manual_seed(0)
     positive = torch.tensor([True, False] * 8)
