@@ -54,7 +54,7 @@ PRESETS = {p.name: p for p in (
                            "helpers see the base model's states and this holds after any fine-tune), its hidden labels "
                            "bring the label read from hidden states to chance (AUC 0.53) and it sends no gradient to "
                            "read labels from; after a 300-step fine-tune at its lr held-out accuracy is 70.3% against "
-                           "68.3% without privacy at lr 1e-3 (one seed, 290 tweets; benchmarks/README.md)"),
+                           "68.3% without privacy at lr 1e-3 (70.0% with a second seed; benchmarks/README.md)"),
 )}
 PRIVACY_HELP = ("dchi:epsilon=E,clip=C (d_chi noise, density ~ exp(-E ||z - x||) after clipping each token to "
                 "L2 norm C) | gaussian:sigma=S,clip=C[,delta=D] | off | a preset: "
