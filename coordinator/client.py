@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pynng
 
+from coordinator.pause_watch import PAUSE_SECONDS, pause_watch
 from ringtune import control, protocol
 from ringtune.protocol import (CHUNK_BYTES, ControlError, Have, Hello, HelloReply, PairBegin, PairFinish, Reply,
                                Request, Timeouts, Upload)
@@ -24,8 +25,10 @@ class AgentUnreachable(RuntimeError):
 
 
 class DeadlineMissed(AgentUnreachable):
-    """The wait ended long after its deadline: the coordinator itself was not running (Ctrl-Z, a paused VM), so
-    the agent may well have answered (nng drops the request at the deadline); this says nothing about the agent."""
+    """The deadline passed while the coordinator itself was not running (Ctrl-Z, a suspended laptop or VM): the
+    agent may well have answered, and when the process runs again its timer fires before the reply is read (nng
+    drops the request at the deadline). This says nothing about the agent. (A stop that ended well before the
+    deadline leaves the reply time to be read: the agent, which kept running, is then blamed as usual.)"""
 
 
 class PairingFailed(RuntimeError):
@@ -44,6 +47,7 @@ class AgentClient:
         self._socket = pynng.Req0(send_timeout=milliseconds, recv_timeout=milliseconds,
                                   recv_max_size=protocol.MAX_REPLY_BYTES)
         self._socket.dial(url, block=False)
+        pause_watch()  # running before the first wait it judges
 
     def pair(self, token: str, run: str) -> None:
         self._channel = None  # pairing is in the clear, also when re-pairing an agent that restarted
@@ -83,11 +87,11 @@ class AgentClient:
             self._socket.send(data)
             return control.unpack(self._socket.recv())
         except pynng.Timeout:
-            waited = time.monotonic() - started
-            if waited > 2 * seconds:  # a timer that fires a whole wait late was not running either
-                raise DeadlineMissed(f"the coordinator did not run for about {waited - seconds:.0f} s while it waited "
-                                     f"{seconds:g} s for agent {self.name}'s answer to {cmd!r} (was it suspended?)"
-                                     ) from None
+            watch = pause_watch()
+            if watch.paused_seconds(since=started + seconds - PAUSE_SECONDS):  # stopped at the deadline
+                stopped = watch.paused_seconds(since=started)
+                raise DeadlineMissed(f"the coordinator did not run for about {stopped:.0f} s while it waited {seconds:g} "
+                                     f"s for agent {self.name}'s answer to {cmd!r} (was it suspended?)") from None
             raise AgentUnreachable(f"agent {self.name} at {self.url} did not answer {cmd!r} within "
                                    f"{seconds:g} s (is it running and reachable?)") from None
 

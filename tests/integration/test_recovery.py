@@ -208,7 +208,9 @@ def test_a_device_back_at_a_new_address_is_found_by_discovery_and_only_named_dev
         process.kill()
         for agent in (owner, *helpers):
             agent.stop()
-    failed, = events(tmp_path / "run", "failed")
+    failures = events(tmp_path / "run", "failed")
+    assert len(failures) == 1, (failures, stdout)  # only the helper that was killed
+    failed, = failures
     joined, = events(tmp_path / "run", "joined")
     assert failed["agent"] == f"pi-{tag}" and failed["resume_at_step"] == 4
     assert joined["agent"] == f"pi-{tag}" and joined["url"] == helpers[1].url and "found by discovery" in stdout
