@@ -159,13 +159,13 @@ class Sampler:
 
 def table(runs: list[dict]) -> str:
     lines = ["| shape BxTxM | schedule | agent | stages | predicted GB | peak RSS GB | peak / predicted | "
-             "runtime + weights + LoRA/AdamW + activations + workspace + frames (GB) |",
+             "runtime + weights + LoRA/AdamW + activations + workspace + frames + heap (GB) |",
              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for name, a in run["agents"].items():
             terms = a["predicted_terms"]
-            parts = " + ".join(f"{terms[k] / 1e9:.2f}" for k in ("baseline", "weights", "trainable", "activations",
-                                                                 "workspace", "buffers"))
+            parts = " + ".join(f"{terms.get(k, 0) / 1e9:.2f}" for k in ("baseline", "weights", "trainable",
+                                                                        "activations", "workspace", "buffers", "heap"))
             stages = ", ".join(f"{role} {lo}-{hi}" for role, (lo, hi) in a["stages"])
             flag = "" if a["in_band"] else " (out of band)"
             lines.append(f"| {run['shape']} | {run['schedule']} | {name} | {stages} | {a['predicted'] / 1e9:.2f} | "

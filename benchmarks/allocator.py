@@ -1,6 +1,7 @@
 """What the agents' allocator settings cost per block: forward + backward of SmolLM2-shaped blocks under
-glibc's default, the old fixed 256 KB mmap threshold, and today's 4 MB threshold with a heap trim after
-each forward and each backward (edge_runtime/memory.py, edge_runtime/worker.py).
+glibc's default, the old fixed 256 KB mmap threshold, a 4 MB threshold with a heap trim after each forward
+and each backward (before), and today's 4 MB threshold with a trim once RSS grew by the slack the plan
+counts (edge_runtime/memory.py, edge_runtime/worker.py).
 
     python benchmarks/allocator.py [--rounds 3] [--steps 15] [--blocks 4] [--batch 4] [--seq-len 64]
 
@@ -25,7 +26,8 @@ RESULTS = Path(__file__).parent / "results"
 SETTINGS = {
     "glibc default": {"threshold": None, "trim": False},
     "256 KB threshold (before)": {"threshold": 256 * 1024, "trim": False},
-    "4 MB threshold + trim per action (agents now)": {"threshold": "agent", "trim": True},
+    "4 MB threshold + trim per action (before)": {"threshold": "agent", "trim": "always"},
+    "4 MB threshold + trim past the slack (agents now)": {"threshold": "agent", "trim": "past slack"},
 }
 
 
@@ -35,7 +37,7 @@ def measure(setting: str, steps: int, blocks: int, batch: int, seq_len: int) -> 
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from edge_runtime.memory import configure_allocator, set_mmap_threshold, trim_heap
+    from edge_runtime.memory import HEAP, configure_allocator, set_mmap_threshold
 
     spec = SETTINGS[setting]
     if spec["threshold"] == "agent":
@@ -50,17 +52,17 @@ def measure(setting: str, steps: int, blocks: int, batch: int, seq_len: int) -> 
     x0 = torch.randn(batch, seq_len, config.hidden_size)  # (B, T, C)
     rope = LlamaRotaryEmbedding(config)(x0, torch.arange(seq_len)[None])
 
+    after_action = {False: lambda: None, "always": HEAP.trim, "past slack": HEAP.after_action}[spec["trim"]]
+
     def micro_batch() -> None:
         x = x0.clone().requires_grad_(True)
         h = x
         for layer in layers:
             out = layer(h, position_embeddings=rope)
             h = out[0] if isinstance(out, tuple) else out
-        if spec["trim"]:
-            trim_heap()  # the worker trims after the forward ...
+        after_action()  # the worker may trim after the forward ...
         h.backward(torch.ones_like(h))
-        if spec["trim"]:
-            trim_heap()  # ... and after the backward
+        after_action()  # ... and after the backward
 
     for _ in range(3):
         micro_batch()

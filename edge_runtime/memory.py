@@ -11,8 +11,11 @@ resident and fragment; every extra thread may get its own heap. Measured on a mi
 at 2.56 GB. A threshold fixed at 256 KB kept the peak at what is live, but made every activation a
 fresh mapping whose pages fault in: forward + backward of a block cost 1.34x glibc's default (SmolLM2
 blocks, 4 x 64 tokens; benchmarks/allocator.py). So the threshold is fixed at 4 MB (a
-micro-batch's activations reuse the heap within a forward or backward) and the worker trims the heap
-after each forward and backward: middle agents then peak at 1.06-1.08x their prediction, as with 256 KB.
+micro-batch's activations reuse the heap within a forward or backward), and the worker trims the heap
+(``HeapTrimmer``) once its resident size grew by ``HEAP_SLACK_BYTES`` since the last trim, which the plan's
+prediction counts. Trimming after every forward and backward kept middle agents at 1.06-1.08x their
+prediction too, but the pages it handed back faulted in again on the next action: about 10% of each
+block's time inside a device's memory cgroup (benchmarks/README, "The heap trim costs the ring 15%").
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,13 +69,7 @@ def set_mmap_threshold(size: int) -> None:
 def release_free_memory() -> None:
     """Collect garbage and hand the heaps' free pages back to the OS (after loading, after a step)."""
     gc.collect()
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """Hand the heaps' free pages back to the OS (after each micro-batch's forward or backward)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    HEAP.trim()
 
 
 def freeze_long_lived() -> None:
@@ -113,3 +111,37 @@ def peak_rss(pid: int | str = "self") -> int:
 def reset_peak_rss(pid: int | str = "self") -> None:
     """Start the high-water mark again from the current RSS (a process may reset its own)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+HEAP_SLACK_BYTES = 64 * 1024 * 1024
+"""Growth of an agent's resident size, since its last trim, that it lets the heap keep (freed activations the next
+micro-batch reuses without faulting pages in); the plan's memory prediction counts it on every device."""
+
+
+class HeapTrimmer:
+    """Trims the heap after a forward or backward only once the process's RSS grew by more than the slack since the
+    last trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
+
+    def __init__(self, slack: int = HEAP_SLACK_BYTES) -> None:
+        self.slack = slack
+        self._lock = threading.Lock()
+        self._after_last_trim = rss()
+
+    def after_action(self) -> None:
+        with self._lock:
+            if rss() - self._after_last_trim > self.slack:
+                self._trim()
+
+    def trim(self) -> None:
+        """Hand the heaps' free pages back to the OS now."""
+        with self._lock:
+            self._trim()
+
+    def _trim(self) -> None:
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self._after_last_trim = rss()
+
+
+HEAP = HeapTrimmer()
+"""The process's trimmer."""

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from edge_runtime.data.dataset import StepBatch
-from edge_runtime.memory import rss, trim_heap
+from edge_runtime.memory import HEAP, rss
 from edge_runtime.backends.base import StageRunner
 from edge_runtime.schedules import Action, forward_only, schedule_for
 from edge_runtime.transport.base import Edge
@@ -68,7 +68,7 @@ def run_stage_step(stage: LocalStage, step: int, actions: list[Action], batch: S
         sent = time.perf_counter()
         wait, compute, send = wait + computing - waiting, compute + sending - computing, send + sent - sending
         spans.append(Span(action.kind, mb, computing - started, sending - started))
-        trim_heap()
+        HEAP.after_action()
         if log.isEnabledFor(logging.DEBUG):  # memory per micro-batch in flight (ringtune -v agent ...)
             log.debug("step %d stage %d after %s%d: RSS %.1f MB", step, stage.index, action.kind, mb, rss() / 1e6)
     t0 = time.perf_counter()

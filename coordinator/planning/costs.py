@@ -82,6 +82,8 @@ class CostTable:
     """Storage dtype of the frozen base weights the table prices (fp32, bf16, int8, int4)."""
     block_compact_weights: tuple[int, ...] = ()
     """Frozen linear weight elements of each block stored compactly (none at fp32; empty: none)."""
+    heap_bytes: int = 0
+    """Freed memory an agent's heap keeps between trims, once per device (the runtime's HEAP_SLACK_BYTES)."""
 
     @property
     def hidden_size(self) -> int:

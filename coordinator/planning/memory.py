@@ -17,6 +17,9 @@ Measured on real agents (benchmarks/agent_memory.py), an agent's peak RSS is
   + buffers       per ring edge, frames received and waiting for the schedule, plus the copies a
                   send and a receive make (pack, seal, socket); behind a forward-only stage, which
                   runs ahead, all M may wait
+  + heap          per device, freed memory its heap keeps between trims: an agent trims once its RSS grew by
+                  edge_runtime.memory.HEAP_SLACK_BYTES (the cost table's heap_bytes), so the next micro-batch
+                  reuses pages without faulting them in
 
 or, before its slice arrives, baseline + the calibration block (one block, one micro-batch), if
 that is larger. Every term is linear in prefix sums over blocks, so the partitioner evaluates the
@@ -60,12 +63,15 @@ class Footprint:
     """Transient peak of one forward + backward beyond what is kept."""
     buffers: float = 0.0
     """Ring frames waiting or being sent and received."""
+    heap: float = 0.0
+    """Freed memory the heap keeps between trims (devices only)."""
     calibration: float = 0.0
     """The calibration block's transient peak, before any slice is loaded (devices only)."""
 
     @property
     def running(self) -> float:
-        return self.baseline + self.weights + self.trainable + self.activations + self.workspace + self.buffers
+        return (self.baseline + self.weights + self.trainable + self.activations + self.workspace + self.buffers
+                + self.heap)
 
     @property
     def total(self) -> float:
@@ -95,6 +101,7 @@ class MemoryModel:
         self.trainable = _prefix(table.block_trainable_bytes)
         self.kept = _prefix(table.block_activation_bytes) * tokens  # per micro-batch
         self.workspace = _range_max(np.asarray(table.block_workspace_bytes, dtype=float) * tokens)  # [L + 1, L + 1]
+        self.heap = table.heap_bytes
         self.frame = table.cut_bytes * tokens
         """Bytes of one hidden state (or its gradient) of a micro-batch."""
         # The LM head and loss run on scored positions only, but how many a micro-batch scores varies (one
@@ -133,7 +140,7 @@ class MemoryModel:
 
     def device(self, baseline: float, stages: list[Footprint]) -> Footprint:
         """A device running these stages (one thread each, at once)."""
-        total = Footprint(baseline=baseline, calibration=self.calibration)
+        total = Footprint(baseline=baseline, heap=self.heap, calibration=self.calibration)
         for stage in stages:
             total = total + stage
         return total
@@ -168,7 +175,8 @@ def check_fits(table: CostTable, shape: RunShape, plan: Plan, profiles: list[Dev
 def describe(footprint: Footprint) -> str:
     """The terms of a footprint in GB, largest first."""
     terms = {"weights": footprint.weights, "activations": footprint.activations, "runtime": footprint.baseline,
-             "workspace": footprint.workspace, "LoRA + AdamW": footprint.trainable, "frames": footprint.buffers}
+             "workspace": footprint.workspace, "LoRA + AdamW": footprint.trainable, "frames": footprint.buffers,
+             "heap": footprint.heap}
     return ", ".join(f"{name} {gb(value)}" for name, value in sorted(terms.items(), key=lambda t: -t[1])
                      if value >= 0.01 * footprint.running)
 

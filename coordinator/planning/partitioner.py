@@ -433,11 +433,12 @@ def _does_not_fit_message(table: CostTable, search: _Search, others: list[Device
     devices = [owner, *others]
     available = sum(d.ram_bytes for d in devices)
     # Every byte the model needs at least once (one micro-batch in flight; none kept for a backward when a split
-    # may run its blocks forward only), plus every device's runtime: a device that is left out takes its RAM
-    # away with its runtime, which is smaller.
+    # may run its blocks forward only), plus every device's runtime and heap slack: a device that is left out
+    # takes its RAM away with them, which are smaller.
     costs = search.costs
     least = costs.memory.stage(0, costs.num_blocks, "full", _in_flight(shape, 1), not (others and costs.runs_ahead))
     whole = costs.memory.device(sum(d.baseline_bytes for d in devices), [least])
+    whole = replace(whole, heap=whole.heap * len(devices))
     fix = (f"add devices, or lower --micro-batch-size (now {shape.micro_batch_size}) or --seq-len "
            f"(now {shape.seq_len})" + (", or use --schedule 1f1b" if shape.schedule == "gpipe" else ""))
     listing = ", ".join(f"{d.name} {gb(d.ram_bytes, 1)}" for d in devices)

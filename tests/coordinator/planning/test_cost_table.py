@@ -9,6 +9,7 @@ from helpers import ARCHITECTURES
 from coordinator.planning import DoesNotFitError, config_from_file, model_cost_table, plan_run
 from coordinator.planning.partitioner import partition
 from device_profiles import resolve_device
+from edge_runtime.memory import HEAP_SLACK_BYTES
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.registry import load_model
 from edge_runtime.models.structure import find_parts
@@ -43,6 +44,7 @@ def test_table_matches_the_real_model(name):
     assert table.block_backward_flops[0] >= table.block_forward_flops[0] * 0.9
     assert table.block_activation_bytes[0] >= 4 * hidden  # at least the block input
     assert table.scored_end.forward_flops >= 2 * hidden * peft_model.config.vocab_size  # per scored position
+    assert table.heap_bytes == HEAP_SLACK_BYTES  # what an agent's heap keeps between trims
     assert table.tail_end.forward_flops < 16 * hidden  # the final norm alone, on every position
 
 

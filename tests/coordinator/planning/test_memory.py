@@ -54,6 +54,15 @@ def test_footprints_by_hand_1f1b():
     assert pi.total == BASELINE + 20 + 4 + 28 + 10 + 20
 
 
+def test_the_heap_slack_counts_once_per_device():
+    """The owner's head and tail threads share one heap, so its slack counts once there as on the helper."""
+    with_slack = replace(TABLE, heap_bytes=64)
+    bare = plan_memory(TABLE, shape("1f1b"), RING, {"owner": BASELINE, "pi": BASELINE})
+    memory = plan_memory(with_slack, shape("1f1b"), RING, {"owner": BASELINE, "pi": BASELINE})
+    for device in ("owner", "pi"):
+        assert memory[device].heap == 64 and memory[device].total == bare[device].total + 64
+
+
 def test_withheld_gradients_keep_nothing_before_the_tail_and_every_frame_may_wait():
     """The owner withholds its tail's gradients: head and middle run forward only (no activations kept, no
     LoRA gradients or AdamW), and every edge may hold all 4 micro-batches' frames (the forward-only stages run
