@@ -90,8 +90,9 @@ class AgentClient:
             watch = pause_watch()
             if watch.paused_seconds(since=started + seconds - PAUSE_SECONDS):  # stopped at the deadline
                 stopped = watch.paused_seconds(since=started)
-                raise DeadlineMissed(f"the coordinator did not run for about {stopped:.0f} s while it waited {seconds:g} "
-                                     f"s for agent {self.name}'s answer to {cmd!r} (was it suspended?)") from None
+                raise DeadlineMissed(f"the coordinator did not run for about {stopped:.0f} s while it waited "
+                                     f"{seconds:g} s for agent {self.name}'s answer to {cmd!r} (was it suspended?)"
+                                     ) from None
             raise AgentUnreachable(f"agent {self.name} at {self.url} did not answer {cmd!r} within "
                                    f"{seconds:g} s (is it running and reachable?)") from None
 
