@@ -122,14 +122,13 @@ class HeapTrimmer:
     """Trims the heap after a forward or backward only once the process's RSS grew by more than the slack since the
     last trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
 
-    def __init__(self, slack: int = HEAP_SLACK_BYTES) -> None:
-        self.slack = slack
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._after_last_trim = rss()
+        self._after_last_trim = 0  # none yet: the first action trims (no /proc read at import)
 
     def after_action(self) -> None:
         with self._lock:
-            if rss() - self._after_last_trim > self.slack:
+            if rss() - self._after_last_trim > HEAP_SLACK_BYTES:
                 self._trim()
 
     def trim(self) -> None:
