@@ -114,7 +114,13 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     # Where the step goes: each device's compute (forward, backward, optimizer) over the step.
     busy = {d: statistics.median(sum(m["devices"][d]["compute_seconds"].values()) / m["step_seconds"] for m in measured)
             for d in measured[0]["devices"]}
-    result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire, busy_share=busy,
+    # What each device's CPU quota allowed that it used: near 1 on the device that limits the step.
+    cores = {d.name: d.cpu_cores or 1.0 for d in state.devices}  # None: not emulated, a whole core
+    cpu = {d: statistics.median(m["devices"][d]["cpu_seconds"] / (cores[d] * m["step_seconds"]) for m in measured)
+           for d in measured[0]["devices"]}
+    faults = {d: statistics.median(m["devices"][d]["page_faults"] for m in measured) for d in measured[0]["devices"]}
+    result.update(losses=[m["loss"] for m in metrics], wire_bytes_per_step=wire, busy_share=busy, cpu_share=cpu,
+                  page_faults_per_step=faults,
                   setup_seconds=wall - sum(m["step_seconds"] for m in metrics),
                   wire_bytes_per_token=wire / result["tokens_per_step"],
                   peak_rss={d.name: peak_rss(d.pid) for d in state.devices},
@@ -193,7 +199,8 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         print(f"  whole model: {systems['whole_model']['tokens_per_s']:.1f} tokens/s", flush=True)
     return {"plan": [[s.device, list(s.layers), s.role] for s in plan.stages], "plan_devices": plan.devices(),
             "predicted_step_seconds": plan.predicted.get("step_seconds"),
-            "predicted_bottleneck": plan.predicted.get("bottleneck"), "systems": systems}
+            "predicted_bottleneck": plan.predicted.get("bottleneck"),
+            "predicted_memory_bytes": plan.predicted.get("memory_bytes"), "systems": systems}
 
 
 def run_executorch(args, state: ClusterState, point: dict, scratch: Path) -> None:

@@ -347,7 +347,8 @@ class RingSession:
         return {"step": step + 1, "loss": owner.loss, "tokens": owner.tokens,
                 "tokens_per_s": owner.tokens / elapsed, "step_seconds": elapsed,
                 "devices": {name: {**stage_timings(st.result.stages), "bytes_sent": st.result.bytes_sent,
-                                   "rss": st.rss, "peak_rss": st.peak_rss}
+                                   "cpu_seconds": st.result.cpu_seconds,
+                                   "page_faults": st.result.page_faults, "rss": st.rss, "peak_rss": st.peak_rss}
                             for name, st in results.items()}}
 
     def wait_all(self, plan: Plan, done: Callable[[protocol.StatusReply], bool], timeout: float | None,

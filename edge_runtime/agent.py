@@ -32,7 +32,8 @@ from edge_runtime.backends.torch.load import torch_runners
 from edge_runtime.calibration import block_seconds, runtime_baseline
 from edge_runtime.checkpoint_store import CheckpointStore, write_atomic
 from edge_runtime.data.dataset import OwnerData, read_records, scored_share
-from edge_runtime.memory import freeze_long_lived, process_memory, release_free_memory, rss, thaw
+from edge_runtime.memory import (HEAP, freeze_long_lived, minor_faults, process_memory, release_free_memory,
+                                 rss, settle_after_step, thaw)
 from edge_runtime.models.tokenizer import tokenizer_from_blob
 from edge_runtime.pairing import Pairing
 from edge_runtime.privacy.base import NoiseStream
@@ -368,6 +369,7 @@ class Agent:
                 run.data = OwnerData(self.records, tokenizer, s.micro_batch_size, s.seq_len,
                                      s.plan.micro_batches, s.seed, s.privacy.hide_labels)
             freeze_long_lived()
+            HEAP.set_budget(s.plan.predicted.get("memory_bytes", {}).get(self.name, 0))
             with self._lock:
                 if run.state == "loading":
                     run.state = "ready"
@@ -384,14 +386,17 @@ class Agent:
             for _, _, edge in run.edges:
                 edge.begin_step(step)
             plan = run.settings.plan
+            cpu_started, faults_before = time.process_time(), minor_faults()
             results = run_stages_step(list(run.stages.values()), step, batch, plan.schedule, len(plan.stages),
                                       plan.micro_batches, [edge for _, _, edge in run.edges])
             losses = [r.loss for r in results.values() if r.loss is not None]
             result = protocol.StepResult(loss=losses[0] if losses else None,
                                          tokens=batch.tokens if batch is not None else 0,
                                          stages={i: r.timing for i, r in results.items()},
-                                         bytes_sent=sum(edge.bytes_sent for _, _, edge in run.edges))
-            release_free_memory()  # what the step freed goes back before the next one
+                                         bytes_sent=sum(edge.bytes_sent for _, _, edge in run.edges),
+                                         cpu_seconds=time.process_time() - cpu_started,
+                                         page_faults=minor_faults() - faults_before)
+            settle_after_step()
             with self._lock:
                 run.result, run.state = result, "idle"
         except Exception as error:
@@ -455,6 +460,7 @@ class Agent:
         run, self._run = self._run, None
         if run is None:
             return
+        HEAP.set_budget(0)
         for _, _, edge in run.edges:
             edge.abort()
             edge.close()  # also ends a send blocked on a neighbour that is gone

@@ -16,6 +16,9 @@ micro-batch's activations reuse the heap within a forward or backward), and the 
 prediction counts. Trimming after every forward and backward kept middle agents at 1.06-1.08x their
 prediction too, but the pages it handed back faulted in again on the next action: about 10% of each
 block's time inside a device's memory cgroup (benchmarks/README, "The heap trim costs the ring 15%").
+Even by the slack, an emulated rpi5-8gb agent still faulted in 0.3-0.45 M pages (1.2-1.8 GB) per step, 1.1-1.6 s
+of system CPU: so during a run the trimmer also leaves the heap alone while the process is within its budget, the
+plan's prediction for the device (``HeapTrimmer.set_budget``; benchmarks/README, "Page faults").
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import resource
 import threading
 from pathlib import Path
 
@@ -67,9 +71,16 @@ def set_mmap_threshold(size: int) -> None:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand the heaps' free pages back to the OS (after loading, after a step)."""
+    """Collect garbage and hand the heaps' free pages back to the OS (after loading, before a run)."""
     gc.collect()
     HEAP.trim()
+
+
+def settle_after_step() -> None:
+    """Collect what the step left in cycles; trim by the trimmer's rule only: freed pages within the budget are
+    what the next step's micro-batches reuse without faulting them in again."""
+    gc.collect()
+    HEAP.after_action()
 
 
 def freeze_long_lived() -> None:
@@ -83,6 +94,12 @@ def freeze_long_lived() -> None:
 def thaw() -> None:
     """Before the next run loads: what the previous run froze may be collected again (no run leaks another's)."""
     gc.unfreeze()
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads): each is a page touched for the first time since
+    it was mapped or handed back, about 4 us of system time here."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def process_memory(pid: int | str = "self") -> dict[str, int]:
@@ -119,16 +136,31 @@ micro-batch reuses without faulting pages in); the plan's memory prediction coun
 
 
 class HeapTrimmer:
-    """Trims the heap after a forward or backward only once the process's RSS grew by more than the slack since the
-    last trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
+    """Trims the heap after a forward or backward only when the next action could take the process past its budget
+    (its RSS plus the largest growth one action has shown) and its RSS grew by more than the slack since the last
+    trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._after_last_trim = 0  # none yet: the first action trims (no /proc read at import)
+        self._after_last_action = 0
+        self._largest_growth = 0  # of RSS across one action: what the next one may add to pages the heap lacks
+        self._budget = 0
+
+    def set_budget(self, budget: int) -> None:
+        """Bytes the process may hold before a trim is worth its page faults: the plan's predicted peak for this
+        device during a run, 0 otherwise (trim by the slack alone)."""
+        with self._lock:
+            self._budget, self._largest_growth, self._after_last_action = budget, 0, 0
 
     def after_action(self) -> None:
         with self._lock:
-            if rss() - self._after_last_trim > HEAP_SLACK_BYTES:
+            resident = rss()
+            if self._after_last_action:
+                self._largest_growth = max(self._largest_growth, resident - self._after_last_action)
+            self._after_last_action = resident
+            if (resident + self._largest_growth > self._budget
+                    and resident - self._after_last_trim > HEAP_SLACK_BYTES):
                 self._trim()
 
     def trim(self) -> None:
@@ -139,7 +171,7 @@ class HeapTrimmer:
     def _trim(self) -> None:
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
-        self._after_last_trim = rss()
+        self._after_last_trim = self._after_last_action = rss()
 
 
 HEAP = HeapTrimmer()

@@ -212,6 +212,10 @@ class StepResult:
     """Timings per local stage."""
     bytes_sent: int
     """Data-plane bytes this agent sent in the run so far."""
+    cpu_seconds: float = 0.0
+    """CPU time the agent process used during the step, all its threads (compute, frames, heartbeat)."""
+    page_faults: int = 0
+    """Minor page faults of the agent process during the step: pages its heap had handed back, touched again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,9 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft_and_loads_in_peft(name
     metrics = step_records(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["devices"]["node1"]["bytes_sent"] > 0 for m in metrics)
+    for device in ("owner", "node1", "node2"):  # the CPU each agent used in the step, and the pages it touched anew
+        assert all(0 < m["devices"][device]["cpu_seconds"] < 2 * m["step_seconds"] for m in metrics)
+        assert all(m["devices"][device]["page_faults"] > 0 for m in metrics)
     assert_peft_reproduces_the_trained_model(name, tmp_path)
 
 
