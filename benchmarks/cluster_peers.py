@@ -115,7 +115,7 @@ def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, p
     busy = {d: statistics.median(sum(m["devices"][d]["compute_seconds"].values()) / m["step_seconds"] for m in measured)
             for d in measured[0]["devices"]}
     # What each device's CPU quota allowed that it used: near 1 on the device that limits the step.
-    cores = {d.name: d.cpu_cores or 1.0 for d in state.devices}  # None: not emulated, a whole core
+    cores = {d.name: d.cpu_cores or 1.0 for d in state.devices}  # None: no quota (loopback); per core then
     cpu = {d: statistics.median(m["devices"][d]["cpu_seconds"] / (cores[d] * m["step_seconds"]) for m in measured)
            for d in measured[0]["devices"]}
     faults = {d: statistics.median(m["devices"][d]["page_faults"] for m in measured) for d in measured[0]["devices"]}
