@@ -34,7 +34,9 @@ from edge_runtime.memory import process_memory
 
 RESULTS = Path(__file__).parent / "results"
 BAND = (0.8, 1.25)
-"""Measured peak over predicted must stay in this band (issue 13)."""
+"""Measured peak over predicted must stay in this band (issue 13): at most 1.25x the prediction, at least 0.8x it
+without the heap's room (which the agent may use where the device has it, and a heap that does not fragment does
+not fill)."""
 SAMPLE_SECONDS = 0.05
 PHASES = (("calibrated", "one block forward"), ("uploaded", "slices ready"))
 """(phase, coordinator output that ends it): RSS of each agent when that line is printed."""
@@ -98,9 +100,11 @@ def measure(args, data: Path, shape: str, schedule: str, out: Path) -> dict:
     agents = {}
     for name, predicted in plan["predicted"]["memory_bytes"].items():
         peak = max(step["devices"][name]["peak_rss"] for step in steps)
+        without_room = predicted - plan["predicted"]["memory"][name].get("heap_room", 0)
         agents[name] = {"stages": [[s["role"], s["layers"]] for s in plan["stages"] if s["device"] == name],
                         "predicted": predicted, "predicted_terms": plan["predicted"]["memory"][name],
-                        "peak_rss": peak, "ratio": peak / predicted, "in_band": BAND[0] <= peak / predicted <= BAND[1],
+                        "peak_rss": peak, "ratio": peak / predicted, "ratio_without_room": peak / without_room,
+                        "in_band": BAND[0] <= peak / without_room and peak / predicted <= BAND[1],
                         "phases": sampler.phases.get(name, {}),
                         "step_peaks": [step["devices"][name]["peak_rss"] for step in steps]}
     return {"shape": shape, "micro_batch_size": b, "seq_len": t, "micro_batches": m, "schedule": schedule,
@@ -158,18 +162,20 @@ class Sampler:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| shape BxTxM | schedule | agent | stages | predicted GB | peak RSS GB | peak / predicted | "
-             "runtime + weights + LoRA/AdamW + activations + workspace + frames + heap (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape BxTxM | schedule | agent | stages | predicted GB | peak RSS GB | peak / predicted (without the "
+             "heap's room) | runtime + weights + LoRA/AdamW + activations + workspace + frames + heap + heap's room "
+             "(GB) |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for name, a in run["agents"].items():
             terms = a["predicted_terms"]
             parts = " + ".join(f"{terms.get(k, 0) / 1e9:.2f}" for k in ("baseline", "weights", "trainable",
-                                                                        "activations", "workspace", "buffers", "heap"))
+                                                                        "activations", "workspace", "buffers", "heap",
+                                                                        "heap_room"))
             stages = ", ".join(f"{role} {lo}-{hi}" for role, (lo, hi) in a["stages"])
             flag = "" if a["in_band"] else " (out of band)"
             lines.append(f"| {run['shape']} | {run['schedule']} | {name} | {stages} | {a['predicted'] / 1e9:.2f} | "
-                         f"{a['peak_rss'] / 1e9:.2f} | {a['ratio']:.2f}{flag} | {parts} |")
+                         f"{a['peak_rss'] / 1e9:.2f} | {a['ratio']:.2f} ({a['ratio_without_room']:.2f}){flag} | "
+                         f"{parts} |")
     return "\n".join(lines)
 
 

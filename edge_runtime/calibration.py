@@ -8,6 +8,7 @@ random: the time does not depend on their values.
 """
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 
@@ -23,12 +24,12 @@ from edge_runtime.models.structure import find_parts, sliceable_meta_model
 
 
 def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
-                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100,
+                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100, windows: int = 3,
                   clock=time.perf_counter) -> float:
     """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
-    weights stored as base_dtype (dequantizing costs time on the device itself): the mean over min_seconds,
-    or over max_calls when those take less (a tiny model). clock: wall time (what a step takes), or
-    time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
+    weights stored as base_dtype (dequantizing costs time on the device itself): the median of windows means, each
+    over min_seconds, or over max_calls when those take less (a tiny model). clock: wall time (what a step takes),
+    or time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
     stage, _ = one_block_stage(config_dict, lora, base_dtype=base_dtype)
     x = torch.randn(micro_batch_size, seq_len, stage.config.hidden_size, requires_grad=True)  # [B, T, d]
 
@@ -39,10 +40,18 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
     forward_backward()  # warm-up: first-call allocations and kernel selection
     forward_backward()
     # Wall time over a second or more: on a CPU quota (a cgroup, an emulated device) a shorter window
-    # lands on a few scheduler periods and can miss the device's average speed by a quarter.
+    # lands on a few scheduler periods and can miss the device's average speed by a quarter. The median of a few
+    # windows: one window of three identical emulated devices, calibrating at once beside the coordinator, still
+    # put them 7% apart, and the planner gave the "faster" one a block more.
+    return statistics.median(_mean_seconds(forward_backward, min_seconds, min_calls, max_calls, clock)
+                             for _ in range(windows))
+
+
+def _mean_seconds(call, min_seconds: float, min_calls: int, max_calls: int, clock) -> float:
+    """Mean seconds of call() over min_seconds (at least min_calls, at most max_calls calls)."""
     calls, start = 0, clock()
     while calls < min_calls or (clock() - start < min_seconds and calls < max_calls):
-        forward_backward()
+        call()
         calls += 1
     return (clock() - start) / calls
 

@@ -18,7 +18,9 @@ prediction too, but the pages it handed back faulted in again on the next action
 block's time inside a device's memory cgroup (benchmarks/README, "The heap trim costs the ring 15%").
 Even by the slack, an emulated rpi5-8gb agent still faulted in 0.3-0.45 M pages (1.2-1.8 GB) per step, 1.1-1.6 s
 of system CPU: so during a run the trimmer also leaves the heap alone while the process is within its budget, the
-plan's prediction for the device (``HeapTrimmer.set_budget``; benchmarks/README, "Page faults").
+plan's prediction for the device (``HeapTrimmer.set_budget``; benchmarks/README, "Page faults"). That budget has room
+for the heap's fragmentation (``HEAP_ROOM_SHARE``) where the device has the memory: without it, agents sat at their
+budget and trimmed every second action, faulting in as much as before (benchmarks/README, "The heap's room").
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def settle_after_step() -> None:
     what the next step's micro-batches reuse without faulting them in again."""
     gc.collect()
     HEAP.after_action()
+    HEAP.end_step()
 
 
 def freeze_long_lived() -> None:
@@ -137,14 +140,17 @@ micro-batch reuses without faulting pages in); the plan's memory prediction coun
 
 class HeapTrimmer:
     """Trims the heap after a forward or backward only when the next action could take the process past its budget
-    (its RSS plus the largest growth one action has shown) and its RSS grew by more than the slack since the last
-    trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
+    (its RSS plus the largest growth one action has shown in this step) and its RSS grew by more than the slack since
+    the last trim (one per process: the owner's head and tail threads share it, as they share the heap)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._after_last_trim = 0  # none yet: the first action trims (no /proc read at import)
         self._after_last_action = 0
-        self._largest_growth = 0  # of RSS across one action: what the next one may add to pages the heap lacks
+        # Of RSS across one action in this step: what the next one may add to pages the heap lacks. Per step, and not
+        # across a trim, because the first step's growth (weights read in, a cold heap) and the pages a trim handed
+        # back overstate it: counted, they made agents trim whenever within that much of their budget.
+        self._largest_growth = 0
         self._budget = 0
 
     def set_budget(self, budget: int) -> None:
@@ -163,6 +169,11 @@ class HeapTrimmer:
                     and resident - self._after_last_trim > HEAP_SLACK_BYTES):
                 self._trim()
 
+    def end_step(self) -> None:
+        """The step is over: the next one's growth is measured afresh."""
+        with self._lock:
+            self._largest_growth = 0
+
     def trim(self) -> None:
         """Hand the heaps' free pages back to the OS now."""
         with self._lock:
@@ -171,8 +182,14 @@ class HeapTrimmer:
     def _trim(self) -> None:
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
-        self._after_last_trim = self._after_last_action = rss()
+        self._after_last_trim = rss()
+        self._after_last_action = 0  # the next action's growth is pages handed back, not what an action adds
 
+
+HEAP_ROOM_SHARE = 1.0
+"""Freed memory, as a share of an agent's activations in flight, that its heap may keep beyond the slack where the
+device has the room (the plan's prediction counts it): agents that never trimmed settled 0.0-1.0x their activations
+above a prediction without it, and stopped faulting pages back in (benchmarks/README, "The heap's room")."""
 
 HEAP = HeapTrimmer()
 """The process's trimmer."""

@@ -115,10 +115,10 @@ def print_plan(plan, devices: list) -> None:
              f"{p['stage_compute_seconds'][i]:.3f}", f"{p['stage_link_seconds'][i]:.3f}")
             for i, stage in enumerate(plan.stages)]
     print_table(("stage", "device", "role", "layers", "compute s", "link s"), rows, right=("stage", "compute s", "link s"))
-    terms = ("baseline", "weights", "trainable", "activations", "workspace", "buffers", "heap")
+    terms = ("baseline", "weights", "trainable", "activations", "workspace", "buffers", "heap", "heap_room")
     memory = [(name, f"{p['memory'][name]['total'] / 1e9:.2f} / {ram[name] / 1e9:.2f} GB",
                *(f"{p['memory'][name].get(term, 0) / 1e9:.3f}" for term in terms)) for name in plan.devices()]
-    columns = ("runtime", "weights", "LoRA+AdamW", "activations", "workspace", "frames", "heap")
+    columns = ("runtime", "weights", "LoRA+AdamW", "activations", "workspace", "frames", "heap", "heap room")
     print_table(("device", "predicted peak / RAM", *columns), memory, title="memory per device (GB)", right=columns)
     print(f"predicted step: {p['step_seconds']:.3f} s for {plan.micro_batches} micro-batches of "
           f"{p['micro_batch_size']} x {p['seq_len']} tokens ({plan.schedule}), "

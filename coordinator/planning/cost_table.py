@@ -25,7 +25,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from coordinator.planning.costs import CostTable, EndCost
-from edge_runtime.memory import HEAP_SLACK_BYTES
+from edge_runtime.memory import HEAP_ROOM_SHARE, HEAP_SLACK_BYTES
 from edge_runtime.models.lora import LoraSpec, apply_lora
 from edge_runtime.models.quantization import CompactLinear, compact_model, compact_weights
 from edge_runtime.models.registry import load_config
@@ -84,6 +84,7 @@ def model_cost_table(model: str | PreTrainedConfig, lora: LoraSpec = LoraSpec(),
         block_backward_flops=tuple(b.backward_flops for b in per_block),
         block_compact_weights=tuple(b.compact_weights for b in per_block),
         heap_bytes=HEAP_SLACK_BYTES,
+        heap_room_share=HEAP_ROOM_SHARE,
         cut_bytes=float(config.hidden_size * 4),
         head_end=EndCost(*_param_bytes(head_modules), 0.0, 0.0, 0.0),
         tail_end=_tail_cost(parts, peft_model.config, seq_len, exclude=head_modules),

@@ -84,6 +84,9 @@ class CostTable:
     """Frozen linear weight elements of each block stored compactly (none at fp32; empty: none)."""
     heap_bytes: int = 0
     """Freed memory an agent's heap keeps between trims, once per device (the runtime's HEAP_SLACK_BYTES)."""
+    heap_room_share: float = 0.0
+    """Freed memory an agent's heap may keep beyond that, as a share of its activations in flight, where its device
+    has the room (the runtime's HEAP_ROOM_SHARE); fitting never counts on it."""
 
     @property
     def hidden_size(self) -> int:

@@ -17,9 +17,11 @@ Measured on real agents (benchmarks/agent_memory.py), an agent's peak RSS is
   + buffers       per ring edge, frames received and waiting for the schedule, plus the copies a
                   send and a receive make (pack, seal, socket); behind a forward-only stage, which
                   runs ahead, all M may wait
-  + heap          per device, freed memory its heap keeps between trims: an agent trims once its RSS grew by
-                  edge_runtime.memory.HEAP_SLACK_BYTES (the cost table's heap_bytes), so the next micro-batch
-                  reuses pages without faulting them in
+  + heap          per device, freed memory its heap keeps so that the next micro-batch reuses pages without
+                  faulting them in: edge_runtime.memory.HEAP_SLACK_BYTES (the cost table's heap_bytes), plus
+                  room for the heap's fragmentation, up to HEAP_ROOM_SHARE of the activations in flight
+                  (heap_room_share), where the device has it. Fitting counts the slack only; the agent trims
+                  its heap when it nears the device's prediction, so a tight device trims more often instead
 
 or, before its slice arrives, baseline + the calibration block (one block, one micro-batch), if
 that is larger. Every term is linear in prefix sums over blocks, so the partitioner evaluates the
@@ -65,13 +67,16 @@ class Footprint:
     """Ring frames waiting or being sent and received."""
     heap: float = 0.0
     """Freed memory the heap keeps between trims (devices only)."""
+    heap_room: float = 0.0
+    """Freed memory the heap may keep beyond that where the device has room: its agent trims near the total, and
+    fitting never counts on it (devices only)."""
     calibration: float = 0.0
     """The calibration block's transient peak, before any slice is loaded (devices only)."""
 
     @property
     def running(self) -> float:
         return (self.baseline + self.weights + self.trainable + self.activations + self.workspace + self.buffers
-                + self.heap)
+                + self.heap + self.heap_room)
 
     @property
     def total(self) -> float:
@@ -102,6 +107,7 @@ class MemoryModel:
         self.kept = _prefix(table.block_activation_bytes) * tokens  # per micro-batch
         self.workspace = _range_max(np.asarray(table.block_workspace_bytes, dtype=float) * tokens)  # [L + 1, L + 1]
         self.heap = table.heap_bytes
+        self.heap_room_share = table.heap_room_share
         self.frame = table.cut_bytes * tokens
         """Bytes of one hidden state (or its gradient) of a micro-batch."""
         # The LM head and loss run on scored positions only, but how many a micro-batch scores varies (one
@@ -146,9 +152,10 @@ class MemoryModel:
         return total
 
 
-def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[str, float]) -> dict[str, Footprint]:
+def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[str, float],
+                ram: dict[str, float] | None = None) -> dict[str, Footprint]:
     """Each device's predicted footprint under this plan (its stages, the schedule's in-flight counts, forward
-    only where the plan's stage does not train)."""
+    only where the plan's stage does not train); given each device's RAM, with the heap's room where it fits."""
     model = MemoryModel(table, shape)
     num_stages = len(plan.stages)
     runs_ahead = not plan.trains_every_stage()
@@ -157,13 +164,27 @@ def plan_memory(table: CostTable, shape: RunShape, plan: Plan, baselines: dict[s
         count = in_flight(shape.schedule, num_stages, index, shape.micro_batches)
         stages.setdefault(spec.device, []).append(model.stage(
             spec.layers[0], spec.layers[1], spec.role, count, plan.trains(index), runs_ahead))
-    return {device: model.device(baselines[device], held) for device, held in stages.items()}
+    footprints = {device: model.device(baselines[device], held) for device, held in stages.items()}
+    if ram is None:
+        return footprints
+    return {device: with_heap_room(f, model.heap_room_share, ram[device]) for device, f in footprints.items()}
+
+
+def with_heap_room(footprint: Footprint, room_share: float, ram: float) -> Footprint:
+    """The footprint whose heap may also keep room_share of its activations in flight, as far as the device's RAM
+    goes: a device that fits keeps fitting, and one without the room trims its heap more often instead.
+    Measured on emulated rpi5-8gb agents that never trimmed (smollm2-135m, 1F1B, 8 micro-batches of 4 x 64): the
+    heap settled 0.0-1.0x their activations above the prediction without room (benchmarks/README, "The heap's
+    room")."""
+    room = min(room_share * footprint.activations, ram - footprint.running)
+    return replace(footprint, heap_room=max(0.0, room))
 
 
 def check_fits(table: CostTable, shape: RunShape, plan: Plan, profiles: list[DeviceProfile]) -> dict[str, Footprint]:
     """Every device's footprint; raise DoesNotFitError naming the devices that would run out."""
     by_name = {p.name: p for p in profiles}
-    footprints = plan_memory(table, shape, plan, {p.name: p.baseline_bytes for p in profiles})
+    footprints = plan_memory(table, shape, plan, {p.name: p.baseline_bytes for p in profiles},
+                             {p.name: p.ram_bytes for p in profiles})
     over = [(name, f) for name, f in footprints.items() if f.total > by_name[name].ram_bytes]
     if over:
         raise DoesNotFitError("; ".join(
@@ -176,7 +197,7 @@ def describe(footprint: Footprint) -> str:
     """The terms of a footprint in GB, largest first."""
     terms = {"weights": footprint.weights, "activations": footprint.activations, "runtime": footprint.baseline,
              "workspace": footprint.workspace, "LoRA + AdamW": footprint.trainable, "frames": footprint.buffers,
-             "heap": footprint.heap}
+             "heap": footprint.heap + footprint.heap_room}
     return ", ".join(f"{name} {gb(value)}" for name, value in sorted(terms.items(), key=lambda t: -t[1])
                      if value >= 0.01 * footprint.running)
 

@@ -392,8 +392,8 @@ def _plan(table: CostTable, search: _Search, stages: tuple[StageSpec, ...], step
                 privacy=shape.privacy.public_dict())
     validate_plan(plan, table.num_blocks)
     baselines = {d.name: d.baseline_bytes for d in [search.owner, *devices]}
-    memory = plan_memory(table, shape, plan, baselines)
     ram = {d.name: d.ram_bytes for d in [search.owner, *devices]}
+    memory = plan_memory(table, shape, plan, baselines, ram)
     assert all(f.total <= ram[name] for name, f in memory.items()), "the search kept a plan that does not fit"
     predicted = {
         "step_seconds": step,

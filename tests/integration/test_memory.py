@@ -21,6 +21,7 @@ from helpers import TOKEN, AgentProcess, ringtune_command, write_text_data
 
 pytestmark = pytest.mark.slow
 BAND = (0.8, 1.25)
+"""At most 1.25x the prediction, at least 0.8x it without the heap's room (benchmarks/agent_memory.py's band)."""
 # 3 devices of 0.76 GB hold this model (the planner predicts at most 0.72 GB each); 2 cannot (1.6 GB at least).
 CAP_GB = "0.83"
 
@@ -71,11 +72,13 @@ def test_every_agents_peak_is_within_the_band_of_its_prediction(model, agents, t
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     steps = step_records(tmp_path / "out")
     for name, predicted in plan["predicted"]["memory_bytes"].items():
-        peak = max(step["devices"][name]["peak_rss"] for step in steps)
-        assert BAND[0] <= peak / predicted <= BAND[1], (name, peak, predicted, plan["predicted"]["memory"][name])
+        peak, terms = max(step["devices"][name]["peak_rss"] for step in steps), plan["predicted"]["memory"][name]
+        without_room = predicted - terms["heap_room"]
+        assert BAND[0] <= peak / without_room and peak / predicted <= BAND[1], (name, peak, predicted, terms)
         # and the part the plan adds to the runtime it measured, on its own
-        baseline = plan["predicted"]["memory"][name]["baseline"]
-        assert 0.5 <= (peak - baseline) / (predicted - baseline) <= 1.5, (name, peak, predicted, baseline)
+        added = peak - terms["baseline"]
+        assert 0.5 <= added / (without_room - terms["baseline"]) and added / (predicted - terms["baseline"]) <= 1.5, (
+            name, peak, predicted, terms)
 
 
 def test_a_plan_file_that_does_not_fit_is_refused_before_any_slice_is_shipped(agents, tmp_path):

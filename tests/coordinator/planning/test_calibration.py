@@ -49,3 +49,12 @@ def test_a_non_positive_block_time_is_refused():
 def test_block_seconds_times_a_real_block(model):
     seconds = block_seconds(load_config(model).to_dict(), LoraSpec(), 2, 16, min_seconds=0.05)
     assert 0 < seconds < 5
+
+
+def test_block_seconds_is_the_median_of_its_windows():
+    """A window that lands on a busy moment (here 10x slower) does not move the device's speed."""
+    # per window of 3 calls: the clock at its start, at the check after the third call, at its end
+    ticks = iter([0, 0, 3, 3, 3, 33, 33, 33, 36])
+    seconds = block_seconds(load_config("tiny-llama").to_dict(), LoraSpec(), 1, 4, min_seconds=0, min_calls=3,
+                            windows=3, clock=lambda: next(ticks))
+    assert seconds == 1.0

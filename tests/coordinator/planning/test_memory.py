@@ -63,6 +63,31 @@ def test_the_heap_slack_counts_once_per_device():
         assert memory[device].heap == 64 and memory[device].total == bare[device].total + 64
 
 
+@pytest.mark.parametrize("ram", [10_000, 260, 246, 200])
+def test_the_heap_gets_room_for_its_activations_where_the_device_has_it(ram):
+    """With room_share 1, a device's heap may keep its activations in flight again beyond the slack, but never past its
+    RAM: plenty of it gives the whole room, a tight device gets what is left (and its agent trims more often), one
+    without any left keeps the slack only, and one that does not fit is still refused."""
+    table = replace(TABLE, heap_bytes=64, heap_room_share=1.0)
+    devices = [DeviceProfile("owner", 10_000, 1, 1.0, 1.0, baseline_bytes=BASELINE),
+               DeviceProfile("pi", ram, 1, 1.0, 1.0, baseline_bytes=BASELINE)]
+    bare = plan_memory(table, shape("1f1b"), RING, {"owner": BASELINE, "pi": BASELINE})
+    pi = bare["pi"]
+    assert pi.running == BASELINE + 20 + 4 + 28 + 10 + 20 + 64 == 246
+    if ram < pi.total:
+        with pytest.raises(DoesNotFitError, match="^pi needs"):
+            check_fits(table, shape("1f1b"), RING, devices)
+        return
+    checked = check_fits(table, shape("1f1b"), RING, devices)
+    assert checked["owner"].heap_room == bare["owner"].activations  # the owner's RAM has room for it all
+    assert checked["pi"].heap_room == min(pi.activations, ram - pi.running)
+    assert checked["pi"].heap == 64  # the slack, which fitting counts
+    assert checked["pi"].total == min(ram, pi.total + pi.activations)
+    assert {n: f.total for n, f in plan_memory(table, shape("1f1b"), RING, {"owner": BASELINE, "pi": BASELINE},
+                                               {"owner": 10_000, "pi": ram}).items()} == {
+        n: f.total for n, f in checked.items()}
+
+
 def test_withheld_gradients_keep_nothing_before_the_tail_and_every_frame_may_wait():
     """The owner withholds its tail's gradients: head and middle run forward only (no activations kept, no
     LoRA gradients or AdamW), and every edge may hold all 4 micro-batches' frames (the forward-only stages run
