@@ -27,9 +27,9 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
                   min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100, windows: int = 3,
                   clock=time.perf_counter) -> float:
     """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
-    weights stored as base_dtype (dequantizing costs time on the device itself): the median of windows means, each
-    over min_seconds, or over max_calls when those take less (a tiny model). clock: wall time (what a step takes),
-    or time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
+    weights stored as base_dtype (dequantizing costs time on the device itself): the median of the windows' means,
+    each over min_seconds, or over max_calls when those take less (a tiny model). clock: wall time (what a step
+    takes), or time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
     stage, _ = one_block_stage(config_dict, lora, base_dtype=base_dtype)
     x = torch.randn(micro_batch_size, seq_len, stage.config.hidden_size, requires_grad=True)  # [B, T, d]
 
