@@ -27,6 +27,8 @@ import torch
 from ringtune.run_shape import RunShape
 
 RESULTS = Path(__file__).parent / "results" / "executorch_stage.json"
+MEASURED_STAGE = 1
+"""The middle stage of the three-stage plan export_both writes."""
 
 
 def main() -> int:
@@ -65,13 +67,18 @@ def main() -> int:
 
 def export_both(args, root: Path) -> dict:
     from edge_runtime.models.lora import LoraSpec
+    from edge_runtime.models.registry import load_config
     from exporters.export import export_manifest, export_programs, export_stages
     from ringtune.plan import Plan, StageSpec
 
     shape = RunShape(args.micro_batch_size, args.seq_len)
-    plan = Plan(args.model, "bench", (StageSpec("bench", tuple(args.layers), "middle"),), "1f1b", 1)
+    start, end = args.layers
+    # A valid ring around the measured middle stage (index 1); only that stage is exported.
+    plan = Plan(args.model, "owner", (StageSpec("owner", (0, start), "head"), StageSpec("bench", (start, end), "middle"),
+                                      StageSpec("owner", (end, load_config(args.model).num_hidden_layers), "tail")),
+                "1f1b", 1)
     started = time.perf_counter()
-    stage = export_stages(args.model, plan, [0], root / "torch", "torch", shape, LoraSpec())[0]
+    stage = export_stages(args.model, plan, [MEASURED_STAGE], root / "torch", "torch", shape, LoraSpec())[0]
     export_manifest(args.model, "torch", shape, LoraSpec(), (stage,)).write(root / "torch")
     report = {"torch": {"seconds": time.perf_counter() - started,
                         "file_mb": {kind: (root / "torch" / path).stat().st_size / 1e6 for kind, path in stage.files.items()}}}
@@ -108,7 +115,7 @@ def measure(runtime: str, root: Path, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     manifest = ExportManifest.read(root / "torch")
-    stage = manifest.stage(0)
+    stage = manifest.stage(MEASURED_STAGE)
     started = time.perf_counter()
     runner = _runner(runtime, root, threads)
     load_s = time.perf_counter() - started
@@ -147,7 +154,7 @@ def _runner(runtime: str, root: Path, threads: int):
     from edge_runtime.backends.torch.runner import TorchStageRunner
     from ringtune.optimizer_spec import OptimizerSpec
 
-    module, lora = load_torch_stage(root / "torch", 0)
+    module, lora = load_torch_stage(root / "torch", MEASURED_STAGE)
     if runtime == "executorch":
         from edge_runtime.backends.executorch.runner import ExecuTorchStageRunner, load_block_programs
         return ExecuTorchStageRunner(module, lora, load_block_programs(root / "executorch", threads), OptimizerSpec())
