@@ -183,28 +183,34 @@ class RingSession:
         return self._cost_tables[base_dtype]
 
     def _block_seconds(self, names: list[str], base_dtype: str) -> dict[str, float]:
-        """Each torch agent's time for one block of the model at the run's shape and base dtype, measured once
-        per run and in parallel (ExecuTorch agents keep their matmul speed: their runtime is not eager torch)."""
-        s = self.settings
-        todo = [n for n in names if (n, base_dtype) not in self._calibration and runs_torch(self.members.hello(n))]
+        """Each agent's time for one block of the model at the run's shape and base dtype, in its own runtime,
+        measured once per run and in parallel."""
+        todo = [n for n in names if (n, base_dtype) not in self._calibration]
         if todo:
             self._calibrate(todo, base_dtype)
-        return {n: self._calibration[n, base_dtype] for n in names if (n, base_dtype) in self._calibration}
+        return {n: self._calibration[n, base_dtype] for n in names}
 
     def _calibrate(self, names: list[str], base_dtype: str) -> None:
-        """Time a block on each agent, in parallel; the owner (given the tokenizer first) also reports its
-        data's share of scored positions, once per run."""
+        """Time a block on each agent, in parallel (ExecuTorch agents through the programs they will run, sent
+        first); the owner (given the tokenizer first) also reports its data's share of scored positions, once per
+        run."""
         s = self.settings
         request = protocol.Calibrate(config=self._config.to_dict(), lora=s.lora,
                                      micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, base_dtype=base_dtype)
+        export = self._programs(names)
+        requests = {}
+        for name in names:
+            requests[name] = request
+            if needs_export(self.members.hello(name)):
+                self._send(name, export.blobs)
+                requests[name] = replace(requests[name], export=export.manifest.sha256)
         asks_share = self._scored_share is None and s.owner in names
         if asks_share:
             tokenizer = tokenizer_blob_of(s.model)
             self.upload(s.owner, tokenizer.sha256, tokenizer.path)
-            owner_request = replace(request, tokenizer=tokenizer.sha256)
+            requests[s.owner] = replace(requests[s.owner], tokenizer=tokenizer.sha256)
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            replies = dict(zip(names, pool.map(
-                lambda n: self.call(n, owner_request if asks_share and n == s.owner else request), names)))
+            replies = dict(zip(names, pool.map(lambda n: self.call(n, requests[n]), names)))
         self._calibration.update({(n, base_dtype): reply.block_seconds for n, reply in replies.items()})
         if asks_share and replies[s.owner].scored_share is not None:
             self._scored_share = replies[s.owner].scored_share
@@ -319,21 +325,20 @@ class RingSession:
         own = {name: [shipment.slices[name]] + (list(export.blobs) if needs_export(self.members.hello(name)) else [])
                for name in plan.devices()}
         blobs = {name: own[name] + ([shipment.tokenizer] if name == plan.owner else []) for name in plan.devices()}
-        missing = {name: self.call(name, protocol.Have(digests=[b.sha256 for b in blobs[name]])).missing
-                   for name in plan.devices()}
-
-        def ship(name: str) -> None:
-            todo = [blob for blob in blobs[name] if blob.sha256 in missing[name]]
-            if todo:
-                with self.progress.task(f"shipping to {name}", sum(blob.size for blob in todo), "bytes") as task:
-                    for blob in todo:
-                        self.upload(name, blob.sha256, blob.path, task.advance)
-
         with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
-            list(pool.map(ship, blobs))
+            list(pool.map(lambda name: self._send(name, blobs[name]), blobs))
         sizes = ", ".join(f"{name} {amount_text(sum(blob.size for blob in own[name]), 'bytes')}"
                           + (" with ExecuTorch programs" if needs_export(self.members.hello(name)) else "") for name in own)
         self.progress.event(f"slices ready on every agent ({sizes})")
+
+    def _send(self, name: str, blobs) -> None:
+        """Upload to an agent those of ``blobs`` it does not hold (and have it keep all of them for the run)."""
+        missing = set(self.call(name, protocol.Have(digests=[b.sha256 for b in blobs])).missing)
+        todo = [blob for blob in blobs if blob.sha256 in missing]
+        if todo:
+            with self.progress.task(f"shipping to {name}", sum(blob.size for blob in todo), "bytes") as task:
+                for blob in todo:
+                    self.upload(name, blob.sha256, blob.path, task.advance)
 
     # --- steps ----------------------------------------------------------------------------
     def run_step(self, plan: Plan, step: int) -> dict:

@@ -247,13 +247,16 @@ class Agent:
         return protocol.UploadReply(complete=complete)
 
     def _cmd_calibrate(self, msg: protocol.Calibrate) -> protocol.CalibrateReply:
-        """Time a block of the coordinator's model at the run's micro-batch shape (for the planner); the
-        owner also says which share of its sequences' positions the loss scores (a number, not the data)."""
+        """Time a block of the coordinator's model at the run's micro-batch shape (for the planner) in this agent's
+        runtime (ExecuTorch: through the programs it will run); the owner also says which share of its sequences'
+        positions the loss scores (a number, not the data)."""
         base_dtype = check_base_dtype(msg.base_dtype)
-        key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len, base_dtype], sort_keys=True)
+        export_dir = None if self.runtime == "torch" else self._export_dir(msg.export)
+        key = json.dumps([msg.config, msg.lora.to_dict(), msg.micro_batch_size, msg.seq_len, base_dtype,
+                          str(export_dir)], sort_keys=True)
         if key not in self._block_seconds:
             self._block_seconds[key] = block_seconds(msg.config, msg.lora, msg.micro_batch_size, msg.seq_len,
-                                                     base_dtype)
+                                                     base_dtype, export_dir)
             release_free_memory()  # the calibration block
         share = None
         if msg.tokenizer is not None and self.records is not None:
@@ -413,17 +416,21 @@ class Agent:
         if self.runtime == "torch":
             return torch_runners(self.cache.path(s.slice), s.config, s.lora, {i: s.plan.stages[i] for i in indices},
                                  s.optimizer)
-        if self.export_dir is None and s.export is None:
-            raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
-                             f"on the coordinator or start the agent with --export-dir DIR")
         if s.slice is None:
             raise ValueError(f"{self.name} runs ExecuTorch programs on the weights of its slice, but the coordinator "
                              f"sent none: install the same ringtune version on both")
-        export_dir = self.export_dir or export_from_cache(self.cache, s.export, self.state_dir / "exports")
         # XNNPACK's pool would take every core of the machine: give it the agent's threads
-        return executorch_runners(export_dir, self.cache.path(s.slice), s.config, s.lora,
+        return executorch_runners(self._export_dir(s.export), self.cache.path(s.slice), s.config, s.lora,
                                   {i: s.plan.stages[i] for i in indices}, RunShape(s.micro_batch_size, s.seq_len),
                                   s.optimizer, torch.get_num_threads())
+
+    def _export_dir(self, shipped: str | None) -> Path:
+        """The ExecuTorch programs this agent runs: its own export directory, or the one the coordinator shipped
+        (``shipped``: the manifest's sha256)."""
+        if self.export_dir is None and shipped is None:
+            raise ValueError(f"{self.name} runs ExecuTorch but the coordinator sent no export: upgrade ringtune "
+                             f"on the coordinator or start the agent with --export-dir DIR")
+        return self.export_dir or export_from_cache(self.cache, shipped, self.state_dir / "exports")
 
     def _edge_config(self, run: ActiveRun, stage: int, peer: int) -> EdgeConfig:
         s = run.settings

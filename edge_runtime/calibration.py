@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig
@@ -21,22 +23,21 @@ from edge_runtime.models.quantization import compact_model
 from edge_runtime.models.registry import TINY_CONFIGS
 from edge_runtime.models.stage import StageModule
 from edge_runtime.models.structure import find_parts, sliceable_meta_model
+from ringtune.run_shape import RunShape
 
 
 def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_len: int, base_dtype: str = "fp32",
-                  min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100, windows: int = 3,
-                  clock=time.perf_counter) -> float:
+                  export_dir: Path | None = None, min_seconds: float = 1.0, min_calls: int = 3, max_calls: int = 100,
+                  windows: int = 3, clock=time.perf_counter) -> float:
     """Seconds of one forward + backward (input and LoRA gradients) of block 0 for one micro-batch, its frozen
-    weights stored as base_dtype (dequantizing costs time on the device itself): the median of the windows' means,
-    each over min_seconds, or over max_calls when those take less (a tiny model). clock: wall time (what a step
-    takes), or time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
+    weights stored as base_dtype (dequantizing costs time on the device itself), in eager torch or, given an
+    ExecuTorch export_dir, through its programs on torch's threads: the median of the windows' means, each over
+    min_seconds, or over max_calls when those take less (a tiny model). clock: wall time (what a step takes), or
+    time.process_time for comparisons on a shared machine (benchmarks/base_dtype.py)."""
     stage, _ = one_block_stage(config_dict, lora, base_dtype=base_dtype)
-    x = torch.randn(micro_batch_size, seq_len, stage.config.hidden_size, requires_grad=True)  # [B, T, d]
-
-    def forward_backward() -> None:
-        out = stage(x)
-        out.backward(torch.ones_like(out))
-
+    x = torch.randn(micro_batch_size, seq_len, stage.config.hidden_size)  # [B, T, d]
+    forward_backward = (_eager_block(stage, x) if export_dir is None else
+                        _program_block(stage, x, export_dir, lora))
     forward_backward()  # warm-up: first-call allocations and kernel selection
     forward_backward()
     # Wall time over a second or more: on a CPU quota (a cgroup, an emulated device) a shorter window
@@ -45,6 +46,27 @@ def block_seconds(config_dict: dict, lora: LoraSpec, micro_batch_size: int, seq_
     # put them 7% apart, and the planner gave the "faster" one a block more.
     return statistics.median(_mean_seconds(forward_backward, min_seconds, min_calls, max_calls, clock)
                              for _ in range(windows))
+
+
+def _eager_block(stage: StageModule, x: torch.Tensor) -> Callable[[], None]:
+    x = x.requires_grad_(True)
+
+    def forward_backward() -> None:
+        out = stage(x)
+        out.backward(torch.ones_like(out))
+    return forward_backward
+
+
+def _program_block(stage: StageModule, x: torch.Tensor, export_dir: Path, lora: LoraSpec) -> Callable[[], None]:
+    from edge_runtime.backends.executorch.load import block_runner  # only an ExecuTorch agent has the runtime
+
+    runner = block_runner(export_dir, stage, lora, RunShape(*x.shape[:2]), torch.get_num_threads())
+    dy = torch.ones_like(x)
+
+    def forward_backward() -> None:
+        runner.forward(0, x)
+        runner.backward(0, dy)
+    return forward_backward
 
 
 def _mean_seconds(call, min_seconds: float, min_calls: int, max_calls: int, clock) -> float:

@@ -312,7 +312,8 @@ class PairFinish(Request):
 
 @dataclass(frozen=True, slots=True)
 class Calibrate(Request):
-    """Time one block of the coordinator's model at the run's micro-batch shape (for the planner)."""
+    """Time one block of the coordinator's model at the run's micro-batch shape (for the planner), in the agent's own
+    runtime: eager torch, or its ExecuTorch programs."""
     CMD: ClassVar[str] = "calibrate"
     REPLY: ClassVar[type[Reply]] = CalibrateReply
     config: dict
@@ -327,6 +328,9 @@ class Calibrate(Request):
     """How the block's frozen weights are stored (dequantizing costs time on the device itself)."""
     tokenizer: str | None = None
     """sha256 of the uploaded tokenizer blob (owner only): the owner then reports its data's scored share."""
+    export: str | None = None
+    """sha256 of the uploaded ExecuTorch export's manifest, for an ExecuTorch agent without an export directory of its
+    own: it times the block through the programs it will run."""
 
     def reply_seconds(self, timeouts: Timeouts) -> float:
         return max(timeouts.heartbeat, timeouts.work)

@@ -139,6 +139,21 @@ def test_mixed_ring_reuses_the_cached_programs(executorch_rings, torch_adapters,
     assert max_difference(mixed, torch_adapters["tiny-llama"]) < TOLERANCE
 
 
+def test_executorch_agents_are_calibrated_through_their_programs(executorch_rings, data, tmp_path):
+    """Planned, not given a plan: the coordinator sends the (cached) programs first, then every agent times a block
+    in its own runtime, so the planner weighs ExecuTorch agents by their programs and learns the owner's scored
+    share from an ExecuTorch owner too."""
+    result = train("--model", "tiny-llama", "--local", "3", "--runtime", "executorch,torch,executorch",
+                   "--data", str(data), "--out", str(tmp_path / "run"), *run_args())
+    assert result.returncode == 0, result.stderr
+    found = result.stdout.index("ExecuTorch programs found in the export cache")
+    timed = result.stdout.index("one block forward + backward (fp32 weights): ")
+    assert found < timed
+    timed_line = result.stdout[timed:].splitlines()[0]
+    assert all(f"{name} " in timed_line for name in ("owner", "node1", "node2")), timed_line
+    assert "of the positions are scored" in result.stdout
+
+
 def test_export_is_deterministic(executorch_rings, tmp_path, isolated_state):
     """The forward program lowered again, in this process, has the bytes of the ring's export (lowered in
     a worker process and cached)."""

@@ -111,7 +111,11 @@ def write_block_program(config: dict, lora: LoraSpec, block: int, kind: int, sha
         program = torch.export.export(graph, tuple(example), strict=False).run_decompositions()
     _replace_empty_permuted(program)
     _drop_noop_copies(program)
-    _mm_as_bmm(program)
+    _fold_permutes(program)
+    _products_as_linear(program)
+    _pow_as_mul(program)
+    _broadcast_instead_of_expand(program)
+    _scatters_as_cat(program)
     path = Path(out_dir) / program_files(kind)[method]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_lower(program))
@@ -151,13 +155,16 @@ def _lower(program) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    # The weights are program inputs: XNNPACK takes products with them as fully connected layers with dynamic
+    # weights (it packs them at each call) only when told to; otherwise every mm fell to the portable (naive) kernel.
+    options = {"force_non_static_weights_for_f32_linear": True}
     try:
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(**options)])
     except RuntimeError as error:
         if "pass through" not in str(error):
             raise
         # One delegate per op never has a pass-through output, but lowers ~5x slower.
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(per_op_mode=True)])
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(per_op_mode=True, **options)])
     return lowered.to_executorch().buffer
 
 
@@ -183,29 +190,6 @@ def _drop_noop_copies(program) -> None:
     program.graph_module.recompile()
 
 
-def _mm_as_bmm(program) -> None:
-    """Rewrite ``mm(a, b)`` as a one-batch ``bmm``: the weights are program inputs, and XNNPACK takes a
-    product of two inputs only as a batch matrix multiply; every other mm fell to the portable (naive)
-    kernel, which dominated the programs."""
-    graph = program.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
-            continue
-        a, b = node.args
-        # view, not unsqueeze/squeeze: XNNPACK takes view_copy, so the bmm joins its neighbours' delegate.
-        with graph.inserting_before(node):
-            a3 = graph.call_function(torch.ops.aten.view.default, (a, [1, *a.meta["val"].shape]))
-            b3 = graph.call_function(torch.ops.aten.view.default, (b, [1, *b.meta["val"].shape]))
-            product = graph.call_function(torch.ops.aten.bmm.default, (a3, b3))
-            result = graph.call_function(torch.ops.aten.view.default, (product, list(node.meta["val"].shape)))
-        for new, value in ((a3, a.meta["val"].unsqueeze(0)), (b3, b.meta["val"].unsqueeze(0)),
-                           (product, node.meta["val"].unsqueeze(0)), (result, node.meta["val"])):
-            new.meta = {"val": value}  # no source_fn: XNNPACK would re-fuse it as a linear
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-    program.graph_module.recompile()
-
-
 def _replace_empty_permuted(program) -> None:
     """aten.empty_permuted has no ExecuTorch kernel; rewrite it as empty + permute (same layout)."""
     graph = program.graph_module.graph
@@ -224,3 +208,151 @@ def _replace_empty_permuted(program) -> None:
         node.replace_all_uses_with(permuted)
         graph.erase_node(node)
     program.graph_module.recompile()
+
+
+def _fold_permutes(program) -> None:
+    """permute(permute(x, p), q) -> permute(x, p[q]), or x where that is the identity.
+
+    AOTAutograd's backward reads a frozen weight as the transpose of the forward's transpose: XNNPACK copied
+    both, 14 MB a smollm2 block, for a product that needs the weight as it is."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if not (_is(node, torch.ops.aten.permute.default) and _is(node.args[0], torch.ops.aten.permute.default)):
+            continue
+        inner = node.args[0]
+        source, order = inner.args[0], [inner.args[1][i] for i in node.args[1]]
+        if order == sorted(order):
+            node.replace_all_uses_with(source)
+        else:
+            with graph.inserting_before(node):
+                folded = graph.call_function(torch.ops.aten.permute.default, (source, order))
+            folded.meta = dict(node.meta)
+            node.replace_all_uses_with(folded)
+        graph.erase_node(node)
+        if not inner.users:
+            graph.erase_node(inner)
+    program.graph_module.recompile()
+
+
+def _products_as_linear(program) -> None:
+    """mm(a, permute(w, [1, 0])) -> linear(a, w): XNNPACK's fully connected layer reads w [out, in] as it is,
+    where the mm made it copy every weight transposed at every call."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if not _is(node, torch.ops.aten.mm.default):
+            continue
+        a, b = node.args
+        if not (_is(b, torch.ops.aten.permute.default) and list(b.args[1]) == [1, 0]):
+            continue
+        with graph.inserting_before(node):
+            linear = graph.call_function(torch.ops.aten.linear.default, (a, b.args[0]))
+        linear.meta = {"val": node.meta["val"]}
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        if not b.users:
+            graph.erase_node(b)
+    program.graph_module.recompile()
+
+
+def _pow_as_mul(program) -> None:
+    """pow(x, 1) -> x, pow(x, 2) -> x * x, pow(x, 3) -> x * x * x, as ATen's eager kernel computes them. The RMS
+    norm's backward has them; ExecuTorch's portable pow called std::pow per element (4 ms of a 46 ms backward)."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if not _is(node, torch.ops.aten.pow.Tensor_Scalar) or node.args[1] not in (1, 2, 3):
+            continue
+        x, exponent = node.args
+        result = x
+        with graph.inserting_before(node):
+            for _ in range(int(exponent) - 1):
+                result = graph.call_function(torch.ops.aten.mul.Tensor, (result, x))
+                result.meta = {"val": node.meta["val"]}
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+_SCALING_OPS = (torch.ops.aten.div.Scalar, torch.ops.aten.mul.Scalar, torch.ops.aten.div.Tensor, torch.ops.aten.mul.Tensor)
+_BROADCASTING_OPS = (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+
+
+def _broadcast_instead_of_expand(program) -> None:
+    """expand(x) whose every use is a scalar op feeding binary ops with a tensor of the expanded shape: the scalar
+    ops take x, and the binary ops broadcast it. The RMS norm's backward has it; the portable expand_copy
+    materialized [B, T, d] twice a block (2 ms of a 46 ms backward)."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if not _is(node, torch.ops.aten.expand.default):
+            continue
+        shape = node.meta["val"].shape
+        uses = list(node.users)
+        if not all(_scales(use, node) and all(_is_any(binary, _BROADCASTING_OPS) and
+                                                     all(_shape(arg) == shape for arg in binary.args if arg is not use)
+                                                     for binary in use.users)
+                   for use in uses):
+            continue
+        source = node.args[0]
+        for use in uses:
+            use.replace_input_with(node, source)
+            use.meta = {"val": use.meta["val"].new_empty(source.meta["val"].shape)}
+        graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+def _scales(node, tensor: torch.fx.Node) -> bool:
+    """Whether node multiplies or divides ``tensor`` by a number."""
+    return _is_any(node, _SCALING_OPS) and len(node.args) == 2 and node.args[0] is tensor and \
+        isinstance(node.args[1], (int, float))
+
+
+def _scatters_as_cat(program) -> None:
+    """add(slice_scatter(zeros, a, dim, k, end), slice_scatter(zeros, b, dim, 0, k)) -> cat([b, a], dim): the
+    rotary's backward (rotate_half's gradient) writes its halves into zeros and adds them; XNNPACK concatenates,
+    where ExecuTorch's portable slice_scatter filled and copied [B, H, T, d] four times a block."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if not _is(node, torch.ops.aten.add.Tensor) or len(node.args) != 2:
+            continue
+        pieces = [_zero_scatter(arg) for arg in node.args]
+        if None in pieces or pieces[0][0] != pieces[1][0]:
+            continue
+        dim = pieces[0][0]
+        size = node.meta["val"].shape[dim]
+        (_, first_start, first_end, first), (_, second_start, second_end, second) = sorted(pieces, key=lambda p: p[1])
+        if first_start != 0 or first_end != second_start or min(second_end, size) != size:
+            continue
+        with graph.inserting_before(node):
+            cat = graph.call_function(torch.ops.aten.cat.default, ([first, second], dim))
+        cat.meta = {"val": node.meta["val"]}
+        node.replace_all_uses_with(cat)
+        scatters = list(node.args)
+        graph.erase_node(node)
+        for scatter in scatters:
+            if not scatter.users:
+                zeros = scatter.args[0]
+                graph.erase_node(scatter)
+                if not zeros.users:
+                    graph.erase_node(zeros)
+    program.graph_module.recompile()
+
+
+def _zero_scatter(node) -> tuple[int, int, int, torch.fx.Node] | None:
+    """(dim, start, end, source) of slice_scatter(zeros, source, dim, start, end) used once, else None."""
+    if not _is(node, torch.ops.aten.slice_scatter.default) or len(node.users) != 1 or len(node.args) != 5 or node.kwargs:
+        return None  # step 1: the five positional arguments AOTAutograd writes
+    zeros, source, dim, start, end = node.args
+    if not (_is(zeros, torch.ops.aten.full.default) and zeros.args[1] == 0):
+        return None
+    return dim % node.meta["val"].dim(), start, end, source
+
+
+def _shape(arg) -> torch.Size | None:
+    return arg.meta["val"].shape if isinstance(arg, torch.fx.Node) else None
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _is_any(node, targets) -> bool:
+    return any(_is(node, target) for target in targets)

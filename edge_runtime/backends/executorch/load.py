@@ -18,6 +18,7 @@ from edge_runtime.backends.executorch.runner import (
 )
 from edge_runtime.models.lora import LoraSpec
 from edge_runtime.models.slices import materialize
+from edge_runtime.models.stage import StageModule
 from edge_runtime.slice_cache import SliceCache
 from ringtune.manifest import MANIFEST_NAME, ExportManifest, ManifestError
 from ringtune.optimizer_spec import OptimizerSpec
@@ -64,6 +65,16 @@ def executorch_runners(export_dir: Path, slice_path: Path, config: dict, lora: L
     built = materialize(slice_path, config, lora, specs)
     return {index: ExecuTorchStageRunner(module, params, programs, optimizer)
             for index, (module, params) in built.items()}
+
+
+def block_runner(export_dir: Path, stage: StageModule, lora: LoraSpec, shape: RunShape,
+                 threads: int) -> ExecuTorchStageRunner:
+    """A runner of calibration's one-block stage (``edge_runtime.calibration.one_block_stage``) through the export's
+    programs, after checking they were made for this run."""
+    manifest = ExportManifest.read(export_dir)
+    _check_matches(manifest, export_dir, shape, lora)
+    trained = {name: p for name, p in stage.named_parameters() if p.requires_grad}
+    return ExecuTorchStageRunner(stage, trained, load_block_programs(export_dir, threads), OptimizerSpec())
 
 
 def _check_matches(manifest: ExportManifest, export_dir: Path, shape: RunShape, lora: LoraSpec) -> None:

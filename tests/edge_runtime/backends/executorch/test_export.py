@@ -17,8 +17,9 @@ import torch
 pytest.importorskip("executorch")
 pytestmark = pytest.mark.slow
 
+from edge_runtime.calibration import block_seconds
 from edge_runtime.models.lora import LoraSpec, apply_lora
-from edge_runtime.models.registry import load_model
+from edge_runtime.models.registry import load_config, load_model
 from edge_runtime.models.stage import build_stage
 from edge_runtime.backends.executorch.runner import (
     ExecuTorchNotInstalledError,
@@ -124,3 +125,13 @@ def test_wrong_input_shape_is_refused(exported):
     input_ids = torch.zeros(3, SHAPE.seq_len, dtype=torch.long)
     with pytest.raises(ValueError, match=r"blocks \[0, 4\] \(full\): the input has shape \[3, 16\] .* 2 x 16 tokens"):
         runner.forward(0, input_ids, input_ids, 10)
+
+
+def test_calibration_times_the_programs_of_this_run(exported):
+    """An ExecuTorch agent's block time for the planner comes from the programs it will run, checked like its stages."""
+    config = load_config(MODEL).to_dict()
+    seconds = block_seconds(config, LORA, SHAPE.micro_batch_size, SHAPE.seq_len, export_dir=exported,
+                            min_seconds=0.05, windows=1)
+    assert 0 < seconds < 5
+    with pytest.raises(ManifestError, match=r"exported for micro-batches of 2 x 16 tokens but this run uses 1 x 16"):
+        block_seconds(config, LORA, 1, SHAPE.seq_len, export_dir=exported, min_seconds=0.05, windows=1)
