@@ -111,11 +111,7 @@ def write_block_program(config: dict, lora: LoraSpec, block: int, kind: int, sha
         program = torch.export.export(graph, tuple(example), strict=False).run_decompositions()
     _replace_empty_permuted(program)
     _drop_noop_copies(program)
-    _fold_permutes(program)
-    _products_as_linear(program)
-    _pow_as_mul(program)
-    _broadcast_instead_of_expand(program)
-    _scatters_as_cat(program)
+    _rewrite_for_xnnpack(program)
     path = Path(out_dir) / program_files(kind)[method]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_lower(program))
@@ -210,12 +206,30 @@ def _replace_empty_permuted(program) -> None:
     program.graph_module.recompile()
 
 
-def _fold_permutes(program) -> None:
+def _rewrite_for_xnnpack(program) -> None:
+    """Rewrite what XNNPACK would copy, or leave to ExecuTorch's portable kernels, into what it runs well; the
+    rewritten graph computes bit for bit what the traced one did."""
+    graph = program.graph_module.graph
+    for rewrite in (_fold_permutes, _products_as_linear, _pow_as_mul, _broadcast_instead_of_expand, _scatters_as_cat):
+        rewrite(graph)
+    graph.eliminate_dead_code()  # the inputs the rewrites stopped reading (inner transposes, zeros)
+    program.graph_module.recompile()
+
+
+def _replace(node: torch.fx.Node, target, args: tuple) -> None:
+    """Compute node's value as target(*args) instead."""
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, args)
+    new.meta = {"val": node.meta["val"]}
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _fold_permutes(graph: torch.fx.Graph) -> None:
     """permute(permute(x, p), q) -> permute(x, p[q]), or x where that is the identity.
 
     AOTAutograd's backward reads a frozen weight as the transpose of the forward's transpose: XNNPACK copied
     both, 14 MB a smollm2 block, for a product that needs the weight as it is."""
-    graph = program.graph_module.graph
     for node in list(graph.nodes):
         if not (_is(node, torch.ops.aten.permute.default) and _is(node.args[0], torch.ops.aten.permute.default)):
             continue
@@ -223,41 +237,25 @@ def _fold_permutes(program) -> None:
         source, order = inner.args[0], [inner.args[1][i] for i in node.args[1]]
         if order == sorted(order):
             node.replace_all_uses_with(source)
+            graph.erase_node(node)
         else:
-            with graph.inserting_before(node):
-                folded = graph.call_function(torch.ops.aten.permute.default, (source, order))
-            folded.meta = dict(node.meta)
-            node.replace_all_uses_with(folded)
-        graph.erase_node(node)
-        if not inner.users:
-            graph.erase_node(inner)
-    program.graph_module.recompile()
+            _replace(node, torch.ops.aten.permute.default, (source, order))
 
 
-def _products_as_linear(program) -> None:
+def _products_as_linear(graph: torch.fx.Graph) -> None:
     """mm(a, permute(w, [1, 0])) -> linear(a, w): XNNPACK's fully connected layer reads w [out, in] as it is,
     where the mm made it copy every weight transposed at every call."""
-    graph = program.graph_module.graph
     for node in list(graph.nodes):
         if not _is(node, torch.ops.aten.mm.default):
             continue
         a, b = node.args
-        if not (_is(b, torch.ops.aten.permute.default) and list(b.args[1]) == [1, 0]):
-            continue
-        with graph.inserting_before(node):
-            linear = graph.call_function(torch.ops.aten.linear.default, (a, b.args[0]))
-        linear.meta = {"val": node.meta["val"]}
-        node.replace_all_uses_with(linear)
-        graph.erase_node(node)
-        if not b.users:
-            graph.erase_node(b)
-    program.graph_module.recompile()
+        if _is(b, torch.ops.aten.permute.default) and list(b.args[1]) == [1, 0]:
+            _replace(node, torch.ops.aten.linear.default, (a, b.args[0]))
 
 
-def _pow_as_mul(program) -> None:
+def _pow_as_mul(graph: torch.fx.Graph) -> None:
     """pow(x, 1) -> x, pow(x, 2) -> x * x, pow(x, 3) -> x * x * x, as ATen's eager kernel computes them. The RMS
     norm's backward has them; ExecuTorch's portable pow called std::pow per element (4 ms of a 46 ms backward)."""
-    graph = program.graph_module.graph
     for node in list(graph.nodes):
         if not _is(node, torch.ops.aten.pow.Tensor_Scalar) or node.args[1] not in (1, 2, 3):
             continue
@@ -269,47 +267,45 @@ def _pow_as_mul(program) -> None:
                 result.meta = {"val": node.meta["val"]}
         node.replace_all_uses_with(result)
         graph.erase_node(node)
-    program.graph_module.recompile()
 
 
 _SCALING_OPS = (torch.ops.aten.div.Scalar, torch.ops.aten.mul.Scalar, torch.ops.aten.div.Tensor, torch.ops.aten.mul.Tensor)
 _BROADCASTING_OPS = (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
 
 
-def _broadcast_instead_of_expand(program) -> None:
+def _broadcast_instead_of_expand(graph: torch.fx.Graph) -> None:
     """expand(x) whose every use is a scalar op feeding binary ops with a tensor of the expanded shape: the scalar
     ops take x, and the binary ops broadcast it. The RMS norm's backward has it; the portable expand_copy
     materialized [B, T, d] twice a block (2 ms of a 46 ms backward)."""
-    graph = program.graph_module.graph
     for node in list(graph.nodes):
-        if not _is(node, torch.ops.aten.expand.default):
-            continue
-        shape = node.meta["val"].shape
-        uses = list(node.users)
-        if not all(_scales(use, node) and all(_is_any(binary, _BROADCASTING_OPS) and
-                                                     all(_shape(arg) == shape for arg in binary.args if arg is not use)
-                                                     for binary in use.users)
-                   for use in uses):
+        if not (_is(node, torch.ops.aten.expand.default) and all(_scaled_then_broadcast(use, node) for use in node.users)):
             continue
         source = node.args[0]
-        for use in uses:
+        for use in list(node.users):
             use.replace_input_with(node, source)
             use.meta = {"val": use.meta["val"].new_empty(source.meta["val"].shape)}
         graph.erase_node(node)
-    program.graph_module.recompile()
 
 
-def _scales(node, tensor: torch.fx.Node) -> bool:
+def _scaled_then_broadcast(use: torch.fx.Node, expand: torch.fx.Node) -> bool:
+    """Whether ``use`` scales ``expand`` by a number and every op reading the result broadcasts it against a tensor of
+    the expanded shape (so reading the unexpanded tensor gives the same values and shapes)."""
+    shape = expand.meta["val"].shape
+    return _scales(use, expand) and all(
+        _is_any(binary, _BROADCASTING_OPS) and all(_shape(arg) == shape for arg in binary.args if arg is not use)
+        for binary in use.users)
+
+
+def _scales(node: torch.fx.Node, tensor: torch.fx.Node) -> bool:
     """Whether node multiplies or divides ``tensor`` by a number."""
-    return _is_any(node, _SCALING_OPS) and len(node.args) == 2 and node.args[0] is tensor and \
-        isinstance(node.args[1], (int, float))
+    return (_is_any(node, _SCALING_OPS) and len(node.args) == 2 and node.args[0] is tensor
+            and isinstance(node.args[1], (int, float)))
 
 
-def _scatters_as_cat(program) -> None:
+def _scatters_as_cat(graph: torch.fx.Graph) -> None:
     """add(slice_scatter(zeros, a, dim, k, end), slice_scatter(zeros, b, dim, 0, k)) -> cat([b, a], dim): the
     rotary's backward (rotate_half's gradient) writes its halves into zeros and adds them; XNNPACK concatenates,
     where ExecuTorch's portable slice_scatter filled and copied [B, H, T, d] four times a block."""
-    graph = program.graph_module.graph
     for node in list(graph.nodes):
         if not _is(node, torch.ops.aten.add.Tensor) or len(node.args) != 2:
             continue
@@ -321,19 +317,7 @@ def _scatters_as_cat(program) -> None:
         (_, first_start, first_end, first), (_, second_start, second_end, second) = sorted(pieces, key=lambda p: p[1])
         if first_start != 0 or first_end != second_start or min(second_end, size) != size:
             continue
-        with graph.inserting_before(node):
-            cat = graph.call_function(torch.ops.aten.cat.default, ([first, second], dim))
-        cat.meta = {"val": node.meta["val"]}
-        node.replace_all_uses_with(cat)
-        scatters = list(node.args)
-        graph.erase_node(node)
-        for scatter in scatters:
-            if not scatter.users:
-                zeros = scatter.args[0]
-                graph.erase_node(scatter)
-                if not zeros.users:
-                    graph.erase_node(zeros)
-    program.graph_module.recompile()
+        _replace(node, torch.ops.aten.cat.default, ([first, second], dim))
 
 
 def _zero_scatter(node) -> tuple[int, int, int, torch.fx.Node] | None:

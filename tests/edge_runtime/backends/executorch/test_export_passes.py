@@ -9,8 +9,6 @@ from torch import nn
 from edge_runtime.backends.executorch import export
 
 aten = torch.ops.aten
-REWRITES = (export._fold_permutes, export._products_as_linear, export._pow_as_mul, export._broadcast_instead_of_expand,
-            export._scatters_as_cat)
 
 
 class Products(nn.Module):
@@ -42,8 +40,7 @@ def test_rewrites_leave_no_double_transpose_pow_or_expand():
     program, _ = traced()
     before = targets(program)
     assert {aten.pow.Tensor_Scalar, aten.expand.default, aten.slice_scatter.default} <= set(before)
-    for rewrite in REWRITES:
-        rewrite(program)
+    export._rewrite_for_xnnpack(program)
     after = targets(program)
     assert after.count(aten.linear.default) == 1, "x @ w^T is a linear over w as it is"
     assert aten.permute.default not in after, "no weight is transposed"
@@ -54,8 +51,7 @@ def test_rewrites_leave_no_double_transpose_pow_or_expand():
 def test_rewritten_graph_computes_the_same():
     program, inputs = traced()
     expected = program.module()(*inputs)
-    for rewrite in REWRITES:
-        rewrite(program)
+    export._rewrite_for_xnnpack(program)
     for actual, reference in zip(program.module()(*inputs), expected, strict=True):
         torch.testing.assert_close(actual, reference, rtol=0, atol=0)
 
@@ -68,5 +64,5 @@ def test_expand_stays_when_the_binary_op_would_not_restore_its_shape(other_shape
 
     program = torch.export.export(Scaled(), (torch.randn(5, 1), torch.randn(*other_shape)), strict=False)
     program = program.run_decompositions()
-    export._broadcast_instead_of_expand(program)
+    export._rewrite_for_xnnpack(program)
     assert (aten.expand.default in targets(program)) == (other_shape == (5, 1))
