@@ -2,7 +2,8 @@
 
     sudo .venv/bin/python benchmarks/cluster_peers.py [--devices 2,3,4] [--micro-batches 4,8]
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
-        [--executorch] [--systems 1f1b,gpipe,sequential,tdp_1f1b,tdp_line_1f1b,tdp_interleaved_zb,whole_model]
+        [--executorch] [--systems 1f1b,1f1b_laps2,gpipe,sequential,tdp_1f1b,tdp_line_1f1b,tdp_interleaved_zb,
+        whole_model]
         [--prefix rtb]
 
 For each device count it brings up an emulated cluster (cluster: a network namespace
@@ -10,7 +11,8 @@ per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit pe
 identical devices, and for each micro-batch count runs, on the same model, batches and stage split:
 
 - `ringtune train` 1F1B (planned split: its plan is then reused by every other system), GPipe,
-  and sequential split learning (one micro-batch in flight in the whole ring);
+  and sequential split learning (one micro-batch in flight in the whole ring); 1F1B in two laps
+  (`1f1b_laps2`, `--laps 2`: planned again, each device's blocks in two ranges, the owner's in three);
 - torch.distributed.pipelining over gloo (benchmarks/tdp_ring.py), one rank per device, inside
   the same namespaces and cgroups, with the same per-stage 1F1B order;
 - tdp on its own natural split (tdp_ring.line_plan): a line over the same devices, the last one holding
@@ -24,9 +26,12 @@ identical devices, and for each micro-batch count runs, on the same model, batch
   run's wall time outside its steps, the export included on the first run only).
 
 Step 1 of every run is warm-up; the others are the repetitions (median, min and max). Tokens are
-the non-pad tokens of a step. Bytes on the wire: ringtune's data-plane frames (from its metrics);
-for tdp the bytes its ranks' links sent during the measured steps (IP headers included). Peak
-RSS: each process's high-water mark (ringtune agents: VmHWM, reset before each run).
+the non-pad tokens of a step. Ratios (system over system) are tokens/s over all measured steps, which
+run the same batches on every system; with --reps, `over_repetitions` gives each ratio per repetition
+and the median (quote that: the host's speed drifts over minutes). Bytes on the wire: ringtune's
+data-plane frames (from its metrics); for tdp the bytes its ranks' links sent during the measured
+steps (IP headers included). Peak RSS: each process's high-water mark (ringtune agents: VmHWM,
+reset before each run).
 Writes benchmarks/results/cluster_peers.json and cluster_peers.png (--name changes the name).
 """
 from __future__ import annotations
@@ -60,13 +65,15 @@ def device_names(count: int) -> list[str]:
 
 
 def summarize(step_seconds: list[float], tokens: list[int], warmup: int = 1) -> dict:
-    """Median and spread over the measured steps (warm-up steps left out)."""
+    """Median and spread over the measured steps (warm-up steps left out), and the steps themselves (ratios pair
+    them)."""
     seconds, counted = step_seconds[warmup:], tokens[warmup:]
     rates = [t / s for t, s in zip(counted, seconds)]
     return {"step_seconds": statistics.median(seconds), "step_seconds_min": min(seconds),
             "step_seconds_max": max(seconds), "tokens_per_s": statistics.median(rates),
             "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
-            "tokens_per_step": statistics.median(counted), "measured_steps": len(seconds)}
+            "tokens_per_step": statistics.median(counted), "measured_steps": len(seconds),
+            "measured_step_seconds": seconds, "measured_tokens": counted}
 
 
 def peak_rss_reset(state: ClusterState) -> None:
@@ -90,13 +97,14 @@ def throttled_share(before: dict[str, tuple[int, int]], after: dict[str, tuple[i
     return {name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0]) for name in after}
 
 
-def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, plan: Path | None, out: Path) -> dict:
+def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, plan: Path | None, out: Path,
+                 extra: tuple[str, ...] = ()) -> dict:
     owner = state.devices[0]
     argv = [sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--owner", owner.name,
             "--agents", ",".join(d.control_url for d in state.devices), "--schedule", schedule,
             "--steps", str(args.steps), "--micro-batches", str(micro_batches),
             "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len),
-            "--link-mbit", str(owner.link_bytes_per_s * 8 / 1e6), "--out", str(out)]
+            "--link-mbit", str(owner.link_bytes_per_s * 8 / 1e6), "--out", str(out), *extra]
     if plan is not None:
         argv += ["--plan", str(plan)]
     peak_rss_reset(state)
@@ -187,6 +195,12 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         systems[schedule] = measured(state, lambda: run_ringtune(args, state, schedule, micro_batches, plan_file, out))
         plan = plan or Plan.from_json((out / "plan.json").read_text())
         print(f"  ringtune {schedule}: {systems[schedule]['tokens_per_s']:.1f} tokens/s", flush=True)
+    if "1f1b_laps2" in args.systems:  # planned by the coordinator (a plan file would lack the memory budget)
+        systems["1f1b_laps2"] = measured(state, lambda: run_ringtune(args, state, "1f1b", micro_batches, None,
+                                                                     scratch / "ringtune-1f1b-laps2", ("--laps", "2")))
+        systems["1f1b_laps2"]["stages"] = [[s.device, list(s.layers), s.role] for s in Plan.from_json(
+            (scratch / "ringtune-1f1b-laps2" / "plan.json").read_text()).stages]
+        print(f"  ringtune 1f1b, two laps: {systems['1f1b_laps2']['tokens_per_s']:.1f} tokens/s", flush=True)
     for name in [name for name in TDP_LAYOUTS if name in args.systems]:
         try:
             systems[name] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / name, TDP_LAYOUTS[name]))
@@ -235,16 +249,39 @@ def losses_match(systems: dict[str, dict]) -> bool:
 
 
 def ratios(systems: dict[str, dict]) -> dict[str, float]:
-    rate = {name: s["tokens_per_s"] for name, s in systems.items() if "tokens_per_s" in s}
-    natural = [rate[name] for name in TDP_NATURAL if name in rate]
+    """Throughput of one system over another's, over the measured steps taken together: every system trains the
+    same batches, so that is the ratio of their measured seconds. (Medians of per-step tokens/s would compare
+    different steps: a step's non-pad tokens vary by 15% here while its padded compute does not.)"""
+    seconds = {name: sum(s["measured_step_seconds"]) for name, s in systems.items() if "measured_step_seconds" in s}
+    tokens = {name: s["measured_tokens"] for name, s in systems.items() if "measured_tokens" in s}
+    assert len({tuple(t) for t in tokens.values()}) <= 1, f"the systems trained different batches: {tokens}"
+    natural = [seconds[name] for name in TDP_NATURAL if name in seconds]
     if natural:
-        rate["tdp_natural_best"] = max(natural)
+        seconds["tdp_natural_best"] = min(natural)
     pairs = {"1f1b_over_tdp": ("1f1b", "tdp_1f1b"), "1f1b_over_sequential": ("1f1b", "sequential"),
              "1f1b_over_tdp_natural_best": ("1f1b", "tdp_natural_best"),
              "1f1b_over_whole_model": ("1f1b", "whole_model"), "gpipe_over_tdp": ("gpipe", "tdp_1f1b"),
              "1f1b_executorch_over_tdp": ("1f1b_executorch", "tdp_1f1b"),
-             "1f1b_executorch_over_sequential": ("1f1b_executorch", "sequential")}
-    return {key: rate[a] / rate[b] for key, (a, b) in pairs.items() if a in rate and b in rate}
+             "1f1b_executorch_over_sequential": ("1f1b_executorch", "sequential"),
+             "1f1b_executorch_over_1f1b": ("1f1b_executorch", "1f1b"), "1f1b_laps2_over_1f1b": ("1f1b_laps2", "1f1b"),
+             "1f1b_laps2_over_tdp_natural_best": ("1f1b_laps2", "tdp_natural_best"),
+             "1f1b_laps2_over_whole_model": ("1f1b_laps2", "whole_model"),
+             "1f1b_executorch_over_tdp_natural_best": ("1f1b_executorch", "tdp_natural_best"),
+             "1f1b_executorch_over_whole_model": ("1f1b_executorch", "whole_model")}
+    return {key: seconds[b] / seconds[a] for key, (a, b) in pairs.items() if a in seconds and b in seconds}
+
+
+def over_repetitions(points: list[dict]) -> list[dict]:
+    """Per (devices, micro-batches): each ratio in every repetition and their median. The host's speed drifts by
+    10-15% over minutes, and a repetition runs every system again, re-planned: the median is the number to quote."""
+    summary = []
+    for key in sorted({(p["devices"], p["micro_batches"]) for p in points}):
+        reps = [p["ratios"] for p in points if (p["devices"], p["micro_batches"]) == key]
+        names = sorted({name for ratio in reps for name in ratio})
+        summary.append({"devices": key[0], "micro_batches": key[1],
+                        "ratios": {name: {"median": statistics.median(r[name] for r in reps if name in r),
+                                          "repetitions": [r.get(name) for r in reps]} for name in names}})
+    return summary
 
 
 @contextlib.contextmanager
@@ -323,14 +360,16 @@ def main() -> None:
     result = {"benchmark": "cluster_peers", "date": time.strftime("%Y-%m-%d %H:%M"),
               "wall_seconds": round(time.time() - started), "command": " ".join(sys.argv),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "versions": versions(), "load_average": os.getloadavg(), "points": points}
+              "versions": versions(), "load_average": os.getloadavg(), "points": points,
+              "over_repetitions": over_repetitions(points)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{args.name}.png")
     print(markdown_table(result))
 
 
-SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
+SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_laps2": "ringtune 1F1B, two laps (--laps 2)",
+                "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
                 "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
                 "tdp_1f1b": "torch.distributed.pipelining 1F1B",
                 "tdp_line_1f1b": "tdp Schedule1F1B, its natural split (labels leave the owner)",
@@ -361,6 +400,11 @@ def markdown_table(result: dict) -> str:
         ratio = ", ".join(f"{k} {v:.2f}" for k, v in point["ratios"].items())
         lines.append(f"| {point['devices']} | {point['micro_batches']} | predicted (planner) | - | "
                      f"{point['predicted_step_seconds']:.2f} | 1 | - | ratios: {ratio} |")
+    for summary in result["over_repetitions"]:
+        medians = ", ".join(f"{k} {v['median']:.2f} ({', '.join(f'{r:.2f}' for r in v['repetitions'] if r)})"
+                            for k, v in summary["ratios"].items())
+        lines.append(f"\n{summary['devices']} devices, {summary['micro_batches']} micro-batches, median over "
+                     f"repetitions (each): {medians}")
     return "\n".join(lines)
 
 
