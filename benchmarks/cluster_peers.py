@@ -2,8 +2,7 @@
 
     sudo .venv/bin/python benchmarks/cluster_peers.py [--devices 2,3,4] [--micro-batches 4,8]
         [--steps 4] [--reps 1] [--micro-batch-size 1] [--seq-len 32] [--profile rpi4-4gb] [--device-cores 0.45]
-        [--executorch] [--systems 1f1b,1f1b_laps2,gpipe,sequential,tdp_1f1b,tdp_line_1f1b,tdp_interleaved_zb,
-        whole_model]
+        [--executorch] [--systems 1f1b,gpipe,sequential,tdp_1f1b,tdp_line_1f1b,tdp_interleaved_zb,whole_model]
         [--prefix rtb]
 
 For each device count it brings up an emulated cluster (cluster: a network namespace
@@ -11,8 +10,7 @@ per device on a bridge, tc tbf link caps, a cgroup CPU quota and memory limit pe
 identical devices, and for each micro-batch count runs, on the same model, batches and stage split:
 
 - `ringtune train` 1F1B (planned split: its plan is then reused by every other system), GPipe,
-  and sequential split learning (one micro-batch in flight in the whole ring); 1F1B in two laps
-  (`1f1b_laps2`, `--laps 2`: planned again, each device's blocks in two ranges, the owner's in three);
+  and sequential split learning (one micro-batch in flight in the whole ring);
 - torch.distributed.pipelining over gloo (benchmarks/tdp_ring.py), one rank per device, inside
   the same namespaces and cgroups, with the same per-stage 1F1B order;
 - tdp on its own natural split (tdp_ring.line_plan): a line over the same devices, the last one holding
@@ -97,14 +95,13 @@ def throttled_share(before: dict[str, tuple[int, int]], after: dict[str, tuple[i
     return {name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0]) for name in after}
 
 
-def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, plan: Path | None, out: Path,
-                 extra: tuple[str, ...] = ()) -> dict:
+def run_ringtune(args, state: ClusterState, schedule: str, micro_batches: int, plan: Path | None, out: Path) -> dict:
     owner = state.devices[0]
     argv = [sys.executable, "-m", "ringtune.cli", "train", "--model", args.model, "--owner", owner.name,
             "--agents", ",".join(d.control_url for d in state.devices), "--schedule", schedule,
             "--steps", str(args.steps), "--micro-batches", str(micro_batches),
             "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len),
-            "--link-mbit", str(owner.link_bytes_per_s * 8 / 1e6), "--out", str(out), *extra]
+            "--link-mbit", str(owner.link_bytes_per_s * 8 / 1e6), "--out", str(out)]
     if plan is not None:
         argv += ["--plan", str(plan)]
     peak_rss_reset(state)
@@ -195,12 +192,6 @@ def run_point(args, state: ClusterState, data: Path, micro_batches: int, scratch
         systems[schedule] = measured(state, lambda: run_ringtune(args, state, schedule, micro_batches, plan_file, out))
         plan = plan or Plan.from_json((out / "plan.json").read_text())
         print(f"  ringtune {schedule}: {systems[schedule]['tokens_per_s']:.1f} tokens/s", flush=True)
-    if "1f1b_laps2" in args.systems:  # planned by the coordinator (a plan file would lack the memory budget)
-        systems["1f1b_laps2"] = measured(state, lambda: run_ringtune(args, state, "1f1b", micro_batches, None,
-                                                                     scratch / "ringtune-1f1b-laps2", ("--laps", "2")))
-        systems["1f1b_laps2"]["stages"] = [[s.device, list(s.layers), s.role] for s in Plan.from_json(
-            (scratch / "ringtune-1f1b-laps2" / "plan.json").read_text()).stages]
-        print(f"  ringtune 1f1b, two laps: {systems['1f1b_laps2']['tokens_per_s']:.1f} tokens/s", flush=True)
     for name in [name for name in TDP_LAYOUTS if name in args.systems]:
         try:
             systems[name] = measured(state, lambda: run_tdp(args, state, data, plan, scratch / name, TDP_LAYOUTS[name]))
@@ -263,9 +254,7 @@ def ratios(systems: dict[str, dict]) -> dict[str, float]:
              "1f1b_over_whole_model": ("1f1b", "whole_model"), "gpipe_over_tdp": ("gpipe", "tdp_1f1b"),
              "1f1b_executorch_over_tdp": ("1f1b_executorch", "tdp_1f1b"),
              "1f1b_executorch_over_sequential": ("1f1b_executorch", "sequential"),
-             "1f1b_executorch_over_1f1b": ("1f1b_executorch", "1f1b"), "1f1b_laps2_over_1f1b": ("1f1b_laps2", "1f1b"),
-             "1f1b_laps2_over_tdp_natural_best": ("1f1b_laps2", "tdp_natural_best"),
-             "1f1b_laps2_over_whole_model": ("1f1b_laps2", "whole_model"),
+             "1f1b_executorch_over_1f1b": ("1f1b_executorch", "1f1b"),
              "1f1b_executorch_over_tdp_natural_best": ("1f1b_executorch", "tdp_natural_best"),
              "1f1b_executorch_over_whole_model": ("1f1b_executorch", "whole_model")}
     return {key: seconds[b] / seconds[a] for key, (a, b) in pairs.items() if a in seconds and b in seconds}
@@ -368,8 +357,7 @@ def main() -> None:
     print(markdown_table(result))
 
 
-SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_laps2": "ringtune 1F1B, two laps (--laps 2)",
-                "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
+SYSTEM_NAMES = {"1f1b": "ringtune 1F1B", "1f1b_executorch": "ringtune 1F1B, ExecuTorch agents",
                 "gpipe": "ringtune GPipe", "sequential": "sequential split learning",
                 "tdp_1f1b": "torch.distributed.pipelining 1F1B",
                 "tdp_line_1f1b": "tdp Schedule1F1B, its natural split (labels leave the owner)",

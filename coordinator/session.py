@@ -27,7 +27,6 @@ from coordinator.link_bandwidth import agent_link_bytes_per_s
 from coordinator.planning import CostTable, model_cost_table, partition
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.calibration import calibrated_profile
-from coordinator.planning.laps import looped_plan
 from coordinator.planning.memory import check_fits
 from coordinator.run_store import RunStore
 from coordinator.settings import TrainSettings
@@ -128,7 +127,7 @@ class RingSession:
         shape = replace(shape, scored_share=self._scored_share or 1.0)  # the owner told it while calibrating
         profiles = [calibrated_profile(measured[n], table, shape, seconds[n]) if n in seconds else measured[n]
                     for n in devices]
-        plan = looped_plan(table, profiles, shape, partition(table, profiles, s.owner, shape), s.laps)
+        plan = partition(table, profiles, s.owner, shape)
         left_out = sorted(set(devices) - set(plan.devices()))
         if left_out:
             self.progress.event(f"the planner leaves out {', '.join(left_out)}: the step is predicted faster without them")

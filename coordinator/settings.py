@@ -55,9 +55,6 @@ class TrainSettings:
     """Link bandwidth of every agent for the planner (--link-mbit); None: measured to each agent."""
     min_owner_blocks: int = 1
     """Blocks the owner keeps at each end (planned split)."""
-    laps: int = 1
-    """Times each micro-batch goes round the devices (planned split): each keeps its blocks in that many ranges
-    (the owner one more), so its stages fill each other's bubbles (coordinator.planning.laps)."""
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     """What the owner privatizes before hidden states and gradients leave it."""
     wire: str = "fp32"

@@ -47,19 +47,14 @@ def lanes(record: dict) -> list[Lane]:
             totals = (fields[name][key] for name in SECONDS_FIELDS)
             stages[int(key)] = device, StageTiming(*totals, tuple(Span(**span) for span in spans))
     owner, tail = stages[0][0], max(stages)
-    held = [device for device, _ in stages.values()]
-    return [Lane(_label(device, stage, owner, tail, held.count(device)), stage, timing)
+    return [Lane(_label(device, stage, owner, tail), stage, timing)
             for stage, (device, timing) in sorted(stages.items())]
 
 
-def _label(device: str, stage: int, owner: str, tail: int, held: int) -> str:
-    """The device, with head or tail on the owner's ends, and the stage on a device holding more than one
-    (a ring of several laps)."""
-    if tail == 0:  # a ring of one device runs its one stage whole
+def _label(device: str, stage: int, owner: str, tail: int) -> str:
+    if tail == 0 or device != owner:  # a ring of one device runs its one stage whole
         return device
-    if device == owner and stage in (0, tail):
-        return f"{device} head" if stage == 0 else f"{device} tail"
-    return device if held == 1 else f"{device} stage {stage}"
+    return f"{device} head" if stage == 0 else f"{device} tail"
 
 
 def typical_step(records: list[dict]) -> dict:

@@ -107,8 +107,7 @@ class Plan:
 
 
 def validate_plan(plan: Plan, num_layers: int) -> None:
-    """Raise PlanError unless the stages cover [0, num_layers) once, in order, owner at both ends. A device may
-    hold several ranges (a ring of several laps, coordinator.planning.laps), never two in a row."""
+    """Raise PlanError unless the stages cover [0, num_layers) once, in order, owner at both ends."""
     stages = plan.stages
     if not stages:
         raise PlanError("the plan has no stages")
@@ -126,17 +125,17 @@ def validate_plan(plan: Plan, num_layers: int) -> None:
         if stage.layers[0] != expected_start or stage.layers[1] < stage.layers[0]:
             raise PlanError(f"stage {index} ({stage.device}) has layers {list(stage.layers)}; "
                             f"expected a range starting at {expected_start}")
-        if 0 < index < len(stages) - 1 and (stage.role != "middle" or stage.num_layers < 1):
-            raise PlanError(f"middle stage {index} ({stage.device}) needs at least one block")
-        if index and stage.device == stages[index - 1].device and "middle" in (stage.role, stages[index - 1].role):
-            raise PlanError(f"stages {index - 1} and {index} both run on {stage.device}: make them one range")
+        if 0 < index < len(stages) - 1:
+            if stage.role != "middle" or stage.num_layers < 1:
+                raise PlanError(f"middle stage {index} ({stage.device}) needs at least one block")
+            if stage.device == plan.owner:
+                raise PlanError("the owner runs only the head and the tail stage")
         expected_start = stage.layers[1]
     if expected_start != num_layers:
         raise PlanError(f"the stages cover blocks [0, {expected_start}) but the model has {num_layers}")
     middle_devices = [s.device for s in stages[1:-1]]
-    if plan.privacy and (plan.owner in middle_devices or len(set(middle_devices)) != len(middle_devices)):
-        raise PlanError("with the owner's privacy on, the ring has one lap: the owner runs only the head and the "
-                        "tail stage, and every other device one block range")
+    if len(set(middle_devices)) != len(middle_devices):
+        raise PlanError("a device may hold at most one block range in a run")
 
 
 def even_plan(model: str, num_layers: int, devices: list[str], owner: str,

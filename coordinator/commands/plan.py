@@ -36,8 +36,6 @@ def register(subparsers) -> None:
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end of the model (a --privacy preset raises it "
                              "to its own)")
-    parser.add_argument("--laps", type=int, default=1,
-                        help="times each micro-batch goes round the devices, as for ringtune train")
     parser.add_argument("--privacy", default="off",
                         help="the run's privacy, as for ringtune train: " + PRIVACY_ARG_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
@@ -97,7 +95,7 @@ def run(args) -> int:
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     model = args.model_config if args.model_config is not None else args.model
     plan = plan_run(model, devices, owner, shape, LoraSpec(r=args.lora_r, target_modules=targets),
-                    base_dtype=args.base_dtype, laps=args.laps)
+                    base_dtype=args.base_dtype)
     if args.json:
         print(plan.to_json())
     else:

@@ -55,11 +55,6 @@ def register(subparsers) -> None:
     parser.add_argument("--min-owner-blocks", type=int, default=1,
                         help="blocks the owner keeps at each end with --split planned (a --privacy preset raises it "
                              "to its own)")
-    parser.add_argument("--laps", type=int, default=1,
-                        help="times each micro-batch goes round the devices with --split planned: each device "
-                             "keeps its blocks in that many ranges (the owner one more), so a device computes a "
-                             "later lap while it would wait for an early one; more micro-batches in flight, more "
-                             "frames on the links (privacy off only)")
     parser.add_argument("--privacy", default="off",
                         help="noise on hidden states leaving the owner: " + PRIVACY_ARG_HELP)
     parser.add_argument("--grad-privacy", choices=GRADIENT_MECHANISMS, default="off",
@@ -98,11 +93,9 @@ def settings_from_args(args, owner: str):
     from edge_runtime.models.lora import LoraSpec
     from ringtune.optimizer_spec import OptimizerSpec
 
-    for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "lora_r", "laps"):
+    for flag in ("steps", "micro_batches", "micro_batch_size", "seq_len", "lora_r"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.laps > 1 and (args.split != "planned" or args.plan):
-        raise ValueError("--laps shapes a planned split: drop --split even and --plan, or use --laps 1")
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
     privacy = PrivacySpec.parse(args.privacy, args.grad_privacy)
     return TrainSettings(model=args.model, owner=owner, steps=args.steps, micro_batches=args.micro_batches,
@@ -112,7 +105,7 @@ def settings_from_args(args, owner: str):
                          seed=args.seed,
                          data_timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
                          encrypt=args.encrypt, split=args.split,
-                         min_owner_blocks=privacy.owner_blocks(args.min_owner_blocks), laps=args.laps,
+                         min_owner_blocks=privacy.owner_blocks(args.min_owner_blocks),
                          link_bytes_per_s=args.link_mbit * 1e6 / 8 if args.link_mbit else None,
                          privacy=privacy, wire=args.wire, base_dtype=args.base_dtype)
 

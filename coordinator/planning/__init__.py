@@ -11,7 +11,6 @@ from typing import Any
 
 from coordinator.planning.base_dtype import choose_base_dtype
 from coordinator.planning.costs import CostTable, EndCost
-from coordinator.planning.laps import looped_plan
 from coordinator.planning.partitioner import DoesNotFitError, partition
 from device_profiles.profile import DeviceProfile
 from ringtune.base_dtype import AUTO
@@ -33,11 +32,10 @@ def __getattr__(name: str) -> Any:
 
 
 def plan_run(model: str | Path | Any, profiles: list[DeviceProfile], owner: str, shape: RunShape,
-             lora: LoraSpec = LoraSpec(), model_name: str | None = None, base_dtype: str = AUTO, laps: int = 1) -> Plan:
+             lora: LoraSpec = LoraSpec(), model_name: str | None = None, base_dtype: str = AUTO) -> Plan:
     """The fastest plan that fits: model is a built-in name, a local model directory, a config.json path
     or a config; model_name is what the plan records (default: the name, the path or the config's
-    name_or_path); base_dtype is auto (fp32 if it fits, else the widest dtype that fits) or a dtype; laps: times
-    each micro-batch goes round the devices (coordinator.planning.laps)."""
+    name_or_path); base_dtype is auto (fp32 if it fits, else the widest dtype that fits) or a dtype."""
     from coordinator.planning.table_cache import cached_cost_table
 
     tables: dict[str, CostTable] = {}
@@ -48,6 +46,4 @@ def plan_run(model: str | Path | Any, profiles: list[DeviceProfile], owner: str,
         return tables[dtype]
 
     dtype, why = choose_base_dtype(base_dtype, table_for, profiles, owner, shape)
-    table = table_for(dtype)
-    plan = looped_plan(table, profiles, shape, partition(table, profiles, owner, shape), laps)
-    return replace(plan, base_dtype=dtype, base_dtype_reason=why)
+    return replace(partition(table_for(dtype), profiles, owner, shape), base_dtype=dtype, base_dtype_reason=why)

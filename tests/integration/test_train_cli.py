@@ -72,32 +72,6 @@ def test_three_agent_ring_equals_one_agent_and_plain_peft_and_loads_in_peft(name
     assert_peft_reproduces_the_trained_model(name, tmp_path)
 
 
-# Two laps on tiny-llama's 4 blocks, one run for both cases: a helper holding two ranges, and the owner holding one
-# between its ends (its tail then holds no block: the final norm, LM head and loss).
-TWO_LAPS = [("owner", 0, 1, "head"), ("node1", 1, 2, "middle"), ("owner", 2, 3, "middle"), ("node1", 3, 4, "middle"),
-            ("owner", 4, 4, "tail")]
-
-
-def test_a_ring_of_two_laps_trains_like_one_agent(data, single_process, tmp_path):
-    stages = [{"device": d, "layers": [start, end], "role": role} for d, start, end, role in TWO_LAPS]
-    plan_file = tmp_path / "two-laps.json"
-    plan_file.write_text(json.dumps({"model": "tiny-llama", "owner": "owner", "stages": stages, "micro_batches": 4}))
-    result = train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--plan", str(plan_file),
-                   "--out", str(tmp_path / "out"), *SHAPE)
-    assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "out" / "plan.json").read_text())["stages"] == stages
-    ring = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert max_difference(ring, single_process["tiny-llama"]) < 1e-5
-    labels = [lane.label for lane in lanes(step_records(tmp_path / "out")[-1])]
-    assert labels == ["owner head", "node1 stage 1", "owner stage 2", "node1 stage 3", "owner tail"]
-
-
-def test_laps_the_devices_cannot_hold_are_refused(tmp_path, data):
-    # The planner gives 2 agents 4 blocks: 2 laps need 3 on the owner and 2 on the other device.
-    assert_clean_failure(train("--model", "tiny-llama", "--local", "2", "--data", str(data), "--laps", "2",
-                               "--out", str(tmp_path)), "2 laps need at least 2 blocks per device and 3 on the owner")
-
-
 def assert_the_timeline_shows_where_each_stage_spent_the_step(stdout: str, tmp_path) -> None:
     """--timeline draws a step beside metrics.jsonl; every stage's compute, wait and send fit in its agent's step,
     which fits in the coordinator's, and its spans (one F and one B per micro-batch) follow each other inside it."""

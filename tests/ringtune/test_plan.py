@@ -37,22 +37,7 @@ def test_plan_json_round_trip():
     ((StageSpec("a", (0, 1), "head"), StageSpec("b", (1, 3), "middle"), StageSpec("a", (3, 3), "tail")),
      "model has 4"),
     ((StageSpec("b", (0, 2), "head"), StageSpec("a", (2, 4), "tail")), "owner 'a' must run"),
-    ((StageSpec("a", (0, 1), "head"), StageSpec("b", (1, 2), "middle"), StageSpec("b", (2, 3), "middle"),
-      StageSpec("a", (3, 4), "tail")), "stages 1 and 2 both run on b: make them one range"),
 ])
 def test_invalid_plans_are_refused(stages, message):
     with pytest.raises(PlanError, match=message):
         validate_plan(Plan("m", "a", stages), 4)
-
-
-TWO_LAPS = (StageSpec("a", (0, 1), "head"), StageSpec("b", (1, 2), "middle"), StageSpec("a", (2, 3), "middle"),
-            StageSpec("b", (3, 4), "middle"), StageSpec("a", (4, 5), "tail"))
-
-
-def test_a_ring_of_two_laps_is_a_plan():
-    validate_plan(Plan("m", "a", TWO_LAPS), 5)
-
-
-def test_privacy_keeps_the_ring_to_one_lap():
-    with pytest.raises(PlanError, match="privacy on, the ring has one lap"):
-        validate_plan(Plan("m", "a", TWO_LAPS, privacy={"gradient": "maxnorm"}), 5)
